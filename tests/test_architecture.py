@@ -1,0 +1,55 @@
+"""Structural rules of the package, checked from the source itself.
+
+* The PROXY protocol modules are sans-I/O and stdlib-only: no sockets, no
+  threads, no third-party imports, so they can be tested and fuzzed alone and
+  never pull a C extension onto the data path.
+* Imports flow one way: the protocol layer knows nothing of configuration,
+  logging or the CLI; configuration knows nothing of click.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mmproxy"
+
+SANS_IO = ["protocol.py", "tlv.py", "crc32c.py", "errors.py"]
+IO_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "ssl", "os", "subprocess"}
+
+
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / module).read_text(), filename=module)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", SANS_IO)
+def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
+    for name in _imports(module):
+        top = name.split(".")[0]
+        if top == "mmproxy":
+            assert name.removeprefix("mmproxy.") + ".py" in SANS_IO, f"{module} imports {name}"
+            continue
+        assert top in sys.stdlib_module_names or top == "__future__", f"{module} imports {name}"
+        assert top not in IO_MODULES, f"{module} does I/O through {name}"
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("config.py", {"click", "mmproxy.cli", "mmproxy.daemon"}),
+        ("acl.py", {"click", "mmproxy.cli", "mmproxy.config", "mmproxy.daemon"}),
+        ("logs.py", {"click", "mmproxy.cli", "mmproxy.daemon"}),
+    ],
+)
+def test_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
+    assert not _imports(module) & forbidden
