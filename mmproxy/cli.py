@@ -1,0 +1,360 @@
+"""The ``mmproxy`` command: go-mmproxy's flags, same names, meanings and defaults.
+
+Flags are read the way Go's ``flag`` package reads them, so existing command
+lines and unit files keep working: ``-name value``, ``-name=value``,
+``--name value`` and ``--name=value`` all mean the same; a bool flag is set by
+``-name`` alone or ``-name=false`` (Go's strconv.ParseBool words); integers
+take Go's literals (``0x10``, ``0o17``, ``017``, ``1_000``).  Click alone would
+read ``-v=2`` as ``-v`` with the value ``"=2"`` and ``-list`` as ``-l ist``, so
+:func:`go_argv` first rewrites the command line into canonical ``--name value``
+pairs and rejects what Go would reject.
+
+Each flag can also come from ``MMPROXY_<NAME>`` (one-letter flags have a
+readable alias too); the command line beats the environment, which beats the
+default.  Every error is one line on stderr, ``mmproxy: error: <message>``,
+with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+from click.core import ParameterSource
+
+from mmproxy import __version__, logs
+from mmproxy.config import Config, FlagError, build_config
+from mmproxy.errors import ConfigError
+
+PROG = "mmproxy"
+EXIT_USAGE = 2
+
+# strconv.ParseBool's words, the only ones Go's bool flags take.
+_GO_BOOLS = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
+# strconv.ParseInt(s, 0, 64) syntax; int() checks the underscores' placement.
+_GO_INT = re.compile(r"[+-]?(?:0[xX][_0-9a-fA-F]+|0[oO][_0-7]+|0[bB][_01]+|0[_0-7]*|[1-9][_0-9]*)")
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
+def parse_go_int(text: str) -> int:
+    """Parse an integer as Go's int flags do (base prefixes, legacy octal, underscores)."""
+    invalid = ValueError(f"{text!r} is not a Go integer literal")
+    if not _GO_INT.fullmatch(text):
+        raise invalid
+    sign = text[0] if text[0] in "+-" else ""
+    digits = text[len(sign) :]
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXoObB":
+        digits = "0o" + digits[1:]  # Go reads a leading 0 as octal
+    try:
+        return int(sign + digits, 0)
+    except ValueError:
+        raise invalid from None
+
+
+class _GoInt(click.ParamType[int, Any]):
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_go_int(value)
+        except ValueError:
+            self.fail(f'"{value}" is not an integer', param, ctx)
+
+
+class _GoBool(click.ParamType[bool, Any]):
+    name = "boolean"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        if value not in _GO_BOOLS:
+            self.fail(f'"{value}" is not a boolean; use true or false', param, ctx)
+        return _GO_BOOLS[value]
+
+
+class _Seconds(click.ParamType[float, Any]):
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        if not (isinstance(value, str) and _SECONDS.fullmatch(value)):
+            self.fail(f'"{value}" is not a number of seconds', param, ctx)
+        return float(value)
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """One flag: its Go name (no dashes), where its value goes, and how it reads."""
+
+    name: str
+    dest: str
+    type: click.ParamType[Any, Any]
+    default: Any
+    help: str
+    env: tuple[str, ...] = ()
+    go: bool = True  # a go-mmproxy flag, named "-x" in messages; ours are "--x"
+    metavar: str | None = None
+
+    @property
+    def display(self) -> str:
+        return f"-{self.name}" if self.go else f"--{self.name}"
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.type, _GoBool)
+
+
+def _env(*names: str) -> tuple[str, ...]:
+    return tuple(f"MMPROXY_{name}" for name in names)
+
+
+_INT, _BOOL = _GoInt(), _GoBool()
+FLAGS: tuple[_Flag, ...] = (
+    _Flag("l", "listen", click.STRING, "0.0.0.0:8443",
+          "Address the proxy listens on", _env("L", "LISTEN"), metavar="ADDR:PORT"),
+    _Flag("4", "target4", click.STRING, "127.0.0.1:443",
+          "Address to which IPv4 traffic will be forwarded to", _env("4", "TARGET4"),
+          metavar="ADDR:PORT"),
+    _Flag("6", "target6", click.STRING, "[::1]:443",
+          "Address to which IPv6 traffic will be forwarded to", _env("6", "TARGET6"),
+          metavar="[ADDR]:PORT"),
+    _Flag("allowed-subnets", "allowed_subnets", click.STRING, None,
+          "Path to a file that contains allowed subnets of the proxy servers "
+          "(not set: every peer is allowed)", _env("ALLOWED_SUBNETS"), metavar="PATH"),
+    _Flag("listeners", "listeners", _INT, 1,
+          "Number of listener sockets that will be opened for the listen address",
+          _env("LISTENERS")),
+    _Flag("mark", "mark", _INT, 0,
+          "The mark that will be set on outbound packets", _env("MARK")),
+    _Flag("v", "verbose", _INT, 0,
+          "0 - no logging of individual connections; 1 - log errors occurring in "
+          "individual connections; 2 - log all state changes of individual connections",
+          _env("V", "VERBOSE")),
+    _Flag("p", "protocol", click.STRING, "tcp",
+          "Protocol that will be proxied: tcp, udp", _env("P", "PROTOCOL"), metavar="tcp|udp"),
+    _Flag("close-after", "close_after", _INT, 60,
+          "Number of seconds after which UDP socket will be cleaned up", _env("CLOSE_AFTER")),
+    _Flag("dynamic-destination", "dynamic_destination", _BOOL, False,
+          "Traffic will be forwarded to the destination specified in the PROXY protocol header",
+          _env("DYNAMIC_DESTINATION")),
+    _Flag("listen-transparent", "listen_transparent", _BOOL, False,
+          "Listen with IP_TRANSPARENT, accepting traffic for any address routed to this host",
+          _env("LISTEN_TRANSPARENT")),
+    _Flag("header-timeout", "header_timeout", _Seconds(), 10.0,
+          "Seconds a peer has to send a complete PROXY header", _env("HEADER_TIMEOUT"), go=False),
+    _Flag("log-format", "log_format", click.STRING, "json",
+          "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
+    # No environment variable: a leftover one would turn the daemon into a checker.
+    _Flag("check-config", "check_config", _BOOL, False,
+          "Validate the configuration (the allowed-subnets file too), print it as JSON "
+          "and exit", go=False),
+)  # fmt: skip
+_BY_NAME = {flag.name: flag for flag in FLAGS}
+_BY_DISPLAY = {flag.display: flag for flag in FLAGS}
+_ACTIONS = {"h": "--help", "help": "--help", "version": "--version"}
+
+
+def go_argv(argv: Sequence[str]) -> list[str]:
+    """Read ``argv`` as Go's flag package would; return canonical ``--name value`` tokens.
+
+    Raises ConfigError for an unknown flag, a missing value, a value given to
+    a flag that takes none, or any positional argument (go-mmproxy would
+    silently stop reading flags there).
+    """
+    out: list[str] = []
+    previous: _Flag | None = None
+    args = iter(argv)
+    for word in args:
+        if word == "--":
+            rest = list(args)
+            if rest:
+                raise ConfigError(f'unexpected argument "{rest[0]}"')
+            break
+        if not word.startswith("-") or word == "-":
+            hint = ""
+            if previous is not None and previous.is_bool and word in _GO_BOOLS:
+                hint = f" (a bool flag takes its value after '=': {previous.display}={word})"
+            raise ConfigError(f'unexpected argument "{word}"{hint}')
+        spelled, has_value, value = word.partition("=")
+        name = spelled[2:] if spelled.startswith("--") else spelled[1:]
+        if not name or name.startswith("-"):
+            raise ConfigError(f'bad flag syntax: "{word}"')
+        if name in _ACTIONS:
+            if has_value:
+                raise ConfigError(f"{spelled}: takes no value")
+            out.append(_ACTIONS[name])
+            continue
+        flag = _BY_NAME.get(name)
+        if flag is None:
+            raise ConfigError(f"{spelled}: unknown flag (see {PROG} -h)")
+        previous = flag
+        if flag.is_bool:
+            value = value if has_value else "true"
+        elif not has_value:
+            following = next(args, None)  # Go takes the next word even if it starts with "-"
+            if following is None:
+                raise ConfigError(f"{spelled}: needs a value")
+            value = following
+        out += [f"--{flag.name}", value]
+    return out
+
+
+class _GoFlagCommand(click.Command):
+    """A click command that reads Go-style flags and fails with one line and exit code 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> None:
+        """Run the command; always ends in SystemExit unless it returns after a check.
+
+        ``standalone_mode`` is accepted for click's API but ignored: click's
+        own exception handling would print multi-line usage blocks.
+        """
+        del standalone_mode
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(
+                go_argv(argv),
+                prog_name or PROG,
+                complete_var,
+                standalone_mode=False,
+                windows_expand_args=False,
+                **extra,
+            )
+        except click.BadParameter as error:
+            _fail(_describe_bad_parameter(error))
+        except click.Abort:
+            sys.exit(130)  # interrupted: click already ended the line on stderr
+        except click.ClickException as error:
+            _fail(error.format_message())
+        except ConfigError as error:
+            _fail(str(error))
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print the one error line and exit 2; line breaks inside the message become spaces."""
+    click.echo(f"{PROG}: error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _describe_bad_parameter(error: click.BadParameter) -> str:
+    param = error.param
+    flag = next((f for f in FLAGS if param is not None and f.dest == param.name), None)
+    if flag is None or error.ctx is None:
+        return error.format_message()
+    return f"{flag.display}{_from_env(error.ctx, flag)}: {error.message}"
+
+
+def _from_env(ctx: click.Context, flag: _Flag) -> str:
+    """`` (from MMPROXY_X)`` when the flag's value came from the environment, else ``""``."""
+    if ctx.get_parameter_source(flag.dest) is not ParameterSource.ENVIRONMENT:
+        return ""
+    name = next((name for name in flag.env if os.environ.get(name)), None)
+    return f" (from {name})" if name else ""
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"{PROG} {__version__}")
+        ctx.exit()
+
+
+def _start(**values: Any) -> None:
+    """The command's body: build the Config, then check it or run the daemon."""
+    ctx = click.get_current_context()
+    check_only = values.pop("check_config")
+    try:
+        config = build_config(**values)
+    except FlagError as error:
+        flag = _BY_DISPLAY.get(error.flag)
+        source = _from_env(ctx, flag) if flag is not None else ""
+        raise ConfigError(f"{error.flag}{source}: {error.reason}") from error
+    if check_only:
+        resolved = {**config.summary(), "allowedSubnetsCidrs": list(config.allow_list.cidrs)}
+        click.echo(json.dumps(resolved))
+        return
+    logger = logs.configure(config.log_format, config.verbose)
+    _log_start(logger, config)
+    from mmproxy import daemon  # the daemon's imports cost nothing on --help or errors
+
+    sys.exit(daemon.run(config, logger))
+
+
+def _log_start(logger: logging.Logger, config: Config) -> None:
+    gil_check = getattr(sys, "_is_gil_enabled", None)
+    logger.info(
+        "starting",
+        extra={
+            "version": __version__,
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "gil": bool(gil_check()) if gil_check is not None else True,
+            **config.summary(),
+        },
+    )
+    allow_list = config.allow_list
+    if allow_list.allows_everyone:
+        logger.warning("allowed subnets not set: every peer may send PROXY headers")
+    else:
+        logger.info("allowed subnets", extra={"path": allow_list.path, "count": allow_list.count})
+
+
+def _option(flag: _Flag) -> click.Option:
+    return click.Option(
+        [f"-{flag.name}", f"--{flag.name}", flag.dest],
+        type=flag.type,
+        default=flag.default,
+        show_default=not flag.is_bool and flag.default is not None,
+        envvar=list(flag.env) or None,
+        show_envvar=bool(flag.env),
+        metavar="" if flag.is_bool else flag.metavar,  # Go bool flags are written bare
+        help=flag.help,
+    )
+
+
+command = _GoFlagCommand(
+    PROG,
+    callback=_start,
+    options_metavar="[flags]",
+    params=[
+        *(_option(flag) for flag in FLAGS),
+        click.Option(
+            ["-version", "--version"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_show_version,
+            help="Print the version and exit.",
+        ),
+    ],
+    help="Unwrap the PROXY protocol so the backend sees the real client address "
+    "(a go-mmproxy drop-in). Flags take one or two dashes, and -name=value.",
+    context_settings={"help_option_names": ["-h", "-help", "--help"], "max_content_width": 100},
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run ``mmproxy`` with ``argv`` (default ``sys.argv[1:]``)."""
+    command.main(argv, PROG)

@@ -1,0 +1,239 @@
+"""Logging in go-mmproxy's shape: one record per line, JSON (default) or text.
+
+Choices an operator can rely on:
+
+* JSON lines start with ``time``, ``level`` and ``msg``, then every ``extra``
+  field as given; LogRecord's own attributes (``name``, ``taskName``, ...) are
+  left out.  Non-ASCII text is escaped, so every line is plain ASCII.
+* ``time`` is always UTC, RFC 3339 with microseconds and a ``Z`` suffix:
+  ``2026-11-26T08:47:36.123456Z``.  UTC keeps lines from different hosts
+  comparable; ``Z`` is what Go writes for UTC and every RFC 3339 parser takes.
+* ``level`` uses slog's names: ``DEBUG``, ``INFO``, ``WARN``, ``ERROR``
+  (Python's WARNING is WARN, CRITICAL is ERROR).
+* The text format is ``time LEVEL msg key=value ...``; a value with a space,
+  a quote, an ``=`` or a control character is written as a JSON string.
+* Field names match go-mmproxy (the constants below), so existing pipelines
+  keep working.  The two go-mmproxy forks spell the listen address
+  differently, so a record with either ``listenAdr`` or ``listenAddr`` carries
+  both, with the same value.
+
+Verbosity follows go-mmproxy's ``-v``: 0 logs start-up and daemon errors only,
+1 adds per-connection failures, 2 adds every per-connection state change.
+Per-connection records are DEBUG records, exactly as go-mmproxy logs them, so
+a pipeline alerting on ``level=ERROR`` does not fire on internet noise.  The
+``mmproxy`` logger itself therefore passes DEBUG, and :class:`ConnectionLog`
+gates by verbosity; at ``-v 0`` the handler also drops DEBUG records, so a
+stray debug call elsewhere cannot leak through.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from mmproxy.errors import HeaderError
+
+LOGGER_NAME = "mmproxy"
+LOG_FORMATS = ("json", "text")
+
+# Field names shared with go-mmproxy's logs.
+REMOTE_ADDR = "remoteAddr"
+LOCAL_ADDR = "localAddr"
+CLIENT_ADDR = "clientAddr"
+TARGET_ADDR = "targetAddr"
+LISTENER_NUM = "listenerNum"
+PROTOCOL = "protocol"
+LISTEN_ADR = "listenAdr"  # path-network/go-mmproxy's spelling
+LISTEN_ADDR = "listenAddr"  # kzemek/go-mmproxy's spelling
+DROP_CONNECTION = "dropConnection"
+ERROR = "error"
+# Ours: the HeaderError reason code (mmproxy.errors.Reason).
+REASON = "reason"
+
+_CORE_KEYS = frozenset({"time", "level", "msg"})
+# Attributes every LogRecord has; whatever else a record carries came from extra=.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _level(levelno: int) -> str:
+    """slog's level name for a Python level number (levels in between round down)."""
+    if levelno >= logging.ERROR:
+        return "ERROR"
+    if levelno >= logging.WARNING:
+        return "WARN"
+    if levelno >= logging.INFO:
+        return "INFO"
+    return "DEBUG"
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's ``extra`` fields, in the order given, with both listen-address spellings."""
+    fields: dict[str, Any] = {}
+    for key, value in vars(record).items():
+        if key in _RECORD_ATTRS or key.startswith("_"):
+            continue
+        # Never let an extra field replace time, level or msg.
+        fields[f"extra.{key}" if key in _CORE_KEYS else key] = value
+    if LISTEN_ADR in fields:
+        fields.setdefault(LISTEN_ADDR, fields[LISTEN_ADR])
+    elif LISTEN_ADDR in fields:
+        fields[LISTEN_ADR] = fields[LISTEN_ADDR]
+    return fields
+
+
+class _JsonLineFormatter(JsonFormatter):
+    """python-json-logger's formatter with go-mmproxy's keys and key order."""
+
+    def add_fields(
+        self,
+        log_data: dict[str, Any],
+        record: logging.LogRecord,
+        message_dict: dict[str, Any],
+    ) -> None:
+        log_data["time"] = _timestamp(record.created)
+        log_data["level"] = _level(record.levelno)
+        log_data["msg"] = record.message  # set by JsonFormatter.format
+        log_data.update(_extra_fields(record))
+        log_data.update(message_dict)  # exc_info / stack_info, when present
+
+
+class _TextFormatter(logging.Formatter):
+    """``time LEVEL msg key=value ...`` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        parts = [
+            _timestamp(record.created),
+            _level(record.levelno),
+            message if message.isprintable() else json.dumps(message),
+        ]
+        fields = _extra_fields(record)
+        if record.exc_info:
+            fields["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack_info"] = self.formatStack(record.stack_info)
+        parts.extend(f"{key}={_text_value(value)}" for key, value in fields.items())
+        return " ".join(parts)
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple | dict):
+        text = json.dumps(value, default=str, separators=(",", ":"))
+    else:
+        text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler :func:`configure` installs, so a second call replaces it."""
+
+
+def configure(log_format: str, verbose: int, stream: TextIO | None = None) -> logging.Logger:
+    """Set up and return the ``mmproxy`` logger: one line per record to ``stream``.
+
+    ``stream`` defaults to ``sys.stdout`` as it is at call time.  The logger
+    does not propagate to the root logger.  Calling again replaces the
+    handler this function installed, so handlers never pile up.
+    """
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be json or text, not {log_format!r}")
+    logger = logging.getLogger(LOGGER_NAME)
+    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(old)
+        old.close()
+    handler = _Handler(sys.stdout if stream is None else stream)
+    handler.setFormatter(
+        # Compact separators, as Go's slog writes them.
+        _JsonLineFormatter(json_serializer=functools.partial(json.dumps, separators=(",", ":")))
+        if log_format == "json"
+        else _TextFormatter()
+    )
+    handler.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return logger
+
+
+class ConnectionLog:
+    """Per-connection records, gated by verbosity and logged at DEBUG.
+
+    ``failure`` appears from ``-v 1`` on, ``state`` from ``-v 2`` on.  Both
+    check the verbosity before building anything; the caller's keyword
+    arguments are evaluated before the call, though, so guard a costly field
+    with :attr:`failures` or :attr:`states`.  Field names must not be
+    LogRecord attributes (``name``, ``args``, ``module``...): logging refuses
+    those.
+    """
+
+    __slots__ = ("_fields", "_logger", "_verbose")
+
+    def __init__(
+        self, logger: logging.Logger, verbose: int, fields: Mapping[str, object] | None = None
+    ) -> None:
+        self._logger = logger
+        self._verbose = verbose
+        self._fields: dict[str, object] = dict(fields) if fields else {}
+
+    @property
+    def failures(self) -> bool:
+        """True when :meth:`failure` records are emitted (``-v 1`` and up)."""
+        return self._verbose >= 1
+
+    @property
+    def states(self) -> bool:
+        """True when :meth:`state` records are emitted (``-v 2``)."""
+        return self._verbose >= 2
+
+    def bind(self, **fields: object) -> ConnectionLog:
+        """A ConnectionLog whose records carry ``fields`` too (this one is unchanged).
+
+        At ``-v 0`` nothing is ever logged, so this returns ``self`` without copying.
+        """
+        if self._verbose < 1:
+            return self  # nothing will ever be logged: skip the copy on the hot path
+        return ConnectionLog(self._logger, self._verbose, {**self._fields, **fields})
+
+    def failure(self, msg: str, error: BaseException | str | None = None, **fields: object) -> None:
+        """Log that the connection is being dropped (``-v 1`` and up).
+
+        Adds ``dropConnection: true``, ``error`` as a string, and ``reason``
+        when ``error`` is a HeaderError.
+        """
+        if self._verbose < 1:
+            return
+        extra: dict[str, object] = {**self._fields, **fields, DROP_CONNECTION: True}
+        if error is not None:
+            extra[ERROR] = str(error)
+            if isinstance(error, HeaderError):
+                extra.setdefault(REASON, error.reason.value)
+        self._logger.debug(msg, extra=extra)
+
+    def state(self, msg: str, **fields: object) -> None:
+        """Log a per-connection state change (``-v 2`` only)."""
+        if self._verbose < 2:
+            return
+        self._logger.debug(msg, extra={**self._fields, **fields})
