@@ -158,6 +158,12 @@ FLAGS: tuple[_Flag, ...] = (
           _env("LISTEN_TRANSPARENT")),
     _Flag("header-timeout", "header_timeout", _Seconds(), 10.0,
           "Seconds a peer has to send a complete PROXY header", _env("HEADER_TIMEOUT"), go=False),
+    _Flag("connect-timeout", "connect_timeout", _Seconds(), 5.0,
+          "Seconds to wait for the backend to accept a connection", _env("CONNECT_TIMEOUT"),
+          go=False),
+    _Flag("drain-timeout", "drain_timeout", _Seconds(), 30.0,
+          "Seconds live connections may take to finish after SIGTERM/SIGINT",
+          _env("DRAIN_TIMEOUT"), go=False),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
     # No environment variable: a leftover one would turn the daemon into a checker.

@@ -30,6 +30,8 @@ MAX_MARK = 2**32 - 1  # SO_MARK is a u32
 MAX_VERBOSE = 2
 MAX_CLOSE_AFTER = 2**31 - 1  # seconds; keeps timer arithmetic far from float overflow
 MAX_HEADER_TIMEOUT = 3600.0
+MAX_CONNECT_TIMEOUT = 3600.0
+MAX_DRAIN_TIMEOUT = 86400.0
 
 # A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and
 # inner hyphens.  Anything else is neither an address nor a name.
@@ -190,6 +192,8 @@ class Config:
     listen_transparent: bool
     header_timeout: float  # seconds to wait for a complete PROXY header
     log_format: LogFormat
+    connect_timeout: float = 5.0  # seconds to connect to the backend
+    drain_timeout: float = 30.0  # seconds live connections get after SIGTERM/SIGINT
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -214,6 +218,8 @@ class Config:
             "listenTransparent": self.listen_transparent,
             "headerTimeout": self.header_timeout,
             "logFormat": self.log_format,
+            "connectTimeout": self.connect_timeout,
+            "drainTimeout": self.drain_timeout,
         }
 
 
@@ -232,13 +238,16 @@ def build_config(
     listen_transparent: bool,
     header_timeout: float,
     log_format: str,
+    connect_timeout: float = 5.0,
+    drain_timeout: float = 30.0,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
-    ``--header-timeout``, ``--log-format``).  Checks run in flag order, so the
-    first bad flag is the one reported.  The allowed-subnets file is read
+    ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
+    ``--drain-timeout``).  Checks run in flag order, so the first bad flag is
+    the one reported.  The allowed-subnets file is read
     here; an empty ``allowed_subnets`` (or None) allows every peer.
     """
     if protocol not in PROTOCOLS:
@@ -257,14 +266,11 @@ def build_config(
     _check_range("-mark", mark, 0, MAX_MARK)
     _check_range("-v", verbose, 0, MAX_VERBOSE)
     _check_range("-close-after", close_after, 0, MAX_CLOSE_AFTER)
-    if not (math.isfinite(header_timeout) and 0 < header_timeout <= MAX_HEADER_TIMEOUT):
-        raise FlagError(
-            "--header-timeout",
-            f"{header_timeout:g} is out of range; use seconds above 0, "
-            f"at most {MAX_HEADER_TIMEOUT:g}",
-        )
+    _check_seconds("--header-timeout", header_timeout, MAX_HEADER_TIMEOUT)
     if log_format not in LOG_FORMATS:
         raise FlagError("--log-format", f'"{log_format}" is not a log format; use json or text')
+    _check_seconds("--connect-timeout", connect_timeout, MAX_CONNECT_TIMEOUT)
+    _check_seconds("--drain-timeout", drain_timeout, MAX_DRAIN_TIMEOUT, zero_ok=True)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -279,7 +285,16 @@ def build_config(
         listen_transparent=listen_transparent,
         header_timeout=float(header_timeout),
         log_format=log_format,
+        connect_timeout=float(connect_timeout),
+        drain_timeout=float(drain_timeout),
     )
+
+
+def _check_seconds(flag: str, value: float, high: float, *, zero_ok: bool = False) -> None:
+    low_ok = value >= 0 if zero_ok else value > 0
+    if not (math.isfinite(value) and low_ok and value <= high):
+        floor = "0 or more" if zero_ok else "above 0"
+        raise FlagError(flag, f"{value:g} is out of range; use seconds {floor}, at most {high:g}")
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:

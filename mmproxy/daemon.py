@@ -1,21 +1,195 @@
-"""The daemon: owns listeners, connections and signals.
+"""The daemon: owns listeners, workers, live connections and signals.
 
-The relay itself (listeners, admission, the splice pump, graceful stop) lands
-with the TCP daemon issue.  Until then :func:`run` says so plainly and fails,
-so nobody mistakes a configuration check for a working proxy.
+Start-up order matters.  Signals are blocked before the first thread starts
+(threads inherit the mask), so only the main thread ever receives them, by
+``sigwait``: no handler runs at a random point of another thread, and no
+KeyboardInterrupt traceback can appear.  Then the descriptor limit is raised,
+every listener is bound (a failure stops start-up with one line), and only
+then do the acceptor threads start.
+
+Stopping (SIGTERM or SIGINT): the listeners stop accepting, live connections
+get ``drain_timeout`` seconds to finish on their own, then the rest are shut
+down.  A second signal during the drain cuts it short.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
+import signal
+import socket
+import threading
+import time
 
+from mmproxy import logs, upstream
 from mmproxy.config import Config
+from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.pool import WorkerPool
+from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of it
+FDS_PER_CONNECTION = 6  # client and upstream sockets, and one pipe (2 fds) per direction
+FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
+AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 
 
 def run(config: Config, log: logging.Logger) -> int:
     """Serve until told to stop; return the process exit code."""
-    log.error(
-        "the relay is not part of this build yet: only the configuration was checked",
-        extra={"protocol": config.protocol},
-    )
-    return 1
+    if config.protocol != "tcp":
+        log.error("UDP mode (-p udp) is not part of this build yet; only -p tcp relays")
+        return EXIT_FAILURE
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    threading.stack_size(STACK_SIZE)
+    limit = raise_descriptor_limit()
+    capacity = max(1, (limit - FDS_RESERVED - config.listeners) // FDS_PER_CONNECTION)
+    problem = check_transparent(config)
+    if problem:
+        log.error(problem)
+        return EXIT_FAILURE
+    try:
+        sockets = open_listeners(config)
+    except OSError as error:
+        log.error(
+            f"cannot listen on {config.listen}: {error.strerror or error}",
+            extra={logs.LISTEN_ADR: str(config.listen)},
+        )
+        return EXIT_FAILURE
+    server = Server(config, log, sockets, capacity)
+    server.start()
+    log.info("ready", extra={"maxConnections": capacity, "descriptorLimit": limit})
+    server.wait_for_stop()
+    return EXIT_OK
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # keep what we have; the cap below follows it
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def check_transparent(config: Config) -> str | None:
+    """Why upstream sockets could not impersonate clients here, or None when they can."""
+    families = {config.target4.family, config.target6.family}
+    for family in sorted(families):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                upstream.set_transparent(probe)
+        except PermissionError:
+            return (
+                "cannot set IP_TRANSPARENT: mmproxy needs CAP_NET_ADMIN "
+                "(run as root or grant the capability)"
+            )
+        except OSError:
+            continue  # this address family is not available here; -4/-6 alone still work
+    return None
+
+
+class Server:
+    """Listeners, acceptors, workers and the live connections of one daemon run."""
+
+    def __init__(
+        self, config: Config, log: logging.Logger, sockets: list[socket.socket], capacity: int
+    ) -> None:
+        self._config = config
+        self._log = log
+        self._tracker = Tracker(capacity)
+        self._pool = WorkerPool()
+        self._services = Services(
+            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker
+        )
+        self._acceptors = [
+            Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
+        ]
+        self._full = Throttle(10.0)
+
+    def start(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.start()
+            self._log.info(
+                "listening",
+                extra={
+                    logs.LISTEN_ADR: acceptor.address,
+                    logs.LISTENER_NUM: acceptor.number,
+                    logs.PROTOCOL: self._config.protocol,
+                },
+            )
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
+        """Runs on an acceptor thread: decide before a byte is read, then hand over."""
+        services = self._services
+        if not self._config.allow_list.allows(peer[0]):
+            sock.close()
+            services.log.bind(
+                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
+            ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
+            return
+        connection = Connection(sock, peer, number, services)
+        if not self._tracker.add(connection):
+            sock.close()
+            suppressed = self._full.ready()
+            if suppressed is not None:
+                self._log.warning(
+                    "connection limit reached (file descriptors): refusing new connections",
+                    extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
+                )
+            return
+        try:
+            self._pool.submit(connection.serve)
+        except (RuntimeError, OSError) as error:
+            self._tracker.remove(connection)
+            sock.close()
+            services.log.failure("no thread for the connection", error)
+
+    def wait_for_stop(self) -> None:
+        """Block until SIGTERM/SIGINT, then drain and stop everything."""
+        while True:
+            signum = signal.sigwait(HANDLED_SIGNALS)
+            if signum in STOP_SIGNALS:
+                break
+            self._log.info("SIGHUP ignored: this build has no reload")
+        self._stop(signal.Signals(signum).name)
+
+    def _stop(self, cause: str) -> None:
+        for acceptor in self._acceptors:
+            acceptor.stop()
+        live = len(self._tracker)
+        timeout = self._config.drain_timeout
+        self._log.info(
+            "stopping: no longer accepting, draining live connections",
+            extra={"signal": cause, "liveConnections": live, "drainTimeout": timeout},
+        )
+        if not self._drain(timeout):
+            aborted = self._tracker.abort_all()
+            self._log.warning(
+                "drain ended: shutting the remaining connections down",
+                extra={"liveConnections": aborted},
+            )
+            self._tracker.wait_empty(AFTER_ABORT_WAIT)
+        self._pool.close(timeout=1.0)
+        self._log.info("stopped")
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait for live connections to end; False on timeout or a second stop signal."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._tracker.wait_empty(min(max(remaining, 0.0), 0.2)):
+                return True
+            if remaining <= 0:
+                return False
+            caught = signal.sigtimedwait(HANDLED_SIGNALS, 0)
+            if caught is not None and caught.si_signo in STOP_SIGNALS:
+                self._log.info("second stop signal: not waiting any longer")
+                return False

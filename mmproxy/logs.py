@@ -66,6 +66,11 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 }
 
 
+def go_address(host: str, port: int) -> str:
+    """``host:port`` as Go writes it, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _timestamp(created: float) -> str:
     return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -231,6 +236,12 @@ class ConnectionLog:
             if isinstance(error, HeaderError):
                 extra.setdefault(REASON, error.reason.value)
         self._logger.debug(msg, extra=extra)
+
+    def notice(self, msg: str, **fields: object) -> None:
+        """Log something unusual that does not drop the connection (``-v 1`` and up)."""
+        if self._verbose < 1:
+            return
+        self._logger.debug(msg, extra={**self._fields, **fields})
 
     def state(self, msg: str, **fields: object) -> None:
         """Log a per-connection state change (``-v 2`` only)."""

@@ -4,7 +4,8 @@
   threads, no third-party imports, so they can be tested and fuzzed alone and
   never pull a C extension onto the data path.
 * Imports flow one way: the protocol layer knows nothing of configuration,
-  logging or the CLI; configuration knows nothing of click.
+  logging or the CLI; configuration knows nothing of click; on the data path
+  pool/relay/upstream < tcp < daemon, and only cli knows click.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         ("config.py", {"click", "mmproxy.cli", "mmproxy.daemon"}),
         ("acl.py", {"click", "mmproxy.cli", "mmproxy.config", "mmproxy.daemon"}),
         ("logs.py", {"click", "mmproxy.cli", "mmproxy.daemon"}),
+        # The data path: each layer knows only the ones below it.
+        ("pool.py", {"mmproxy.relay", "mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon"}),
+        ("relay.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.pool"}),
+        ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
+        ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
+        ("tcp.py", {"mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"}),
+        ("daemon.py", {"mmproxy.cli", "click"}),
     ],
 )
 def test_imports_flow_one_way(module: str, forbidden: set[str]) -> None:

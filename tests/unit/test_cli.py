@@ -164,6 +164,8 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "dynamicDestination": False,
         "listenTransparent": False,
         "headerTimeout": 10.0,
+        "connectTimeout": 5.0,
+        "drainTimeout": 30.0,
         "logFormat": "json",
     }
     assert config.allow_list.allows_everyone
@@ -278,6 +280,8 @@ def test_double_dash_ends_flags(fake_daemon: FakeDaemon) -> None:
         ("DYNAMIC_DESTINATION", "true", "dynamic_destination", True),
         ("LISTEN_TRANSPARENT", "1", "listen_transparent", True),
         ("HEADER_TIMEOUT", "2.5", "header_timeout", 2.5),
+        ("CONNECT_TIMEOUT", "0.5", "connect_timeout", 0.5),
+        ("DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
         ("LOG_FORMAT", "text", "log_format", "text"),
     ],
 )
@@ -360,6 +364,11 @@ def test_check_config_has_no_environment_variable(fake_daemon: FakeDaemon) -> No
         ("--header-timeout nan", "--header-timeout"),
         ("--header-timeout inf", "--header-timeout"),
         ("--header-timeout 3601", "--header-timeout"),
+        ("--connect-timeout 0", "--connect-timeout"),
+        ("--connect-timeout 3601", "--connect-timeout"),
+        ("--drain-timeout -1", "--drain-timeout"),
+        ("--drain-timeout 1e9", "--drain-timeout"),
+        ("--drain-timeout 86401", "--drain-timeout"),
         ("--log-format xml", "--log-format"),
         ("--check-config=maybe", "--check-config"),
     ],

@@ -281,6 +281,12 @@ def test_missing_allowed_subnets_file(tmp_path: Path) -> None:
         ({"header_timeout": float("nan")}, "--header-timeout"),
         ({"header_timeout": float("inf")}, "--header-timeout"),
         ({"log_format": "xml"}, "--log-format"),
+        ({"connect_timeout": 0.0}, "--connect-timeout"),
+        ({"connect_timeout": float("nan")}, "--connect-timeout"),
+        ({"connect_timeout": 3600.5}, "--connect-timeout"),
+        ({"drain_timeout": -0.5}, "--drain-timeout"),
+        ({"drain_timeout": float("inf")}, "--drain-timeout"),
+        ({"drain_timeout": 86400.5}, "--drain-timeout"),
         ({"log_format": "JSON"}, "--log-format"),
     ],
 )
@@ -303,6 +309,9 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"header_timeout": 0.001},
         {"header_timeout": 3600.0},
         {"log_format": "text"},
+        {"connect_timeout": 0.001},
+        {"drain_timeout": 0.0},
+        {"drain_timeout": 86400.0},
         {"listen": "127.0.0.1:0"},
         {"dynamic_destination": True, "listen_transparent": True},
     ],
@@ -333,6 +342,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         close_after=30,
         header_timeout=2.5,
         log_format="text",
+        connect_timeout=1.5,
+        drain_timeout=0.0,
     )
     summary = json.loads(json.dumps(built.summary()))
     assert summary == {
@@ -350,6 +361,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "listenTransparent": False,
         "headerTimeout": 2.5,
         "logFormat": "text",
+        "connectTimeout": 1.5,
+        "drainTimeout": 0.0,
     }
 
 

@@ -389,3 +389,16 @@ def test_gate_properties() -> None:
     logger = logging.getLogger(logs.LOGGER_NAME)
     assert [logs.ConnectionLog(logger, v).failures for v in (0, 1, 2)] == [False, True, True]
     assert [logs.ConnectionLog(logger, v).states for v in (0, 1, 2)] == [False, False, True]
+
+
+def test_notice_appears_from_v1_without_dropping() -> None:
+    for verbose, expected in ((0, 0), (1, 1), (2, 1)):
+        logger, stream = setup(verbose=verbose)
+        logs.ConnectionLog(logger, verbose, {"remoteAddr": "192.0.2.1:1"}).notice("odd", x=1)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert len(lines) == expected
+        for line in lines:
+            assert line["msg"] == "odd"
+            assert line["x"] == 1
+            assert line["remoteAddr"] == "192.0.2.1:1"
+            assert "dropConnection" not in line

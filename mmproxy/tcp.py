@@ -1,0 +1,300 @@
+"""One TCP connection's life: header, upstream, relay, outcome.
+
+:meth:`Connection.serve` runs on a pool worker.  It reads the PROXY header
+with a deadline, connects upstream from the client's address, sends the
+bytes that arrived after the header, then becomes the client -> backend
+relay thread while a second worker relays backend -> client.  The thread
+that finishes last logs the outcome and releases the connection's slot.
+
+Descriptor ownership: until the relay starts, the serving thread owns the
+client socket and closes it; from then on :class:`~mmproxy.relay.Pair` owns
+both sockets.  :meth:`Connection.abort` (graceful stop) only ever shuts
+sockets down, under the same lock as the close, never closes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmproxy import logs, upstream
+from mmproxy.config import Config, Endpoint, IPAddress
+from mmproxy.errors import HeaderError, Reason
+from mmproxy.pool import WorkerPool
+from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
+from mmproxy.relay import PEER_GONE, Pair
+
+# A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
+# still needs, or this much, whichever is more, and never waits for more.
+RECV_SIZE = 16384
+
+# Log ``reason`` codes for refusals that are not header parse errors.
+NOT_ALLOWED = "not_allowed"
+HEADER_TIMEOUT = "header_timeout"
+WRONG_TRANSPORT = "wrong_transport"
+BAD_DESTINATION = "bad_destination"
+UPSTREAM_FAILED = "upstream_failed"
+STOPPING = "stopping"
+
+
+class RefusedError(Exception):
+    """This connection cannot be relayed; ``reason`` is the log code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What every connection shares: configuration, logging, threads, bookkeeping."""
+
+    config: Config
+    log: logs.ConnectionLog
+    pool: WorkerPool
+    tracker: Tracker
+
+
+class Tracker:
+    """The live connections, capped so that each one can get the descriptors it needs."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._live: set[Connection] = set()
+        self._changed = threading.Condition()
+
+    def add(self, connection: Connection) -> bool:
+        """Register ``connection``; False when at capacity."""
+        with self._changed:
+            if len(self._live) >= self.capacity:
+                return False
+            self._live.add(connection)
+            return True
+
+    def remove(self, connection: Connection) -> None:
+        with self._changed:
+            self._live.discard(connection)
+            if not self._live:
+                self._changed.notify_all()
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._live)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the last connection to end; True if none is left."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._live, timeout)
+
+    def abort_all(self) -> int:
+        """Shut every live connection down; returns how many there were."""
+        with self._changed:
+            live = list(self._live)
+        for connection in live:
+            connection.abort()
+        return len(live)
+
+
+class Connection:
+    """A client connection from the load balancer, from accept to close."""
+
+    def __init__(
+        self, sock: socket.socket, peer: tuple[str, int], listener_num: int, services: Services
+    ) -> None:
+        self._sock = sock
+        self._peer = peer[0]  # the load balancer's address, as accept() gave it
+        self._services = services
+        self._log = services.log
+        if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
+            self._log = services.log.bind(
+                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: listener_num}
+            )
+        self._lock = threading.Lock()
+        self._pair: Pair | None = None
+        self._aborted = False
+        self._closed = False
+
+    # -------------------------------------------------------------- stopping
+
+    def abort(self) -> None:
+        """Make this connection end soon: wake whichever thread is blocked on it."""
+        with self._lock:
+            self._aborted = True
+            pair = self._pair
+            if pair is None and not self._closed:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+        if pair is not None:
+            pair.abort()
+
+    def _close_client(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._sock.close()
+
+    # -------------------------------------------------------------- serving
+
+    def serve(self) -> None:
+        """The whole connection; runs on a pool worker and never raises."""
+        services = self._services
+        try:
+            header, payload = self._read_header()
+            conn_up = self._connect(header)
+        except RefusedError as refusal:
+            self._log.failure(str(refusal), reason=refusal.reason)
+            self._finish_unrelayed()
+            return
+        except HeaderError as error:
+            self._log.failure("invalid PROXY header", error)
+            self._finish_unrelayed()
+            return
+        except OSError as error:
+            self._log.failure("connection failed before the relay started", error)
+            self._finish_unrelayed()
+            return
+        except BaseException:
+            self._finish_unrelayed()
+            raise
+        pair = Pair(self._sock, conn_up.sock)
+        with self._lock:
+            self._pair = pair
+            aborted = self._aborted
+        log = self._log
+        if log.failures:
+            log = log.bind(
+                **{
+                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
+                    logs.TARGET_ADDR: _peer_text(conn_up.sock),
+                }
+            )
+            if conn_up.fallback:
+                log.notice("client port in use here: connected from an ephemeral port instead")
+        if aborted:
+            pair.close()
+            log.failure("daemon is stopping", reason=STOPPING)
+            services.tracker.remove(self)
+            return
+        log.state("connection established")
+        try:
+            if payload:
+                conn_up.sock.sendall(payload)  # what came with the header goes first
+                pair.to_target[0] += len(payload)
+            services.pool.submit(lambda: self._relay(pair, pair.backward, log))
+        except (OSError, RuntimeError) as error:
+            pair.close()
+            log.failure("relay could not start", error)
+            services.tracker.remove(self)
+            return
+        self._relay(pair, pair.forward, log)
+
+    def _finish_unrelayed(self) -> None:
+        self._close_client()
+        self._services.tracker.remove(self)
+
+    def _relay(self, pair: Pair, direction: Callable[[], bool], log: logs.ConnectionLog) -> None:
+        if not direction():
+            return  # the sibling direction is still running; it reports
+        fields = {
+            "bytesToTarget": pair.to_target[0],
+            "bytesToClient": pair.to_client[0],
+            "durationSeconds": round(pair.duration, 6),
+        }
+        error = pair.error
+        if error is not None and not (self._aborted and error.errno in PEER_GONE):
+            log.failure("connection ended with an error", error, **fields)
+        else:
+            log.state("connection closed", **fields)
+        self._services.tracker.remove(self)
+
+    # -------------------------------------------------------------- header
+
+    def _read_header(self) -> tuple[ProxyHeader, bytes]:
+        """Read until a whole header is in; return it and the bytes that came after it."""
+        sock = self._sock
+        deadline = time.monotonic() + self._services.config.header_timeout
+        buffer = bytearray()
+        while True:
+            result = parse(buffer)
+            if not isinstance(result, NeedMore):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _header_timeout(len(buffer))
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(max(result.at_least, RECV_SIZE))
+            except TimeoutError:
+                raise _header_timeout(len(buffer)) from None
+            if not chunk:
+                raise HeaderError(
+                    Reason.INCOMPLETE, f"peer closed the connection after {len(buffer)} bytes"
+                )
+            buffer += chunk
+        sock.settimeout(None)  # splice needs a blocking socket
+        return result.header, bytes(buffer[result.consumed :])
+
+    # -------------------------------------------------------------- upstream
+
+    def _connect(self, header: ProxyHeader) -> upstream.Upstream:
+        config = self._services.config
+        if header.transport == Transport.DGRAM and header.command == Command.PROXY:
+            raise RefusedError(WRONG_TRANSPORT, "PROXY header is for UDP (DGRAM) on a TCP listener")
+        client = header.client
+        timeout = config.connect_timeout
+        try:
+            if client is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: no address to impersonate
+                peer = ipaddress.ip_address(self._peer.partition("%")[0])
+                target = self._target_for(_plain(peer))
+                if config.dynamic_destination and isinstance(header.destination, InetAddress):
+                    target = self._dynamic_target(header.destination)
+                return upstream.connect_plain(target, mark=config.mark, timeout=timeout)
+            host = _plain(client.host)
+            target = self._target_for(host)
+            if config.dynamic_destination and isinstance(header.destination, InetAddress):
+                target = self._dynamic_target(header.destination)
+                if target.host.version != host.version:
+                    raise RefusedError(
+                        BAD_DESTINATION, "header's source and destination families differ"
+                    )
+            return upstream.connect_spoofed(
+                (host, client.port), target, mark=config.mark, timeout=timeout
+            )
+        except PermissionError as error:
+            raise RefusedError(
+                UPSTREAM_FAILED, f"cannot impersonate the client (needs CAP_NET_ADMIN): {error}"
+            ) from error
+        except OSError as error:
+            raise RefusedError(UPSTREAM_FAILED, f"cannot connect to the target: {error}") from error
+
+    def _target_for(self, host: IPAddress) -> Endpoint:
+        config = self._services.config
+        return config.target4 if host.version == 4 else config.target6
+
+    @staticmethod
+    def _dynamic_target(destination: InetAddress) -> Endpoint:
+        if destination.port == 0:
+            raise RefusedError(BAD_DESTINATION, f"header's destination {destination} has port 0")
+        return Endpoint(_plain(destination.host), destination.port)
+
+
+def _plain(host: IPAddress) -> IPAddress:
+    return upstream.plain_address(host)
+
+
+def _header_timeout(received: int) -> RefusedError:
+    return RefusedError(
+        HEADER_TIMEOUT, f"no complete PROXY header in time ({received} bytes received)"
+    )
+
+
+def _peer_text(sock: socket.socket) -> str:
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "?"
+    return logs.go_address(str(address[0]), int(address[1]))

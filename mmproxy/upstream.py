@@ -1,0 +1,153 @@
+"""The upstream socket: a TCP connection to the backend that carries the client's address.
+
+The socket is bound, with ``IP_TRANSPARENT``, to the client's address and port
+from the PROXY header before it connects, so the backend's ``accept()`` sees
+the client.  The backend's replies go to that foreign address; the policy
+routes in the README deliver them back to this host, where the transparent
+socket picks them up.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmproxy.config import Endpoint, IPAddress
+
+# Linux option numbers; Python 3.11 lacks some names (IPV6_TRANSPARENT came later).
+SOL_IP = getattr(socket, "SOL_IP", 0)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
+# Two SYN retries: a dead backend fails in ~7 s (1 + 2 + 4) instead of ~2 minutes.
+SYN_RETRIES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A connected upstream socket and how it was bound (for the log line)."""
+
+    sock: socket.socket
+    source: tuple[str, int]  # the address the backend sees
+    fallback: bool  # True when the client's port was taken and an ephemeral one was used
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Let ``sock`` bind to (or accept for) an address this host does not own.
+
+    Needs CAP_NET_ADMIN; raises PermissionError otherwise.
+    """
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+
+
+def plain_address(host: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) as the IPv4 address it holds.
+
+    The backend then sees the client as IPv4 and the ``-4`` target is used,
+    which is what a client that really came over IPv4 looks like.
+    """
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return host.ipv4_mapped
+    return host
+
+
+def connect_spoofed(
+    client: tuple[IPAddress, int],
+    target: Endpoint,
+    *,
+    mark: int,
+    timeout: float,
+) -> Upstream:
+    """Connect to ``target`` from the client's ``(address, port)``.
+
+    Port 0 binds the address only (``IP_BIND_ADDRESS_NO_PORT`` leaves the port
+    to connect time).  When the client's port is in use here (the client and
+    mmproxy share a host, or the same client reconnects before TIME_WAIT is
+    over) the connection is made from an ephemeral port of the same address
+    instead, and ``Upstream.fallback`` says so.  Raises OSError (with the
+    failing step in the message) when no connection can be made; the socket
+    is closed then.
+    """
+    host, port = client
+    try:
+        return _connect(host, port, target, mark, timeout, fallback=False)
+    except OSError as error:
+        if port == 0 or error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+    return _connect(host, 0, target, mark, timeout, fallback=True)
+
+
+def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Upstream:
+    """Connect to ``target`` from this host's own address (LOCAL and UNKNOWN headers)."""
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    try:
+        _common_options(sock, mark)
+        sock.settimeout(timeout)
+        _step("connect", target, sock.connect, target.sockaddr)
+        sock.settimeout(None)  # relays splice, which needs a blocking socket
+        local = sock.getsockname()
+        return Upstream(sock, (str(local[0]), int(local[1])), fallback=False)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connect(
+    host: IPAddress,
+    port: int,
+    target: Endpoint,
+    mark: int,
+    timeout: float,
+    *,
+    fallback: bool,
+) -> Upstream:
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    try:
+        _common_options(sock, mark)
+        set_transparent(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if port == 0:
+            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
+        _step("bind", bind_to, sock.bind, bind_to)
+        sock.settimeout(timeout)
+        _step("connect", target, sock.connect, target.sockaddr)
+        sock.settimeout(None)  # relays splice, which needs a blocking socket
+        local = sock.getsockname()
+        return Upstream(sock, (str(local[0]), int(local[1])), fallback=fallback)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _common_options(sock: socket.socket, mark: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_SYNCNT, SYN_RETRIES)
+    if mark:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def _step(what: str, where: object, call: Callable[..., object], *args: object) -> None:
+    """Run one socket call; an OSError keeps its errno and says which step failed, and where."""
+    try:
+        call(*args)
+    except TimeoutError:
+        raise TimeoutError(errno.ETIMEDOUT, f"{what} {_show(where)}: timed out") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise type(error)(error.errno, f"{what} {_show(where)}: {reason}") from None
+
+
+def _show(where: object) -> str:
+    if isinstance(where, tuple):
+        host, port = where[0], where[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(where)

@@ -1,0 +1,175 @@
+"""Listeners: SO_REUSEPORT sharing, the accept loop's errno policy, the log throttle."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from mmproxy.config import build_config
+from mmproxy.listener import Acceptor, Throttle, open_listeners
+
+
+class ScriptedListener:
+    """Stands in for a listening socket: accept() plays a script, then blocks until shutdown."""
+
+    def __init__(self, script: list[OSError | tuple[socket.socket, tuple[str, int]]]) -> None:
+        self._script = list(script)
+        self._shut = threading.Event()
+        self.closed = False
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self._script:
+            step = self._script.pop(0)
+            if isinstance(step, OSError):
+                raise step
+            return step
+        self._shut.wait(10)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def shutdown(self, how: int) -> None:
+        self._shut.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+
+def config(**overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "protocol": "tcp",
+        "listen": "127.0.0.1:0",
+        "target4": "127.0.0.1:443",
+        "target6": "[::1]:443",
+        "allowed_subnets": None,
+        "listeners": 1,
+        "mark": 0,
+        "verbose": 0,
+        "close_after": 60,
+        "dynamic_destination": False,
+        "listen_transparent": False,
+        "header_timeout": 10.0,
+        "log_format": "json",
+    }
+    return build_config(**{**values, **overrides})
+
+
+def test_several_listeners_share_one_kernel_chosen_port() -> None:
+    sockets = open_listeners(config(listeners=3))
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(sockets) == 3
+        assert len(ports) == 1
+        assert ports != {0}
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_single_listener_does_not_share_its_port() -> None:
+    (sock,) = open_listeners(config())
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+    finally:
+        sock.close()
+
+
+def test_dual_stack_listener_accepts_ipv4() -> None:
+    (sock,) = open_listeners(config(listen="[::]:0"))
+    try:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, peer = sock.accept()
+            conn.close()
+        assert peer[0] == "::ffff:127.0.0.1"
+    finally:
+        sock.close()
+
+
+def test_a_failed_bind_closes_every_socket_it_opened() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="in use") as caught:
+            open_listeners(config(listen=f"127.0.0.1:{port}"))
+    assert caught.value.errno == errno.EADDRINUSE
+
+
+def test_accept_loop_survives_every_error(caplog: pytest.LogCaptureFixture) -> None:
+    # Peer errors are skipped, resource errors logged once (throttled) and
+    # retried after a pause; the loop keeps serving and ends only at stop().
+    a, b = socket.socketpair()
+    script: list[OSError | tuple[socket.socket, tuple[str, int]]] = [
+        OSError(errno.ECONNABORTED, "aborted"),
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.ENOBUFS, "No buffer space"),
+        OSError(errno.EPROTO, "Protocol error"),
+        (a, ("192.0.2.1", 1234)),
+    ]
+    listener = ScriptedListener(script)
+    accepted: list[tuple[str, int]] = []
+    got_one = threading.Event()
+
+    def on_accept(sock: socket.socket, peer: tuple[str, int], number: int) -> None:
+        accepted.append(peer)
+        sock.close()
+        got_one.set()
+
+    log = logging.getLogger("test-acceptor")
+    acceptor = Acceptor(listener, 3, on_accept, log)  # type: ignore[arg-type]
+    started = time.monotonic()
+    acceptor.start()
+    try:
+        assert got_one.wait(5)
+    finally:
+        acceptor.stop()
+        b.close()
+    assert accepted == [("192.0.2.1", 1234)]
+    assert time.monotonic() - started >= 0.25  # three resource errors, three pauses
+    warnings = [r for r in caplog.records if r.name == "test-acceptor"]
+    assert len(warnings) == 1  # throttled: one line for three resource errors
+    assert "EMFILE" in warnings[0].__dict__["error"]
+    assert listener.closed
+
+
+def test_an_admission_bug_does_not_kill_the_acceptor(caplog: pytest.LogCaptureFixture) -> None:
+    pairs = [socket.socketpair() for _ in range(2)]
+    listener = ScriptedListener([(pairs[0][0], ("192.0.2.1", 1)), (pairs[1][0], ("192.0.2.2", 2))])
+    seen: list[str] = []
+    both = threading.Event()
+
+    def on_accept(sock: socket.socket, peer: tuple[str, int], number: int) -> None:
+        seen.append(peer[0])
+        if len(seen) == 1:
+            raise RuntimeError("bug")
+        sock.close()
+        both.set()
+
+    acceptor = Acceptor(listener, 0, on_accept, logging.getLogger("test-acceptor"))  # type: ignore[arg-type]
+    acceptor.start()
+    try:
+        assert both.wait(5)
+    finally:
+        acceptor.stop()
+        for _a, b in pairs:
+            b.close()
+    assert seen == ["192.0.2.1", "192.0.2.2"]
+    assert pairs[0][0].fileno() == -1  # the acceptor closed the connection it could not admit
+
+
+def test_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
+    throttle = Throttle(0.2)
+    assert throttle.ready() == 0
+    assert throttle.ready() is None
+    assert throttle.ready() is None
+    time.sleep(0.25)
+    assert throttle.ready() == 2
