@@ -143,6 +143,7 @@ class Connection:
         """The whole connection; runs on a pool worker and never raises."""
         services = self._services
         try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             header, payload = self._read_header()
             conn_up = self._connect(header)
         except RefusedError as refusal:

@@ -1,0 +1,135 @@
+"""End-to-end: how the upstream socket is bound, and what one connection costs the daemon.
+
+These cover the corners of the upstream connection the peers get wrong or leave out (source
+port 0, a client port already taken on this host, IPv4-mapped addresses, a UDP header on the
+TCP listener) and the resource promise the README makes: an idle connection holds 2 descriptors
+and 2 threads, an active one 6 descriptors, and everything comes back when they close.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from daemon_runner import Daemon, StartDaemon
+from netns import Backend, ClientAddresses, Deadline, Net, exchange, wait_closed
+
+from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
+
+
+def connect(net: Net, daemon: Daemon) -> socket.socket:
+    return net.sockets.connect((daemon.host, daemon.port), 10.0)
+
+
+def daemon_fds(daemon: Daemon) -> int:
+    # ``ip netns exec`` execs the command, so the child's pid is mmproxy's own.
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+def daemon_threads(daemon: Daemon) -> int:
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+
+
+def wait_value(read: Callable[[], int], wanted: int, timeout: float = 5.0) -> int:
+    """Poll ``read()`` until it returns ``wanted`` (bounded); return the last value seen."""
+    deadline = Deadline(timeout)
+    value = read()
+    while value != wanted and not deadline.expired():
+        time.sleep(0.02)
+        value = read()
+    return value
+
+
+def test_source_port_zero_binds_the_address_only(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, backend6: Backend
+) -> None:
+    """Port 0 in the header: the backend sees the client's address with an ephemeral port."""
+    daemon = mmproxy()
+    for host, dest, backend in (
+        ("198.51.100.200", "203.0.113.1", backend4),
+        ("2001:db8::200", "2001:db8::443", backend6),
+    ):
+        wire = f"PROXY TCP{6 if ':' in host else 4} {host} {dest} 0 443\r\n".encode()
+        with connect(net, daemon) as sock:
+            sock.sendall(wire)
+            assert exchange(sock, b"zero", Deadline(10)) == b"zero"
+        ((seen_host, seen_port),) = backend.peers()
+        assert seen_host == host
+        assert seen_port != 0
+
+
+def test_client_port_in_use_falls_back_to_an_ephemeral_port(
+    net: Net, mmproxy: StartDaemon, backend4: Backend
+) -> None:
+    """A header naming an address:port already bound here (client and mmproxy on one host)
+    is relayed from an ephemeral port of the same address, and logged at -v 1."""
+    daemon = mmproxy(verbose=1)
+    taken = ("127.0.0.1", daemon.port)  # mmproxy's own listening socket holds this one
+    wire = f"PROXY TCP4 {taken[0]} 127.0.0.1 {taken[1]} 443\r\n".encode()
+    with connect(net, daemon) as sock:
+        sock.sendall(wire)
+        assert exchange(sock, b"fallback", Deadline(10)) == b"fallback"
+    ((seen_host, seen_port),) = backend4.peers()
+    assert seen_host == taken[0]
+    assert seen_port != taken[1]
+    assert daemon.wait_for(lambda line: "ephemeral port" in str(line.get("msg"))), daemon.describe()
+
+
+def test_ipv4_mapped_source_is_relayed_as_ipv4(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, backend6: Backend, addresses: ClientAddresses
+) -> None:
+    """``::ffff:198.51.100.x`` in a TCP6 header is an IPv4 client: the ``-4`` backend sees it."""
+    host, port = addresses.v4()
+    wire = f"PROXY TCP6 ::ffff:{host} ::ffff:203.0.113.1 {port} 443\r\n".encode()
+    daemon = mmproxy()
+    with connect(net, daemon) as sock:
+        sock.sendall(wire)
+        assert exchange(sock, b"mapped", Deadline(10)) == b"mapped"
+    assert backend4.peers() == [(host, port)]
+    assert backend6.peers() == []
+
+
+def test_udp_header_on_the_tcp_listener_is_refused(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """A v2 header announcing DGRAM cannot describe this TCP connection: refused, logged."""
+    source = InetAddress.of(*addresses.v4())
+    wire = encode(
+        ProxyHeader.proxy(source, InetAddress.of("203.0.113.1", 53), transport=Transport.DGRAM)
+    )
+    daemon = mmproxy(verbose=1)
+    with connect(net, daemon) as sock:
+        sock.sendall(wire + b"payload")
+        assert wait_closed(sock, 5) < 2
+    assert backend4.peers() == []
+    assert daemon.wait_for(lambda line: line.get("reason") == "wrong_transport"), daemon.describe()
+
+
+def test_descriptors_and_threads_per_connection(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """Idle: 2 descriptors and 2 threads per connection (no pipes yet).  Active (data both
+    ways): 6 descriptors.  Closed: the descriptors all come back."""
+    count = 20
+    daemon = mmproxy(verbose=0)
+    base_fds = daemon_fds(daemon)
+    base_threads = daemon_threads(daemon)
+    with ExitStack() as stack:
+        clients = []
+        for _ in range(count):
+            sock = stack.enter_context(connect(net, daemon))
+            source = addresses.v4()
+            sock.sendall(f"PROXY TCP4 {source[0]} 203.0.113.1 {source[1]} 443\r\n".encode())
+            clients.append(sock)
+        backend4.wait_connections(count)
+        assert wait_value(lambda: daemon_fds(daemon), base_fds + 2 * count) == base_fds + 2 * count
+        assert daemon_threads(daemon) >= base_threads + 2 * count
+        for sock in clients:
+            sock.settimeout(10)
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+        assert wait_value(lambda: daemon_fds(daemon), base_fds + 6 * count) == base_fds + 6 * count
+    assert wait_value(lambda: daemon_fds(daemon), base_fds) == base_fds
