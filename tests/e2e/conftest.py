@@ -67,6 +67,7 @@ def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDae
         header_timeout: float = HEADER_TIMEOUT,
         drain_timeout: float = DRAIN_TIMEOUT,
         ns: NetNamespace | None = None,
+        nofile: int | None = None,
     ) -> Daemon:
         flags = [
             *("-l", listen),
@@ -79,7 +80,7 @@ def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDae
             *(("-listeners", str(listeners)) if listeners != 1 else ()),
             *extra,
         ]
-        daemon = Daemon(ns or net.ns, flags, listeners=listeners)
+        daemon = Daemon(ns or net.ns, flags, listeners=listeners, nofile=nofile)
         started.append(daemon)
         return daemon
 

@@ -36,7 +36,13 @@ class Daemon:
     there.
     """
 
-    def __init__(self, namespace: NetNamespace, args: Sequence[str], listeners: int = 1) -> None:
+    def __init__(
+        self,
+        namespace: NetNamespace,
+        args: Sequence[str],
+        listeners: int = 1,
+        nofile: int | None = None,
+    ) -> None:
         self.args = list(args)
         self.expected_listeners = listeners
         self.logs: list[LogLine] = []
@@ -45,7 +51,12 @@ class Daemon:
         self._cond = threading.Condition()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMPROXY_")}
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "mmproxy", *self.args],
+            [
+                # prlimit (util-linux) sets the descriptor limit for tests of the connection cap.
+                *(("prlimit", f"--nofile={nofile}:{nofile}") if nofile else ()),
+                *("ip", "netns", "exec", namespace.name, sys.executable, "-m", "mmproxy"),
+                *self.args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

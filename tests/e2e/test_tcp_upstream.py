@@ -133,3 +133,50 @@ def test_descriptors_and_threads_per_connection(
             assert sock.recv(4) == b"ping"
         assert wait_value(lambda: daemon_fds(daemon), base_fds + 6 * count) == base_fds + 6 * count
     assert wait_value(lambda: daemon_fds(daemon), base_fds) == base_fds
+
+
+def test_connection_cap_follows_the_descriptor_limit(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """With few descriptors, mmproxy caps connections so each one it takes can get its 6
+    descriptors; past the cap it closes new ones at accept (and says so), and serves again
+    once a slot frees."""
+    daemon = mmproxy(nofile=100, verbose=0)
+    (ready,) = daemon.wait_for(lambda line: line.get("msg") == "ready")
+    cap = int(ready["maxConnections"])
+    assert ready["descriptorLimit"] == 100
+    assert 1 <= cap <= 100 // 6
+
+    def open_one(stack: ExitStack) -> socket.socket:
+        sock = stack.enter_context(connect(net, daemon))
+        source = addresses.v4()
+        sock.sendall(f"PROXY TCP4 {source[0]} 203.0.113.1 {source[1]} 443\r\n".encode())
+        return sock
+
+    with ExitStack() as stack:
+        held = [open_one(stack) for _ in range(cap)]
+        backend4.wait_connections(cap)
+        for sock in held:  # every connection within the cap relays data, pipes included
+            sock.settimeout(10)
+            sock.sendall(b"ok")
+            assert sock.recv(2) == b"ok"
+        refused = open_one(stack)
+        assert wait_closed(refused, 5) < 2
+        assert len(backend4.peers()) == cap
+        assert daemon.wait_for(lambda line: "connection limit" in str(line.get("msg")))
+        held[0].shutdown(socket.SHUT_WR)
+        assert wait_closed(held[0], 5) < 5  # the echo backend ends it; its slot frees
+        assert _served_within(lambda: open_one(stack), Deadline(5))
+    assert len(backend4.peers()) == cap + 1
+
+
+def _served_within(open_one: Callable[[], socket.socket], deadline: Deadline) -> bool:
+    """Open connections until one is relayed (the freed slot is released a moment after the
+    client sees its EOF); bounded by ``deadline``."""
+    while not deadline.expired():
+        sock = open_one()
+        try:
+            return exchange(sock, b"again", Deadline(5)) == b"again"
+        except (AssertionError, ConnectionResetError, BrokenPipeError):
+            time.sleep(0.05)  # refused at the cap: the slot is not free yet
+    return False
