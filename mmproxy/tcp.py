@@ -43,11 +43,17 @@ STOPPING = "stopping"
 
 
 class RefusedError(Exception):
-    """This connection cannot be relayed; ``reason`` is the log code."""
+    """This connection cannot be relayed.
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+    ``reason`` is the log code, ``message`` the fixed log message (``msg``) and
+    ``detail`` the specifics (the ``error`` field).
+    """
+
+    def __init__(self, reason: str, message: str, detail: str) -> None:
+        super().__init__(f"{message}: {detail}")
         self.reason = reason
+        self.message = message
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +153,7 @@ class Connection:
             header, payload = self._read_header()
             conn_up = self._connect(header)
         except RefusedError as refusal:
-            self._log.failure(str(refusal), reason=refusal.reason)
+            self._log.failure(refusal.message, refusal.detail, reason=refusal.reason)
             self._finish_unrelayed()
             return
         except HeaderError as error:
@@ -225,12 +231,12 @@ class Connection:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _header_timeout(len(buffer))
+                raise _header_timeout(len(buffer), self._services.config.header_timeout)
             sock.settimeout(remaining)
             try:
                 chunk = sock.recv(max(result.at_least, RECV_SIZE))
             except TimeoutError:
-                raise _header_timeout(len(buffer)) from None
+                raise _header_timeout(len(buffer), self._services.config.header_timeout) from None
             if not chunk:
                 raise HeaderError(
                     Reason.INCOMPLETE, f"peer closed the connection after {len(buffer)} bytes"
@@ -244,7 +250,11 @@ class Connection:
     def _connect(self, header: ProxyHeader) -> upstream.Upstream:
         config = self._services.config
         if header.transport == Transport.DGRAM and header.command == Command.PROXY:
-            raise RefusedError(WRONG_TRANSPORT, "PROXY header is for UDP (DGRAM) on a TCP listener")
+            raise RefusedError(
+                WRONG_TRANSPORT,
+                "wrong transport in PROXY header",
+                "the header announces DGRAM (UDP) on a TCP listener",
+            )
         client = header.client
         timeout = config.connect_timeout
         try:
@@ -260,17 +270,23 @@ class Connection:
                 target = self._dynamic_target(header.destination)
                 if target.host.version != host.version:
                     raise RefusedError(
-                        BAD_DESTINATION, "header's source and destination families differ"
+                        BAD_DESTINATION,
+                        "unusable destination in PROXY header",
+                        f"source {client} and destination {target} differ in family",
                     )
             return upstream.connect_spoofed(
                 (host, client.port), target, mark=config.mark, timeout=timeout
             )
         except PermissionError as error:
             raise RefusedError(
-                UPSTREAM_FAILED, f"cannot impersonate the client (needs CAP_NET_ADMIN): {error}"
+                UPSTREAM_FAILED,
+                "cannot impersonate the client (IP_TRANSPARENT needs CAP_NET_ADMIN)",
+                error.strerror or str(error),
             ) from error
         except OSError as error:
-            raise RefusedError(UPSTREAM_FAILED, f"cannot connect to the target: {error}") from error
+            raise RefusedError(
+                UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
+            ) from error
 
     def _target_for(self, host: IPAddress) -> Endpoint:
         config = self._services.config
@@ -279,7 +295,11 @@ class Connection:
     @staticmethod
     def _dynamic_target(destination: InetAddress) -> Endpoint:
         if destination.port == 0:
-            raise RefusedError(BAD_DESTINATION, f"header's destination {destination} has port 0")
+            raise RefusedError(
+                BAD_DESTINATION,
+                "unusable destination in PROXY header",
+                f"destination {destination} has port 0",
+            )
         return Endpoint(_plain(destination.host), destination.port)
 
 
@@ -287,9 +307,11 @@ def _plain(host: IPAddress) -> IPAddress:
     return upstream.plain_address(host)
 
 
-def _header_timeout(received: int) -> RefusedError:
+def _header_timeout(received: int, timeout: float) -> RefusedError:
     return RefusedError(
-        HEADER_TIMEOUT, f"no complete PROXY header in time ({received} bytes received)"
+        HEADER_TIMEOUT,
+        "PROXY header timeout",
+        f"no complete header within {timeout:g}s ({received} bytes received)",
     )
 
 

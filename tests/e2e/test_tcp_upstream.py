@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
 from daemon_runner import Daemon, StartDaemon
-from netns import Backend, ClientAddresses, Deadline, Net, exchange, wait_closed
+from netns import Backend, ClientAddresses, Deadline, Net, exchange, namespace, wait_closed
 
 from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
 
@@ -180,3 +182,62 @@ def _served_within(open_one: Callable[[], socket.socket], deadline: Deadline) ->
         except (AssertionError, ConnectionResetError, BrokenPipeError):
             time.sleep(0.05)  # refused at the cap: the slot is not free yet
     return False
+
+
+TPROXY_ADDRESS = "203.0.113.251"
+
+
+def test_listen_transparent_accepts_for_a_non_local_address(
+    mmproxy: StartDaemon, addresses: ClientAddresses
+) -> None:
+    """``-listen-transparent`` lets mmproxy listen on an address this host does not own but
+    routes to itself (as TPROXY setups do); without it that bind fails, and start-up stops
+    with one log line and exit code 1, no traceback."""
+    with namespace(f"mmproxy-tproxy-{os.getpid()}") as (ns, sockets):
+        # Delivered locally by policy routing only: not in the local table, so not "ours".
+        ns.ip("rule", "add", "to", TPROXY_ADDRESS, "lookup", "125")
+        ns.ip("route", "add", "local", TPROXY_ADDRESS, "dev", "lo", "table", "125")
+        backend = Backend(sockets, "127.0.0.1")
+        try:
+            flags = ["-l", f"{TPROXY_ADDRESS}:0", "-4", backend.target()]
+            refused = subprocess.run(
+                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "mmproxy", *flags],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                cwd="/",
+                check=False,
+            )
+            assert refused.returncode == 1, refused
+            assert "Traceback" not in refused.stderr
+            (error,) = [line for line in refused.stdout.splitlines() if '"ERROR"' in line]
+            assert f"cannot listen on {TPROXY_ADDRESS}:0" in error
+
+            daemon = mmproxy(
+                "-listen-transparent",
+                listen=f"{TPROXY_ADDRESS}:0",
+                target4=backend.target(),
+                ns=ns,
+            )
+            try:
+                assert daemon.host == TPROXY_ADDRESS
+                source = addresses.v4()
+                wire = f"PROXY TCP4 {source[0]} {TPROXY_ADDRESS} {source[1]} 443\r\n".encode()
+                # A client that leaves the source to the kernel gets ENETUNREACH for an address
+                # routed by a policy rule only; a real TPROXY client is remote anyway.
+                with sockets.call(_loopback_client) as sock:
+                    sock.settimeout(10)
+                    sock.connect((daemon.host, daemon.port))
+                    sock.sendall(wire)
+                    assert exchange(sock, b"tproxy", Deadline(10)) == b"tproxy", daemon.describe()
+                assert backend.peers() == [source]
+            finally:
+                daemon.stop()  # before the namespace goes
+        finally:
+            backend.close()
+
+
+def _loopback_client() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
