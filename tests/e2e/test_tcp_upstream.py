@@ -128,7 +128,10 @@ def test_descriptors_and_threads_per_connection(
             clients.append(sock)
         backend4.wait_connections(count)
         assert wait_value(lambda: daemon_fds(daemon), base_fds + 2 * count) == base_fds + 2 * count
-        assert daemon_threads(daemon) >= base_threads + 2 * count
+        # The second relay thread starts just after the upstream socket exists: wait for it.
+        wanted_threads = base_threads + 2 * count
+        threads = wait_value(lambda: min(daemon_threads(daemon), wanted_threads), wanted_threads)
+        assert threads == wanted_threads
         for sock in clients:
             sock.settimeout(10)
             sock.sendall(b"ping")
