@@ -90,11 +90,7 @@ def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Upstream:
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         _common_options(sock, mark)
-        sock.settimeout(timeout)
-        _step("connect", target, sock.connect, target.sockaddr)
-        sock.settimeout(None)  # relays splice, which needs a blocking socket
-        local = sock.getsockname()
-        return Upstream(sock, (str(local[0]), int(local[1])), fallback=False)
+        return _finish(sock, target, timeout, fallback=False)
     except BaseException:
         sock.close()
         raise
@@ -118,14 +114,19 @@ def _connect(
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
         _step("bind", bind_to, sock.bind, bind_to)
-        sock.settimeout(timeout)
-        _step("connect", target, sock.connect, target.sockaddr)
-        sock.settimeout(None)  # relays splice, which needs a blocking socket
-        local = sock.getsockname()
-        return Upstream(sock, (str(local[0]), int(local[1])), fallback=fallback)
+        return _finish(sock, target, timeout, fallback=fallback)
     except BaseException:
         sock.close()
         raise
+
+
+def _finish(sock: socket.socket, target: Endpoint, timeout: float, *, fallback: bool) -> Upstream:
+    """Connect within ``timeout``, then make the socket blocking again (splice needs that)."""
+    sock.settimeout(timeout)
+    _step("connect", target, sock.connect, target.sockaddr)
+    sock.settimeout(None)
+    local = sock.getsockname()
+    return Upstream(sock, (str(local[0]), int(local[1])), fallback=fallback)
 
 
 def _common_options(sock: socket.socket, mark: int) -> None:

@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 import pytest
+from test_config import config as config_with_defaults
 
-from mmproxy.config import build_config
+from mmproxy.config import Config
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 
 
@@ -42,23 +43,9 @@ class ScriptedListener:
         return ("127.0.0.1", 1)
 
 
-def config(**overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "protocol": "tcp",
-        "listen": "127.0.0.1:0",
-        "target4": "127.0.0.1:443",
-        "target6": "[::1]:443",
-        "allowed_subnets": None,
-        "listeners": 1,
-        "mark": 0,
-        "verbose": 0,
-        "close_after": 60,
-        "dynamic_destination": False,
-        "listen_transparent": False,
-        "header_timeout": 10.0,
-        "log_format": "json",
-    }
-    return build_config(**{**values, **overrides})
+def config(**overrides: Any) -> Config:
+    """go-mmproxy's defaults, listening on a kernel-chosen loopback port unless overridden."""
+    return config_with_defaults(**{"listen": "127.0.0.1:0", **overrides})
 
 
 def test_several_listeners_share_one_kernel_chosen_port() -> None:
