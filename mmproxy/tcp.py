@@ -260,11 +260,11 @@ class Connection:
         try:
             if client is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: no address to impersonate
                 peer = ipaddress.ip_address(self._peer.partition("%")[0])
-                target = self._target_for(_plain(peer))
+                target = self._target_for(upstream.plain_address(peer))
                 if config.dynamic_destination and isinstance(header.destination, InetAddress):
                     target = self._dynamic_target(header.destination)
                 return upstream.connect_plain(target, mark=config.mark, timeout=timeout)
-            host = _plain(client.host)
+            host = upstream.plain_address(client.host)
             target = self._target_for(host)
             if config.dynamic_destination and isinstance(header.destination, InetAddress):
                 target = self._dynamic_target(header.destination)
@@ -300,11 +300,7 @@ class Connection:
                 "unusable destination in PROXY header",
                 f"destination {destination} has port 0",
             )
-        return Endpoint(_plain(destination.host), destination.port)
-
-
-def _plain(host: IPAddress) -> IPAddress:
-    return upstream.plain_address(host)
+        return Endpoint(upstream.plain_address(destination.host), destination.port)
 
 
 def _header_timeout(received: int, timeout: float) -> RefusedError:

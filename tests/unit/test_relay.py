@@ -40,6 +40,28 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def start_pair(
+    daemon_client: socket.socket, daemon_upstream: socket.socket
+) -> tuple[Pair, list[threading.Thread], list[bool]]:
+    """A Pair with both directions running, as the daemon runs them; ``finished`` collects
+    each direction's return value (True from the one that finished the pair)."""
+    pair = Pair(daemon_client, daemon_upstream)
+    finished: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: finished.append(pair.forward())),
+        threading.Thread(target=lambda: finished.append(pair.backward())),
+    ]
+    for thread in threads:
+        thread.start()
+    return pair, threads, finished
+
+
+def join_all(threads: list[threading.Thread], timeout: float = 10.0) -> None:
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive()
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -96,22 +118,14 @@ def test_pair_relays_half_close_both_ways(legs: tuple[socket.socket, ...]) -> No
     client, daemon_client, daemon_upstream, backend = legs
     rng = random.Random(2)
     up, down = rng.randbytes(1 << 20), rng.randbytes(1 << 20)
-    pair = Pair(daemon_client, daemon_upstream)
-    finished: list[bool] = []
-    threads = [
-        threading.Thread(target=lambda: finished.append(pair.forward())),
-        threading.Thread(target=lambda: finished.append(pair.backward())),
-    ]
-    for thread in threads:
-        thread.start()
+    pair, threads, finished = start_pair(daemon_client, daemon_upstream)
     client.sendall(up)
     client.shutdown(socket.SHUT_WR)
     assert read_all(backend) == up
     backend.sendall(down)
     backend.shutdown(socket.SHUT_WR)
     assert read_all(client) == down
-    for thread in threads:
-        thread.join(10)
+    join_all(threads)
     assert sorted(finished) == [False, True]  # exactly one thread finished the pair
     assert pair.to_target == [len(up)]
     assert pair.to_client == [len(down)]
@@ -122,10 +136,7 @@ def test_pair_relays_half_close_both_ways(legs: tuple[socket.socket, ...]) -> No
 
 def test_a_reset_on_one_side_ends_both(legs: tuple[socket.socket, ...]) -> None:
     client, daemon_client, daemon_upstream, backend = legs
-    pair = Pair(daemon_client, daemon_upstream)
-    threads = [threading.Thread(target=pair.forward), threading.Thread(target=pair.backward)]
-    for thread in threads:
-        thread.start()
+    _pair, threads, finished = start_pair(daemon_client, daemon_upstream)
     client.sendall(b"hello")
     assert backend.recv(5) == b"hello"
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -133,23 +144,18 @@ def test_a_reset_on_one_side_ends_both(legs: tuple[socket.socket, ...]) -> None:
     client.settimeout(5)
     with contextlib.suppress(ConnectionResetError):  # a reset tells the client as promptly
         assert client.recv(10) == b""
-    for thread in threads:
-        thread.join(5)
-        assert not thread.is_alive()
+    join_all(threads, 5)
+    assert sorted(finished) == [False, True]
     assert daemon_client.fileno() == -1
     assert daemon_upstream.fileno() == -1
 
 
 def test_abort_wakes_both_directions(legs: tuple[socket.socket, ...]) -> None:
     _client, daemon_client, daemon_upstream, _backend = legs
-    pair = Pair(daemon_client, daemon_upstream)
-    threads = [threading.Thread(target=pair.forward), threading.Thread(target=pair.backward)]
-    for thread in threads:
-        thread.start()
+    pair, threads, finished = start_pair(daemon_client, daemon_upstream)
     threading.Event().wait(0.05)
     pair.abort()
-    for thread in threads:
-        thread.join(5)
-        assert not thread.is_alive()
+    join_all(threads, 5)
+    assert sorted(finished) == [False, True]
     pair.abort()  # after close: a no-op, never touches a reused descriptor number
     pair.close()
