@@ -164,6 +164,13 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("drain-timeout", "drain_timeout", _Seconds(), 30.0,
           "Seconds live connections may take to finish after SIGTERM/SIGINT",
           _env("DRAIN_TIMEOUT"), go=False),
+    _Flag("udp-header", "udp_header", click.STRING, "every",
+          "With -p udp: which datagrams carry a PROXY header: every one, or only the "
+          "first of each flow (Cloudflare Spectrum)", _env("UDP_HEADER"), go=False,
+          metavar="every|first"),
+    _Flag("max-udp-flows", "max_udp_flows", _INT, 0,
+          "With -p udp: most flows open at once (0: derived from the descriptor limit)",
+          _env("MAX_UDP_FLOWS"), go=False),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
     # No environment variable: a leftover one would turn the daemon into a checker.

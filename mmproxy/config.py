@@ -22,9 +22,11 @@ from mmproxy.errors import ConfigError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
 LogFormat = Literal["json", "text"]
+UdpHeader = Literal["every", "first"]
 
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
+UDP_HEADER_MODES: tuple[UdpHeader, ...] = ("every", "first")
 MAX_LISTENERS = 1024
 MAX_MARK = 2**32 - 1  # SO_MARK is a u32
 MAX_VERBOSE = 2
@@ -32,6 +34,7 @@ MAX_CLOSE_AFTER = 2**31 - 1  # seconds; keeps timer arithmetic far from float ov
 MAX_HEADER_TIMEOUT = 3600.0
 MAX_CONNECT_TIMEOUT = 3600.0
 MAX_DRAIN_TIMEOUT = 86400.0
+MAX_UDP_FLOWS = 1 << 20  # one descriptor and one thread each
 
 # A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and
 # inner hyphens.  Anything else is neither an address nor a name.
@@ -194,6 +197,8 @@ class Config:
     log_format: LogFormat
     connect_timeout: float = 5.0  # seconds to connect to the backend
     drain_timeout: float = 30.0  # seconds live connections get after SIGTERM/SIGINT
+    udp_header: UdpHeader = "every"  # which datagrams carry a PROXY header (-p udp)
+    max_udp_flows: int = 0  # 0: derived from the descriptor limit at start-up
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -220,6 +225,8 @@ class Config:
             "logFormat": self.log_format,
             "connectTimeout": self.connect_timeout,
             "drainTimeout": self.drain_timeout,
+            "udpHeader": self.udp_header,
+            "maxUdpFlows": self.max_udp_flows,
         }
 
 
@@ -240,14 +247,16 @@ def build_config(
     log_format: str,
     connect_timeout: float = 5.0,
     drain_timeout: float = 30.0,
+    udp_header: str = "every",
+    max_udp_flows: int = 0,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
-    ``--drain-timeout``).  Checks run in flag order, so the first bad flag is
-    the one reported.  The allowed-subnets file is read
+    ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``).  Checks run
+    in flag order, so the first bad flag is the one reported.  The allowed-subnets file is read
     here; an empty ``allowed_subnets`` (or None) allows every peer.
     """
     if protocol not in PROTOCOLS:
@@ -271,6 +280,9 @@ def build_config(
         raise FlagError("--log-format", f'"{log_format}" is not a log format; use json or text')
     _check_seconds("--connect-timeout", connect_timeout, MAX_CONNECT_TIMEOUT)
     _check_seconds("--drain-timeout", drain_timeout, MAX_DRAIN_TIMEOUT, zero_ok=True)
+    if udp_header not in UDP_HEADER_MODES:
+        raise FlagError("--udp-header", f'"{udp_header}" is not a header mode; use every or first')
+    _check_range("--max-udp-flows", max_udp_flows, 0, MAX_UDP_FLOWS)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -287,6 +299,8 @@ def build_config(
         log_format=log_format,
         connect_timeout=float(connect_timeout),
         drain_timeout=float(drain_timeout),
+        udp_header=udp_header,
+        max_udp_flows=max_udp_flows,
     )
 
 

@@ -7,9 +7,10 @@ KeyboardInterrupt traceback can appear.  Then the descriptor limit is raised,
 every listener is bound (a failure stops start-up with one line), and only
 then do the acceptor threads start.
 
-Stopping (SIGTERM or SIGINT): the listeners stop accepting, live connections
-get ``drain_timeout`` seconds to finish on their own, then the rest are shut
-down.  A second signal during the drain cuts it short.
+Stopping (SIGTERM or SIGINT), TCP: the listeners stop accepting, live
+connections get ``drain_timeout`` seconds to finish on their own, then the
+rest are shut down.  A second signal during the drain cuts it short.  UDP has
+no end of a flow to wait for: its flows are closed at once.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from mmproxy.config import Config
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 from mmproxy.pool import WorkerPool
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
+from mmproxy.udp import UdpServer
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
 STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of it
 FDS_PER_CONNECTION = 6  # client and upstream sockets, and one pipe (2 fds) per direction
+FDS_PER_FLOW = 1  # a UDP flow's upstream socket
+DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
 AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
 
@@ -41,30 +45,51 @@ HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 
 def run(config: Config, log: logging.Logger) -> int:
     """Serve until told to stop; return the process exit code."""
-    if config.protocol != "tcp":
-        log.error("UDP mode (-p udp) is not part of this build yet; only -p tcp relays")
-        return EXIT_FAILURE
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     threading.stack_size(STACK_SIZE)
     limit = raise_descriptor_limit()
-    capacity = max(1, (limit - FDS_RESERVED - config.listeners) // FDS_PER_CONNECTION)
     problem = check_transparent(config)
     if problem:
         log.error(problem)
         return EXIT_FAILURE
+    kind = socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
     try:
-        sockets = open_listeners(config)
+        sockets = open_listeners(config, kind)
     except OSError as error:
         log.error(
             f"cannot listen on {config.listen}: {error.strerror or error}",
             extra={logs.LISTEN_ADR: str(config.listen)},
         )
         return EXIT_FAILURE
-    server = Server(config, log, sockets, capacity)
+    room = limit - FDS_RESERVED - config.listeners
+    server: Server | UdpServer
+    if config.protocol == "udp":
+        flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
+        server = UdpServer(config, log, sockets, flows)
+        ready = {"maxUdpFlows": flows, "descriptorLimit": limit}
+        if flows > room // FDS_PER_FLOW:
+            log.warning(
+                "--max-udp-flows exceeds what the descriptor limit allows; "
+                "flows beyond it will fail to open",
+                extra=ready,
+            )
+    else:
+        capacity = max(1, room // FDS_PER_CONNECTION)
+        server = Server(config, log, sockets, capacity)
+        ready = {"maxConnections": capacity, "descriptorLimit": limit}
     server.start()
-    log.info("ready", extra={"maxConnections": capacity, "descriptorLimit": limit})
-    server.wait_for_stop()
+    log.info("ready", extra=ready)
+    server.stop(wait_for_stop(log))
     return EXIT_OK
+
+
+def wait_for_stop(log: logging.Logger) -> str:
+    """Block until SIGTERM/SIGINT; return the signal's name."""
+    while True:
+        signum = signal.sigwait(HANDLED_SIGNALS)
+        if signum in STOP_SIGNALS:
+            return signal.Signals(signum).name
+        log.info("SIGHUP ignored: this build has no reload")
 
 
 def raise_descriptor_limit() -> int:
@@ -152,16 +177,8 @@ class Server:
             sock.close()
             services.log.failure("no thread for the connection", error)
 
-    def wait_for_stop(self) -> None:
-        """Block until SIGTERM/SIGINT, then drain and stop everything."""
-        while True:
-            signum = signal.sigwait(HANDLED_SIGNALS)
-            if signum in STOP_SIGNALS:
-                break
-            self._log.info("SIGHUP ignored: this build has no reload")
-        self._stop(signal.Signals(signum).name)
-
-    def _stop(self, cause: str) -> None:
+    def stop(self, cause: str) -> None:
+        """Stop accepting, drain live connections, then shut the rest down."""
         for acceptor in self._acceptors:
             acceptor.stop()
         live = len(self._tracker)

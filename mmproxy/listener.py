@@ -22,6 +22,8 @@ from mmproxy.config import Config
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BACK_OFF = 0.1  # seconds to pause accept() after a resource error
+UDP_RECEIVE_BUFFER = 8 * 1024 * 1024  # bytes queued per UDP listener (the kernel doubles it)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # The errno taxonomy of accept(2).  One peer's trouble: try the next one at once.
 PEER_ERRORS = frozenset(
@@ -69,17 +71,18 @@ class Throttle:
             return suppressed
 
 
-def open_listeners(config: Config) -> list[socket.socket]:
-    """Bind and listen on ``config.listen``, ``config.listeners`` times.
+def open_listeners(config: Config, kind: int = socket.SOCK_STREAM) -> list[socket.socket]:
+    """Bind (and for TCP listen on) ``config.listen``, ``config.listeners`` times.
 
-    With port 0 the first socket gets a port from the kernel and the others
-    share it.  Raises OSError (every socket closed) when any bind fails.
+    ``kind`` is SOCK_STREAM or SOCK_DGRAM.  With port 0 the first socket gets
+    a port from the kernel and the others share it.  Raises OSError (every
+    socket closed) when any bind fails.
     """
     sockets: list[socket.socket] = []
     address = config.listen.sockaddr
     try:
         for _ in range(config.listeners):
-            sock = socket.socket(config.listen.family, socket.SOCK_STREAM)
+            sock = socket.socket(config.listen.family, kind)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if config.listeners > 1:
@@ -89,8 +92,11 @@ def open_listeners(config: Config) -> list[socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if config.listen_transparent:
                 upstream.set_transparent(sock)
+            if kind == socket.SOCK_DGRAM:
+                _grow_receive_buffer(sock)
             sock.bind(address)
-            sock.listen(BACKLOG)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(BACKLOG)
             address = sock.getsockname()  # the real port, for the sockets that follow
     except BaseException:
         for sock in sockets:
@@ -99,20 +105,38 @@ def open_listeners(config: Config) -> list[socket.socket]:
     return sockets
 
 
-class Acceptor:
-    """One thread accepting on one listening socket until :meth:`stop`."""
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """A UDP listener queues bursts in its receive buffer: make it large.
 
-    def __init__(
-        self, sock: socket.socket, number: int, on_accept: OnAccept, log: logging.Logger
-    ) -> None:
+    SO_RCVBUFFORCE (CAP_NET_ADMIN, which the daemon has) passes the
+    net.core.rmem_max ceiling; without it SO_RCVBUF gets what the ceiling allows.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
+
+class ListenerThread:
+    """One thread serving one listening socket until :meth:`stop` (accepting or reading).
+
+    Subclasses write :meth:`_loop`, which ends when :attr:`stopping` is set; ``stop``
+    wakes it with ``shutdown`` (never ``close``: the thread may be inside a system call
+    on the descriptor) and waits for it.
+    """
+
+    SHUTDOWN = socket.SHUT_RDWR  # what stop() shuts down
+    THREAD_NAME = "mmproxy-listener"
+
+    def __init__(self, sock: socket.socket, number: int, log: logging.Logger) -> None:
         self.sock = sock
         self.number = number
-        self._on_accept = on_accept
-        self._log = log
-        self._stopping = threading.Event()
+        self.log = log
+        self.stopping = threading.Event()
         self._throttle = Throttle(10.0)
         self._thread = threading.Thread(
-            target=self._loop, name=f"mmproxy-accept-{number}", daemon=True
+            target=self._loop, name=f"{self.THREAD_NAME}-{number}", daemon=True
         )
 
     @property
@@ -124,39 +148,57 @@ class Acceptor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop accepting: wake the thread (shutdown, not close), join it, close the socket."""
-        self._stopping.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self.stopping.set()
+        with contextlib.suppress(OSError):  # ENOTCONN on an unconnected UDP socket, yet it wakes
+            self.sock.shutdown(self.SHUTDOWN)
         self._thread.join()
-        self.sock.close()
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except OSError as error:
-                if self._stopping.is_set() or error.errno in STOPPED_ERRORS:
-                    return
-                if error.errno in PEER_ERRORS:
-                    continue
-                self._resource_error(error)
-                continue
-            try:
-                self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
-            except Exception:  # noqa: BLE001 - admission must never kill the acceptor
-                conn.close()
-                self._log.exception("accepting a connection failed")
+        raise NotImplementedError
 
-    def _resource_error(self, error: OSError) -> None:
+    def _pause_after(self, error: OSError, message: str) -> None:
+        """Log a resource error (at most every 10 s, counting the rest), then pause."""
         suppressed = self._throttle.ready()
         if suppressed is not None:
-            self._log.warning(
-                "accept failed; pausing before the next try",
+            self.log.warning(
+                message,
                 extra={
                     logs.LISTENER_NUM: self.number,
                     logs.ERROR: f"{errno.errorcode.get(error.errno or 0, '?')}: {error.strerror}",
                     "suppressed": suppressed,
                 },
             )
-        self._stopping.wait(BACK_OFF)
+        self.stopping.wait(BACK_OFF)
+
+
+class Acceptor(ListenerThread):
+    """Accepts connections on one listening TCP socket and hands each to ``on_accept``."""
+
+    THREAD_NAME = "mmproxy-accept"
+
+    def __init__(
+        self, sock: socket.socket, number: int, on_accept: OnAccept, log: logging.Logger
+    ) -> None:
+        super().__init__(sock, number, log)
+        self._on_accept = on_accept
+
+    def stop(self) -> None:
+        """Stop accepting, then close the listening socket (nothing else uses it)."""
+        super().stop()
+        self.sock.close()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except OSError as error:
+                if self.stopping.is_set() or error.errno in STOPPED_ERRORS:
+                    return
+                if error.errno not in PEER_ERRORS:
+                    self._pause_after(error, "accept failed; pausing before the next try")
+                continue
+            try:
+                self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
+            except Exception:
+                conn.close()
+                self.log.exception("accepting a connection failed")

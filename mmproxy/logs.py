@@ -53,6 +53,7 @@ PROTOCOL = "protocol"
 LISTEN_ADR = "listenAdr"  # path-network/go-mmproxy's spelling
 LISTEN_ADDR = "listenAddr"  # kzemek/go-mmproxy's spelling
 DROP_CONNECTION = "dropConnection"
+DROP_DATAGRAM = "dropDatagram"  # ours: UDP's counterpart of dropConnection
 ERROR = "error"
 # Ours: the HeaderError reason code (mmproxy.errors.Reason).
 REASON = "reason"
@@ -228,9 +229,21 @@ class ConnectionLog:
         Adds ``dropConnection: true``, ``error`` as a string, and ``reason``
         when ``error`` is a HeaderError.
         """
+        self._dropped(DROP_CONNECTION, msg, error, fields)
+
+    def drop(self, msg: str, error: BaseException | str | None = None, **fields: object) -> None:
+        """Log that a datagram is being dropped (``-v 1`` and up): UDP's :meth:`failure`.
+
+        The same fields, with ``dropDatagram: true`` in place of ``dropConnection``.
+        """
+        self._dropped(DROP_DATAGRAM, msg, error, fields)
+
+    def _dropped(
+        self, flag: str, msg: str, error: BaseException | str | None, fields: Mapping[str, object]
+    ) -> None:
         if self._verbose < 1:
             return
-        extra: dict[str, object] = {**self._fields, **fields, DROP_CONNECTION: True}
+        extra: dict[str, object] = {**self._fields, **fields, flag: True}
         if error is not None:
             extra[ERROR] = str(error)
             if isinstance(error, HeaderError):

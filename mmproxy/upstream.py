@@ -1,4 +1,4 @@
-"""The upstream socket: a TCP connection to the backend that carries the client's address.
+"""The upstream socket: a connection to the backend that carries the client's address.
 
 The socket is bound, with ``IP_TRANSPARENT``, to the client's address and port
 from the PROXY header before it connects, so the backend's ``accept()`` sees
@@ -91,6 +91,44 @@ def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Upstream:
     try:
         _common_options(sock, mark)
         return _finish(sock, target, timeout, fallback=False)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def open_datagram(client: tuple[IPAddress, int] | None, target: Endpoint, *, mark: int) -> Upstream:
+    """A UDP socket connected to ``target``, bound to the client's ``(address, port)``.
+
+    ``client`` None (LOCAL and addressless headers) leaves the source to the
+    kernel.  A client port already bound here falls back to an ephemeral port
+    of the same address, as :func:`connect_spoofed` does.  UDP's connect only
+    sets the default destination, so nothing here waits on the network.
+    """
+    if client is None:
+        return _datagram(None, 0, target, mark, fallback=False)
+    host, port = client
+    try:
+        return _datagram(host, port, target, mark, fallback=False)
+    except OSError as error:
+        if port == 0 or error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+    return _datagram(host, 0, target, mark, fallback=True)
+
+
+def _datagram(
+    host: IPAddress | None, port: int, target: Endpoint, mark: int, *, fallback: bool
+) -> Upstream:
+    sock = socket.socket(target.family, socket.SOCK_DGRAM)
+    try:
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if host is not None:
+            set_transparent(sock)
+            bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
+            _step("bind", bind_to, sock.bind, bind_to)
+        _step("connect", target, sock.connect, target.sockaddr)
+        local = sock.getsockname()
+        return Upstream(sock, (str(local[0]), int(local[1])), fallback=fallback)
     except BaseException:
         sock.close()
         raise

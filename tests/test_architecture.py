@@ -5,7 +5,7 @@
   never pull a C extension onto the data path.
 * Imports flow one way: the protocol layer knows nothing of configuration,
   logging or the CLI; configuration knows nothing of click; on the data path
-  pool/relay/upstream < tcp < daemon, and only cli knows click.
+  pool/relay/upstream < tcp, udp < daemon, and only cli knows click.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
         ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
         ("tcp.py", {"mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"}),
+        ("udp.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli", "click", "mmproxy.relay"}),
         ("daemon.py", {"mmproxy.cli", "click"}),
     ],
 )

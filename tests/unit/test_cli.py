@@ -167,6 +167,8 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "connectTimeout": 5.0,
         "drainTimeout": 30.0,
         "logFormat": "json",
+        "udpHeader": "every",
+        "maxUdpFlows": 0,
     }
     assert config.allow_list.allows_everyone
 
@@ -283,6 +285,8 @@ def test_double_dash_ends_flags(fake_daemon: FakeDaemon) -> None:
         ("CONNECT_TIMEOUT", "0.5", "connect_timeout", 0.5),
         ("DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
         ("LOG_FORMAT", "text", "log_format", "text"),
+        ("UDP_HEADER", "first", "udp_header", "first"),
+        ("MAX_UDP_FLOWS", "500", "max_udp_flows", 500),
     ],
 )
 def test_every_flag_reads_its_environment_variable(

@@ -288,6 +288,10 @@ def test_missing_allowed_subnets_file(tmp_path: Path) -> None:
         ({"drain_timeout": float("inf")}, "--drain-timeout"),
         ({"drain_timeout": 86400.5}, "--drain-timeout"),
         ({"log_format": "JSON"}, "--log-format"),
+        ({"udp_header": "all"}, "--udp-header"),
+        ({"udp_header": "First"}, "--udp-header"),
+        ({"max_udp_flows": -1}, "--max-udp-flows"),
+        ({"max_udp_flows": (1 << 20) + 1}, "--max-udp-flows"),
     ],
 )
 def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str) -> None:
@@ -314,6 +318,9 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"drain_timeout": 86400.0},
         {"listen": "127.0.0.1:0"},
         {"dynamic_destination": True, "listen_transparent": True},
+        {"udp_header": "first"},
+        {"max_udp_flows": 0},
+        {"max_udp_flows": 1 << 20},
     ],
 )
 def test_boundary_values_are_accepted(overrides: dict[str, Any]) -> None:
@@ -363,6 +370,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "logFormat": "text",
         "connectTimeout": 1.5,
         "drainTimeout": 0.0,
+        "udpHeader": "every",
+        "maxUdpFlows": 0,
     }
 
 
