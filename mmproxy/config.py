@@ -194,6 +194,8 @@ class Config:
     log_format: LogFormat
     connect_timeout: float = 5.0  # seconds to connect to the backend
     drain_timeout: float = 30.0  # seconds live connections get after SIGTERM/SIGINT
+    metrics: Endpoint | None = None  # where to serve Prometheus metrics; None: off
+    routing_check: bool = True  # warn at start-up about missing policy routing
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -220,6 +222,8 @@ class Config:
             "logFormat": self.log_format,
             "connectTimeout": self.connect_timeout,
             "drainTimeout": self.drain_timeout,
+            "metrics": None if self.metrics is None else str(self.metrics),
+            "routingCheck": self.routing_check,
         }
 
 
@@ -240,13 +244,15 @@ def build_config(
     log_format: str,
     connect_timeout: float = 5.0,
     drain_timeout: float = 30.0,
+    metrics: str | None = None,
+    no_routing_check: bool = False,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
-    ``--drain-timeout``).  Checks run in flag order, so the first bad flag is
+    ``--drain-timeout``, ``--metrics``).  Checks run in flag order, so the first bad flag is
     the one reported.  The allowed-subnets file is read
     here; an empty ``allowed_subnets`` (or None) allows every peer.
     """
@@ -271,6 +277,9 @@ def build_config(
         raise FlagError("--log-format", f'"{log_format}" is not a log format; use json or text')
     _check_seconds("--connect-timeout", connect_timeout, MAX_CONNECT_TIMEOUT)
     _check_seconds("--drain-timeout", drain_timeout, MAX_DRAIN_TIMEOUT, zero_ok=True)
+    metrics_ep = None
+    if metrics:
+        metrics_ep = parse_endpoint(metrics, flag="--metrics", allow_port_zero=True)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -287,6 +296,8 @@ def build_config(
         log_format=log_format,
         connect_timeout=float(connect_timeout),
         drain_timeout=float(drain_timeout),
+        metrics=metrics_ep,
+        routing_check=not no_routing_check,
     )
 
 

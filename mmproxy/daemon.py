@@ -15,15 +15,24 @@ down.  A second signal during the drain cuts it short.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import socket
 import threading
 import time
 
-from mmproxy import logs, upstream
+from mmproxy import logs, notify, routing, upstream
 from mmproxy.config import Config
 from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.metrics import (
+    NO_METRICS,
+    REFUSED_CONNECTION_LIMIT,
+    REFUSED_NOT_ALLOWED,
+    Metrics,
+    MetricsServer,
+    PrometheusMetrics,
+)
 from mmproxy.pool import WorkerPool
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 
@@ -52,6 +61,9 @@ def run(config: Config, log: logging.Logger) -> int:
     if problem:
         log.error(problem)
         return EXIT_FAILURE
+    if config.routing_check:
+        for missing in routing.startup_problems(config.mark):
+            log.warning(f"{missing} (see: mmproxy routing check)")
     try:
         sockets = open_listeners(config)
     except OSError as error:
@@ -60,11 +72,42 @@ def run(config: Config, log: logging.Logger) -> int:
             extra={logs.LISTEN_ADR: str(config.listen)},
         )
         return EXIT_FAILURE
-    server = Server(config, log, sockets, capacity)
+    metrics: Metrics = NO_METRICS
+    metrics_server = None
+    if config.metrics is not None:
+        prometheus = PrometheusMetrics()
+        try:
+            metrics_server = MetricsServer(config.metrics, prometheus.registry)
+        except OSError as error:
+            for sock in sockets:
+                sock.close()
+            log.error(f"cannot serve metrics on {config.metrics}: {error.strerror or error}")
+            return EXIT_FAILURE
+        metrics = prometheus
+    server = Server(config, log, sockets, capacity, metrics)
     server.start()
-    log.info("ready", extra={"maxConnections": capacity, "descriptorLimit": limit})
-    server.wait_for_stop()
+    if metrics_server is not None:
+        metrics_server.start()
+        log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
+    try:
+        log.info("ready", extra={"maxConnections": capacity, "descriptorLimit": limit})
+        tell_systemd(log, notify.READY, f"STATUS=relaying connections from {config.listen}")
+        server.wait_for_stop()
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return EXIT_OK
+
+
+def tell_systemd(log: logging.Logger, *assignments: str) -> None:
+    """sd_notify: tell systemd (``Type=notify``) about a state change; nothing outside systemd."""
+    try:
+        notify.notify(*assignments)
+    except OSError as error:
+        log.warning(
+            f"cannot notify systemd: {error.strerror or error}",
+            extra={"notifySocket": os.environ.get("NOTIFY_SOCKET")},
+        )
 
 
 def raise_descriptor_limit() -> int:
@@ -100,14 +143,19 @@ class Server:
     """Listeners, acceptors, workers and the live connections of one daemon run."""
 
     def __init__(
-        self, config: Config, log: logging.Logger, sockets: list[socket.socket], capacity: int
+        self,
+        config: Config,
+        log: logging.Logger,
+        sockets: list[socket.socket],
+        capacity: int,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._config = config
         self._log = log
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
         self._services = Services(
-            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker
+            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker, metrics
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
@@ -129,8 +177,10 @@ class Server:
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
         services = self._services
+        services.metrics.accepted()
         if not self._config.allow_list.allows(peer[0]):
             sock.close()
+            services.metrics.refused(REFUSED_NOT_ALLOWED)
             services.log.bind(
                 **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
             ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
@@ -138,6 +188,7 @@ class Server:
         connection = Connection(sock, peer, number, services)
         if not self._tracker.add(connection):
             sock.close()
+            services.metrics.refused(REFUSED_CONNECTION_LIMIT)
             suppressed = self._full.ready()
             if suppressed is not None:
                 self._log.warning(
@@ -166,6 +217,7 @@ class Server:
             acceptor.stop()
         live = len(self._tracker)
         timeout = self._config.drain_timeout
+        tell_systemd(self._log, notify.STOPPING, f"STATUS=draining {live} connections")
         self._log.info(
             "stopping: no longer accepting, draining live connections",
             extra={"signal": cause, "liveConnections": live, "drainTimeout": timeout},

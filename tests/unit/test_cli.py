@@ -167,6 +167,8 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "connectTimeout": 5.0,
         "drainTimeout": 30.0,
         "logFormat": "json",
+        "metrics": None,
+        "routingCheck": True,
     }
     assert config.allow_list.allows_everyone
 

@@ -344,6 +344,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         log_format="text",
         connect_timeout=1.5,
         drain_timeout=0.0,
+        metrics="127.0.0.1:9100",
+        no_routing_check=True,
     )
     summary = json.loads(json.dumps(built.summary()))
     assert summary == {
@@ -363,6 +365,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "logFormat": "text",
         "connectTimeout": 1.5,
         "drainTimeout": 0.0,
+        "metrics": "127.0.0.1:9100",
+        "routingCheck": False,
     }
 
 
