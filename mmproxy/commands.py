@@ -21,6 +21,7 @@ from mmproxy.cli import PROG, _fail, _GoInt
 from mmproxy.config import MAX_MARK
 
 EXIT_PROBLEM = 1
+EXIT_USAGE = 2
 
 _CONTEXT = {"help_option_names": ["-h", "-help", "--help"], "max_content_width": 100}
 
@@ -29,9 +30,6 @@ def main(argv: Sequence[str]) -> NoReturn:
     """Run the tool named by ``argv[0]`` with the rest of ``argv``; always exits."""
     try:
         code = tools.main(list(argv), PROG, standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as error:
-        click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
-        sys.exit(2)
     except click.BadParameter as error:
         name = error.param.opts[0] if error.param is not None and error.param.opts else "flag"
         _fail(f"{name}: {error.message}")
@@ -88,16 +86,19 @@ def _routing_options(function: Any) -> Any:
 
 @click.group(
     context_settings=_CONTEXT,
-    no_args_is_help=True,
     help="Tools beside the mmproxy daemon (which runs when no tool is named).",
 )
 def tools() -> None:
     """The group: ``routing`` and ``demo``."""
 
 
-@tools.group(context_settings=_CONTEXT, no_args_is_help=True)
-def routing_group() -> None:
+@tools.group(context_settings=_CONTEXT, invoke_without_command=True)
+@click.pass_context
+def routing_group(ctx: click.Context) -> None:
     """Check, add or remove the policy routing that brings the backend's replies back."""
+    if ctx.invoked_subcommand is None:  # "mmproxy routing" alone: say what it takes
+        click.echo(ctx.get_help(), err=True)
+        ctx.exit(EXIT_USAGE)
 
 
 tools.add_command(routing_group, "routing")

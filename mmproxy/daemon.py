@@ -62,7 +62,7 @@ def run(config: Config, log: logging.Logger) -> int:
         log.error(problem)
         return EXIT_FAILURE
     if config.routing_check:
-        for missing in routing.startup_problems(config.mark):
+        for missing in routing.startup_problems(config.mark, routed_families(config)):
             log.warning(f"{missing} (see: mmproxy routing check)")
     try:
         sockets = open_listeners(config)
@@ -97,6 +97,14 @@ def run(config: Config, log: logging.Logger) -> int:
         if metrics_server is not None:
             metrics_server.close()
     return EXIT_OK
+
+
+def routed_families(config: Config) -> list[socket.AddressFamily]:
+    """The families whose replies need the loopback policy routes: backend on loopback."""
+    if config.dynamic_destination:  # any destination, loopback included
+        return [socket.AF_INET, socket.AF_INET6]
+    targets = (config.target4, config.target6)
+    return [target.family for target in targets if target.host.is_loopback]
 
 
 def tell_systemd(log: logging.Logger, *assignments: str) -> None:

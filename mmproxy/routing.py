@@ -317,24 +317,38 @@ def remove(table: int = DEFAULT_TABLE, mark: int = 0) -> list[tuple[Piece, int]]
         return [(piece, netlink.delete(piece)) for piece in ordered]
 
 
-def startup_problems(mark: int = 0) -> list[str]:
+def startup_problems(
+    mark: int = 0, families: Iterable[socket.AddressFamily] = (socket.AF_INET, socket.AF_INET6)
+) -> list[str]:
     """What the daemon warns about at start-up: one line per missing piece.
 
-    The daemon does not know which table the operator chose, so a rule from
-    loopback with ``iif lo`` counts whatever its table, and the local route is
-    looked for in the table that rule names (123 when there is none).  Any
-    fwmark rule for ``mark`` counts.  This never raises: a netlink failure is
-    one line too.
+    Only ``families`` are checked (the daemon passes those whose backend is on
+    loopback, which is what these routes are for).  The daemon does not know
+    which table the operator chose, so a rule from loopback with ``iif lo``
+    counts whatever its table, and the local route is looked for in the table
+    that rule names (123 when there is none).  Any fwmark rule for ``mark``
+    counts.  This never raises: a netlink failure is one line too.
     """
+    asked = set(families)
+    wanted: list[socket.AddressFamily] = [
+        f for f in (socket.AF_INET, socket.AF_INET6) if f in asked
+    ]
+    if not ipv6_available():
+        wanted = [f for f in wanted if f != socket.AF_INET6]
+    if not wanted:
+        return []
     try:
         with Netlink() as netlink:
-            return list(_startup_problems(netlink, mark))
+            return list(_startup_problems(netlink, mark, wanted))
     except RoutingError as error:
         return [f"cannot read the policy routing: {error}"]
+    except Exception as error:  # noqa: BLE001 - an advisory check must never stop start-up
+        return [f"cannot read the policy routing: {type(error).__name__}: {error}"]
 
 
-def _startup_problems(netlink: Netlink, mark: int) -> Iterable[str]:
-    families = [socket.AF_INET, socket.AF_INET6] if ipv6_available() else [socket.AF_INET]
+def _startup_problems(
+    netlink: Netlink, mark: int, families: list[socket.AddressFamily]
+) -> Iterable[str]:
     for family in families:
         rule = Piece(family, "rule", DEFAULT_TABLE)
         found = netlink.find(rule, any_table=True)

@@ -250,6 +250,28 @@ def test_daemon_warns_once_per_missing_piece(bare: tuple[NetNamespace, Net]) -> 
         assert not [line for line in daemon.logs if line.get("level") == "ERROR"]
 
 
+def test_daemon_checks_only_for_backends_on_loopback(bare: tuple[NetNamespace, Net]) -> None:
+    """The routes are for replies from a backend on loopback: remote backends need none of them
+    (with -dynamic-destination any destination may be local, so the check stays on)."""
+    ns, _ = bare
+    remote = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[2001:db8::9]:443"]
+    half = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[::1]:443"]
+    daemons = []
+    try:
+        for flags in (remote, half, [*remote, "-dynamic-destination"]):
+            daemons.append(Daemon(ns, flags))  # noqa: PERF401 - kept at once, for the finally
+        for daemon in daemons:
+            assert daemon.stop() == 0
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    missing = [[w for w in _warnings(d) if w.startswith("missing")] for d in daemons]
+    assert missing[0] == []
+    assert len(missing[1]) == 2  # the IPv6 rule and route: only [::1] is on loopback
+    assert all("ip -6 " in w for w in missing[1]), missing[1]
+    assert len(missing[2]) == 4
+
+
 def test_daemon_finds_the_table_the_rule_names(bare: tuple[NetNamespace, Net]) -> None:
     """An operator's own table number is no reason to warn: the daemon follows the rule."""
     ns, _ = bare
