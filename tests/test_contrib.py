@@ -1,8 +1,11 @@
-"""contrib/: the systemd unit verifies with systemd-analyze, and the examples mean what they say.
+"""contrib/: the systemd unit verifies with systemd-analyze, the HAProxy and nginx examples pass
+their own configuration checks, and the examples agree with each other.
 
 ``systemd-analyze verify`` needs no running systemd: it parses the unit, checks every
 directive and that each Exec line's program exists, so the test points a copy of the unit at
-the mmproxy it is testing.  The README's install command installs systemd's package for it.
+the mmproxy it is testing.  ``haproxy -c`` and ``nginx -t`` parse without binding a port.  The
+README's install command installs the three packages (Debian's policy-rc.d keeps their
+services from starting in containers; nothing here starts them).
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ INSTALLED_PATH = "/usr/local/bin/mmproxy"
 MMPROXY = Path(sys.executable).parent / "mmproxy"  # the console script of this environment
 
 
-def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
+def tool(name: str, package: str) -> str:
+    """The program's path; in CI a missing one fails (README's install command installs it)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("systemd-analyze is missing: README's install command installs systemd")
-        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+            pytest.fail(f"{name} is missing: README's install command installs {package}")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
     return found
+
+
+def systemd_analyze() -> str:
+    return tool("systemd-analyze", "systemd")
 
 
 def verify(unit_text: str, directory: Path) -> subprocess.CompletedProcess[str]:
@@ -138,3 +146,58 @@ def test_load_balancer_examples_send_the_header_to_mmproxy() -> None:
     assert re.search(r"^\s*server 192\.0\.2\.10:25577;", nginx, re.MULTILINE)
     assert re.search(r"^\s*proxy_protocol on;", nginx, re.MULTILINE)
     assert re.search(r"^stream \{", nginx, re.MULTILINE)
+
+
+# --------------------------------------------------------------- the load balancers' own checks
+
+
+def haproxy_check(config: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    path = directory / "haproxy.cfg"
+    path.write_text(config)
+    return subprocess.run(
+        [tool("haproxy", "haproxy"), "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def nginx_check(stream_config: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """``nginx -t`` on a main file that loads the stream module and includes the example."""
+    (directory / "nginx-stream.conf").write_text(stream_config)
+    main = directory / "nginx.conf"
+    main.write_text(
+        "include /etc/nginx/modules-enabled/*.conf;\n"  # Debian loads ngx_stream_module here
+        f"pid {directory}/nginx.pid;\n"
+        "events {}\n"
+        f"include {directory}/nginx-stream.conf;\n"
+    )
+    return subprocess.run(
+        [tool("nginx", "nginx libnginx-mod-stream"), "-t",
+         "-e", str(directory / "error.log"), "-c", str(main)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+def test_haproxy_example_is_valid(tmp_path: Path) -> None:
+    done = haproxy_check((CONTRIB / "haproxy.cfg").read_text(), tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Configuration file is valid" in done.stdout + done.stderr
+    broken = (CONTRIB / "haproxy.cfg").read_text().replace("send-proxy-v2 ", "send-proxy-v9 ")
+    assert haproxy_check(broken, tmp_path).returncode != 0
+
+
+def test_nginx_example_is_valid(tmp_path: Path) -> None:
+    done = nginx_check((CONTRIB / "nginx-stream.conf").read_text(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "test is successful" in done.stderr
+    broken = (
+        (CONTRIB / "nginx-stream.conf")
+        .read_text()
+        .replace("proxy_protocol on", "proxy_protocol v2")
+    )
+    assert nginx_check(broken, tmp_path).returncode != 0
