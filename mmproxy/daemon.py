@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 
-from mmproxy import logs, notify, routing, upstream
+from mmproxy import logs, notify, upstream
 from mmproxy.config import Config
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 from mmproxy.metrics import (
@@ -62,6 +62,8 @@ def run(config: Config, log: logging.Logger) -> int:
         log.error(problem)
         return EXIT_FAILURE
     if config.routing_check:
+        from mmproxy import routing  # pyroute2 takes ~0.2 s to import: only when it is used
+
         for missing in routing.startup_problems(config.mark, routed_families(config)):
             log.warning(f"{missing} (see: mmproxy routing check)")
     try:
