@@ -35,6 +35,9 @@ from mmproxy.config import Config, FlagError, build_config
 from mmproxy.errors import ConfigError
 
 PROG = "mmproxy"
+# Words that, first on the command line, name a tool instead of starting the
+# daemon.  A go-mmproxy command line never starts with a bare word.
+SUBCOMMANDS = ("routing", "demo")
 EXIT_USAGE = 2
 
 # strconv.ParseBool's words, the only ones Go's bool flags take.
@@ -173,6 +176,12 @@ FLAGS: tuple[_Flag, ...] = (
           _env("MAX_UDP_FLOWS"), go=False),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
+    _Flag("metrics", "metrics", click.STRING, None,
+          "Serve Prometheus metrics over HTTP on this address (not set: off)",
+          _env("METRICS"), go=False, metavar="ADDR:PORT"),
+    _Flag("no-routing-check", "no_routing_check", _BOOL, False,
+          "Do not check the policy routing at start-up (see: mmproxy routing check)",
+          _env("NO_ROUTING_CHECK"), go=False),
     # No environment variable: a leftover one would turn the daemon into a checker.
     _Flag("check-config", "check_config", _BOOL, False,
           "Validate the configuration (the allowed-subnets file too), print it as JSON "
@@ -364,10 +373,21 @@ command = _GoFlagCommand(
     ],
     help="Unwrap the PROXY protocol so the backend sees the real client address "
     "(a go-mmproxy drop-in). Flags take one or two dashes, and -name=value.",
+    epilog="Tools: 'mmproxy routing check|apply|remove' (the policy routing mmproxy needs), "
+    "'mmproxy demo' (see it work in a private network namespace, as root).",
     context_settings={"help_option_names": ["-h", "-help", "--help"], "max_content_width": 100},
 )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run ``mmproxy`` with ``argv`` (default ``sys.argv[1:]``)."""
-    command.main(argv, PROG)
+    """Console-script entry point: run ``mmproxy`` with ``argv`` (default ``sys.argv[1:]``).
+
+    ``mmproxy routing ...`` and ``mmproxy demo`` are tools (:mod:`mmproxy.commands`);
+    anything else is the daemon's command line.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        from mmproxy import commands  # the tools' imports cost the daemon nothing
+
+        commands.main(args)  # exits
+    command.main(args, PROG)

@@ -199,6 +199,8 @@ class Config:
     drain_timeout: float = 30.0  # seconds live connections get after SIGTERM/SIGINT
     udp_header: UdpHeader = "every"  # which datagrams carry a PROXY header (-p udp)
     max_udp_flows: int = 0  # 0: derived from the descriptor limit at start-up
+    metrics: Endpoint | None = None  # where to serve Prometheus metrics; None: off
+    routing_check: bool = True  # warn at start-up about missing policy routing
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -227,6 +229,8 @@ class Config:
             "drainTimeout": self.drain_timeout,
             "udpHeader": self.udp_header,
             "maxUdpFlows": self.max_udp_flows,
+            "metrics": None if self.metrics is None else str(self.metrics),
+            "routingCheck": self.routing_check,
         }
 
 
@@ -249,15 +253,17 @@ def build_config(
     drain_timeout: float = 30.0,
     udp_header: str = "every",
     max_udp_flows: int = 0,
+    metrics: str | None = None,
+    no_routing_check: bool = False,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
-    ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``).  Checks run
-    in flag order, so the first bad flag is the one reported.  The allowed-subnets file is read
-    here; an empty ``allowed_subnets`` (or None) allows every peer.
+    ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``, ``--metrics``).
+    Checks run in flag order, so the first bad flag is the one reported.  The
+    allowed-subnets file is read here; an empty ``allowed_subnets`` (or None) allows every peer.
     """
     if protocol not in PROTOCOLS:
         raise FlagError("-p", f'"{protocol}" is not a protocol; use tcp or udp')
@@ -283,6 +289,9 @@ def build_config(
     if udp_header not in UDP_HEADER_MODES:
         raise FlagError("--udp-header", f'"{udp_header}" is not a header mode; use every or first')
     _check_range("--max-udp-flows", max_udp_flows, 0, MAX_UDP_FLOWS)
+    metrics_ep = None
+    if metrics:
+        metrics_ep = parse_endpoint(metrics, flag="--metrics", allow_port_zero=True)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -301,6 +310,8 @@ def build_config(
         drain_timeout=float(drain_timeout),
         udp_header=udp_header,
         max_udp_flows=max_udp_flows,
+        metrics=metrics_ep,
+        routing_check=not no_routing_check,
     )
 
 

@@ -16,15 +16,24 @@ no end of a flow to wait for: its flows are closed at once.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import socket
 import threading
 import time
 
-from mmproxy import logs, upstream
+from mmproxy import logs, notify, upstream
 from mmproxy.config import Config
 from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.metrics import (
+    NO_METRICS,
+    REFUSED_CONNECTION_LIMIT,
+    REFUSED_NOT_ALLOWED,
+    Metrics,
+    MetricsServer,
+    PrometheusMetrics,
+)
 from mmproxy.pool import WorkerPool
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
@@ -52,6 +61,11 @@ def run(config: Config, log: logging.Logger) -> int:
     if problem:
         log.error(problem)
         return EXIT_FAILURE
+    if config.routing_check:
+        from mmproxy import routing  # pyroute2 takes ~0.2 s to import: only when it is used
+
+        for missing in routing.startup_problems(config.mark, routed_families(config)):
+            log.warning(f"{missing} (see: mmproxy routing check)")
     kind = socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
     try:
         sockets = open_listeners(config, kind)
@@ -61,12 +75,24 @@ def run(config: Config, log: logging.Logger) -> int:
             extra={logs.LISTEN_ADR: str(config.listen)},
         )
         return EXIT_FAILURE
+    metrics: Metrics = NO_METRICS
+    metrics_server = None
+    if config.metrics is not None:
+        prometheus = PrometheusMetrics()
+        try:
+            metrics_server = MetricsServer(config.metrics, prometheus.registry)
+        except OSError as error:
+            for sock in sockets:
+                sock.close()
+            log.error(f"cannot serve metrics on {config.metrics}: {error.strerror or error}")
+            return EXIT_FAILURE
+        metrics = prometheus
     room = limit - FDS_RESERVED - config.listeners
     server: Server | UdpServer
     if config.protocol == "udp":
         flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
-        server = UdpServer(config, log, sockets, flows)
-        ready = {"maxUdpFlows": flows, "descriptorLimit": limit}
+        server = UdpServer(config, log, sockets, flows, metrics)
+        ready: dict[str, object] = {"maxUdpFlows": flows, "descriptorLimit": limit}
         if flows > room // FDS_PER_FLOW:
             log.warning(
                 "--max-udp-flows exceeds what the descriptor limit allows; "
@@ -75,11 +101,20 @@ def run(config: Config, log: logging.Logger) -> int:
             )
     else:
         capacity = max(1, room // FDS_PER_CONNECTION)
-        server = Server(config, log, sockets, capacity)
+        server = Server(config, log, sockets, capacity, metrics)
         ready = {"maxConnections": capacity, "descriptorLimit": limit}
     server.start()
-    log.info("ready", extra=ready)
-    server.stop(wait_for_stop(log))
+    if metrics_server is not None:
+        metrics_server.start()
+        log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
+    try:
+        log.info("ready", extra=ready)
+        what = "datagrams" if config.protocol == "udp" else "connections"
+        tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
+        server.stop(wait_for_stop(log))
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return EXIT_OK
 
 
@@ -90,6 +125,25 @@ def wait_for_stop(log: logging.Logger) -> str:
         if signum in STOP_SIGNALS:
             return signal.Signals(signum).name
         log.info("SIGHUP ignored: this build has no reload")
+
+
+def routed_families(config: Config) -> list[socket.AddressFamily]:
+    """The families whose replies need the loopback policy routes: backend on loopback."""
+    if config.dynamic_destination:  # any destination, loopback included
+        return [socket.AF_INET, socket.AF_INET6]
+    targets = (config.target4, config.target6)
+    return [target.family for target in targets if target.host.is_loopback]
+
+
+def tell_systemd(log: logging.Logger, *assignments: str) -> None:
+    """sd_notify: tell systemd (``Type=notify``) about a state change; nothing outside systemd."""
+    try:
+        notify.notify(*assignments)
+    except OSError as error:
+        log.warning(
+            f"cannot notify systemd: {error.strerror or error}",
+            extra={"notifySocket": os.environ.get("NOTIFY_SOCKET")},
+        )
 
 
 def raise_descriptor_limit() -> int:
@@ -125,14 +179,19 @@ class Server:
     """Listeners, acceptors, workers and the live connections of one daemon run."""
 
     def __init__(
-        self, config: Config, log: logging.Logger, sockets: list[socket.socket], capacity: int
+        self,
+        config: Config,
+        log: logging.Logger,
+        sockets: list[socket.socket],
+        capacity: int,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._config = config
         self._log = log
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
         self._services = Services(
-            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker
+            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker, metrics
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
@@ -154,8 +213,10 @@ class Server:
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
         services = self._services
+        services.metrics.accepted()
         if not self._config.allow_list.allows(peer[0]):
             sock.close()
+            services.metrics.refused(REFUSED_NOT_ALLOWED)
             services.log.bind(
                 **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
             ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
@@ -163,6 +224,7 @@ class Server:
         connection = Connection(sock, peer, number, services)
         if not self._tracker.add(connection):
             sock.close()
+            services.metrics.refused(REFUSED_CONNECTION_LIMIT)
             suppressed = self._full.ready()
             if suppressed is not None:
                 self._log.warning(
@@ -183,6 +245,7 @@ class Server:
             acceptor.stop()
         live = len(self._tracker)
         timeout = self._config.drain_timeout
+        tell_systemd(self._log, notify.STOPPING, f"STATUS=draining {live} connections")
         self._log.info(
             "stopping: no longer accepting, draining live connections",
             extra={"signal": cause, "liveConnections": live, "drainTimeout": timeout},

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from mmproxy import logs, upstream
 from mmproxy.config import Config, Endpoint, IPAddress
 from mmproxy.errors import HeaderError, Reason
+from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import PEER_GONE, Pair
@@ -58,12 +59,13 @@ class RefusedError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    """What every connection shares: configuration, logging, threads, bookkeeping."""
+    """What every connection shares: configuration, logging, threads, bookkeeping, metrics."""
 
     config: Config
     log: logs.ConnectionLog
     pool: WorkerPool
     tracker: Tracker
+    metrics: Metrics = NO_METRICS
 
 
 class Tracker:
@@ -148,20 +150,29 @@ class Connection:
     def serve(self) -> None:
         """The whole connection; runs on a pool worker and never raises."""
         services = self._services
+        metrics = services.metrics
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started = time.monotonic()
             header, payload = self._read_header()
+            metrics.header_parsed(time.monotonic() - started)
             conn_up = self._connect(header)
         except RefusedError as refusal:
             self._log.failure(refusal.message, refusal.detail, reason=refusal.reason)
+            if refusal.reason == UPSTREAM_FAILED:
+                metrics.upstream_failed()
+            else:
+                metrics.header_error(refusal.reason)
             self._finish_unrelayed()
             return
         except HeaderError as error:
             self._log.failure("invalid PROXY header", error)
+            metrics.header_error(error.reason)
             self._finish_unrelayed()
             return
         except OSError as error:
             self._log.failure("connection failed before the relay started", error)
+            metrics.header_error(READ_ERROR)
             self._finish_unrelayed()
             return
         except BaseException:
@@ -187,6 +198,7 @@ class Connection:
             services.tracker.remove(self)
             return
         log.state("connection established")
+        metrics.opened()
         try:
             if payload:
                 conn_up.sock.sendall(payload)  # what came with the header goes first
@@ -195,6 +207,7 @@ class Connection:
         except (OSError, RuntimeError) as error:
             pair.close()
             log.failure("relay could not start", error)
+            metrics.closed(pair.to_target[0], pair.to_client[0])
             services.tracker.remove(self)
             return
         self._relay(pair, pair.forward, log)
@@ -216,6 +229,7 @@ class Connection:
             log.failure("connection ended with an error", error, **fields)
         else:
             log.state("connection closed", **fields)
+        self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
         self._services.tracker.remove(self)
 
     # -------------------------------------------------------------- header

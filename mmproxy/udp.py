@@ -46,6 +46,7 @@ from mmproxy import logs, upstream
 from mmproxy.config import Config, Endpoint, IPAddress
 from mmproxy.errors import HeaderError
 from mmproxy.listener import RESOURCE_ERRORS, STOPPED_ERRORS, ListenerThread, Throttle
+from mmproxy.metrics import NO_METRICS, TO_CLIENT, TO_TARGET, Metrics
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import V2_SIGNATURE, InetAddress, Transport, parse_complete
 
@@ -255,8 +256,10 @@ class UdpServer:
         log: logging.Logger,
         sockets: list[socket.socket],
         capacity: int,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self.log = log
         self._flow_log = logs.ConnectionLog(log, config.verbose)
         self._pool = WorkerPool()
@@ -433,6 +436,7 @@ class UdpServer:
             flow.release()
             raise DroppedError(UPSTREAM_FAILED, "no thread for the flow", str(error)) from error
         self.counters.add("flowsOpened")
+        self._metrics.udp_flow_opened()
         if conn_up.fallback:
             log.notice("client port in use here: the flow uses an ephemeral port instead")
         log.state("flow started")
@@ -457,12 +461,14 @@ class UdpServer:
             ) from error
         if sent:
             self.counters.add("forwarded")
+            self._metrics.udp_datagram(TO_TARGET)
         return sent
 
     def _dropped(
         self, reason: str, message: str, detail: object, sender: Sender, number: int
     ) -> None:
         self.counters.add(f"dropped.{reason}")
+        self._metrics.udp_dropped(reason)
         log = self._flow_log
         if log.failures:
             log.drop(
@@ -525,9 +531,11 @@ class UdpServer:
             flow.datagrams_to_client += 1
             flow.bytes_to_client += len(data)
             self.counters.add("replies")
+            self._metrics.udp_datagram(TO_CLIENT)
 
     def _flow_ended(self, flow: Flow, reason: str) -> None:
         self.counters.add("flowsClosed")
+        self._metrics.udp_flow_closed()
         flow.log.state(
             "flow closed",
             closeReason=reason,

@@ -5,7 +5,12 @@
   never pull a C extension onto the data path.
 * Imports flow one way: the protocol layer knows nothing of configuration,
   logging or the CLI; configuration knows nothing of click; on the data path
-  pool/relay/upstream < tcp, udp < daemon, and only cli knows click.
+  pool/relay/upstream < tcp, udp < daemon, and only cli (and the tools'
+  commands) know click.
+* The operations modules sit beside the data path: metrics and routing know
+  nothing of connections or the daemon (the data path and the daemon call
+  them); notify is a few lines of stdlib; the demo runs mmproxy as a process,
+  so it imports neither the daemon nor the CLI.
 """
 
 from __future__ import annotations
@@ -55,10 +60,78 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         ("relay.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.pool"}),
         ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
         ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
-        ("tcp.py", {"mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"}),
-        ("udp.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli", "click", "mmproxy.relay"}),
-        ("daemon.py", {"mmproxy.cli", "click"}),
+        (
+            "udp.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.daemon",
+                "mmproxy.cli",
+                "click",
+                "mmproxy.relay",
+                "mmproxy.routing",
+                "mmproxy.demo",
+                "mmproxy.commands",
+            },
+        ),
+        (
+            "tcp.py",
+            {
+                "mmproxy.listener",
+                "mmproxy.daemon",
+                "mmproxy.cli",
+                "click",
+                "mmproxy.routing",
+                "mmproxy.demo",
+                "mmproxy.commands",
+            },
+        ),
+        ("daemon.py", {"mmproxy.cli", "click", "mmproxy.demo", "mmproxy.commands"}),
+        # Operations: beside the data path, never on top of it.
+        (
+            "metrics.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.daemon",
+                "mmproxy.listener",
+                "mmproxy.relay",
+                "mmproxy.pool",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
+        (
+            "routing.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.daemon",
+                "mmproxy.listener",
+                "mmproxy.relay",
+                "mmproxy.pool",
+                "mmproxy.cli",
+                "click",
+                "mmproxy.metrics",
+            },
+        ),
+        (
+            "demo.py",
+            {
+                "mmproxy.daemon",
+                "mmproxy.tcp",
+                "mmproxy.listener",
+                "mmproxy.cli",
+                "mmproxy.commands",
+                "click",
+            },
+        ),
+        ("commands.py", {"mmproxy.daemon", "mmproxy.tcp", "mmproxy.listener"}),
     ],
 )
 def test_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
     assert not _imports(module) & forbidden
+
+
+def test_notify_is_stdlib_only() -> None:
+    """sd_notify is a datagram on a unix socket: no library, nothing of mmproxy."""
+    for name in _imports("notify.py"):
+        top = name.split(".")[0]
+        assert top in sys.stdlib_module_names or top == "__future__", f"notify.py imports {name}"

@@ -77,10 +77,13 @@ class NetNamespace:
         self.path = f"/run/netns/{name}"
         self._created = False
 
-    def create(self) -> None:
+    def create(self, *, routes: bool = True) -> None:
+        """Make the namespace with loopback up, and the policy routes unless ``routes`` is False."""
         run_ip("netns", "add", self.name)
         self._created = True
         self.ip("link", "set", "lo", "up")
+        if not routes:
+            return
         table = str(ROUTING_TABLE)
         self.ip("rule", "add", "from", "127.0.0.1/8", "iif", "lo", "table", table)
         self.ip("route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", table)
@@ -197,11 +200,14 @@ class Net:
 
 
 @contextlib.contextmanager
-def namespace(name: str) -> Iterator[tuple[NetNamespace, NamespaceSockets]]:
-    """A fresh namespace and its socket factory, both gone when the block ends."""
+def namespace(name: str, *, routes: bool = True) -> Iterator[tuple[NetNamespace, NamespaceSockets]]:
+    """A fresh namespace and its socket factory, both gone when the block ends.
+
+    ``routes=False`` leaves the policy routes out (loopback is up all the same).
+    """
     ns = NetNamespace(name)
     try:
-        ns.create()
+        ns.create(routes=routes)
         sockets = NamespaceSockets(ns)
         try:
             yield ns, sockets

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from daemon_runner import Daemon, StartDaemon
 from netns import ClientAddresses, Deadline, Net, Peer
+from test_metrics_scrape import metrics_address, scrape_until, value
 
 from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
 
@@ -493,3 +494,25 @@ def test_sigterm_closes_flows_and_exits_cleanly(rig: UdpRig) -> None:
     assert totals["received"] == 5
     assert totals["forwarded"] == 5
     assert totals["replies"] == 5
+
+
+def test_metrics_count_flows_and_datagrams(rig: UdpRig) -> None:
+    """``--metrics`` in UDP mode: flows opened and open, datagrams each way, drops by reason."""
+    daemon = rig.start("--metrics", "127.0.0.1:0")
+    address = metrics_address(daemon)
+    balancer = rig.balancer(daemon)
+    clients = [rig.addresses.v4() for _ in range(3)]
+    for client in clients:
+        balancer.send(dgram_header(client) + b"m")
+        assert balancer.recv() == show(client).encode() + b"|m"
+    balancer.send(b"no header")
+    samples = scrape_until(
+        rig.net,
+        address,
+        lambda s: value(s, "mmproxy_udp_datagrams_dropped_total", reason="not_proxy_protocol") == 1,
+    )
+    assert value(samples, "mmproxy_udp_flows_opened_total") == 3
+    assert value(samples, "mmproxy_udp_flows_active") == 3
+    assert value(samples, "mmproxy_udp_datagrams_total", direction="to_target") == 3
+    assert value(samples, "mmproxy_udp_datagrams_total", direction="to_client") == 3
+    assert value(samples, "mmproxy_udp_datagrams_dropped_total", reason="not_proxy_protocol") == 1

@@ -169,6 +169,8 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "logFormat": "json",
         "udpHeader": "every",
         "maxUdpFlows": 0,
+        "metrics": None,
+        "routingCheck": True,
     }
     assert config.allow_list.allows_everyone
 

@@ -351,6 +351,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         log_format="text",
         connect_timeout=1.5,
         drain_timeout=0.0,
+        metrics="127.0.0.1:9100",
+        no_routing_check=True,
     )
     summary = json.loads(json.dumps(built.summary()))
     assert summary == {
@@ -372,6 +374,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "drainTimeout": 0.0,
         "udpHeader": "every",
         "maxUdpFlows": 0,
+        "metrics": "127.0.0.1:9100",
+        "routingCheck": False,
     }
 
 

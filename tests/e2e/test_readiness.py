@@ -1,0 +1,63 @@
+"""systemd readiness end to end: the daemon sends READY=1 once it listens, STOPPING=1 at drain.
+
+A datagram socket bound to a path plays systemd's notification socket (``$NOTIFY_SOCKET``).
+The path is a file, so it reaches across the network namespace (an abstract name would not:
+abstract unix names belong to a network namespace; the unit tests cover those).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_runner import StartDaemon
+
+
+@pytest.fixture
+def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """The socket, named in NOTIFY_SOCKET for the daemons this test starts."""
+    with tempfile.TemporaryDirectory(prefix="mmproxy-notify-") as directory:
+        path = str(Path(directory) / "notify")  # short: unix socket paths end at 108 bytes
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(10)
+            monkeypatch.setenv("NOTIFY_SOCKET", path)
+            yield sock
+
+
+def messages(sock: socket.socket) -> list[str]:
+    """The next datagram, split into its assignments."""
+    return sock.recv(4096).decode().split("\n")
+
+
+def test_ready_then_stopping(notify_socket: socket.socket, mmproxy: StartDaemon) -> None:
+    daemon = mmproxy(listeners=2)
+    ready = messages(notify_socket)
+    assert ready[0] == "READY=1"
+    assert any(item.startswith("STATUS=") for item in ready)
+    # READY=1 follows the "ready" log line, which follows every listener.
+    assert [line.get("msg") for line in daemon.logs].count("listening") == 2
+    assert daemon.wait_for(lambda line: line.get("msg") == "ready", timeout=5)
+
+    daemon.signal(signal.SIGTERM)
+    stopping = messages(notify_socket)
+    assert stopping[0] == "STOPPING=1"
+    assert daemon.wait(10) == 0
+    notify_socket.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)  # nothing else was sent
+
+
+def test_a_vanished_notify_socket_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, mmproxy: StartDaemon, tmp_path: Path
+) -> None:
+    """systemd gone, or a stale variable: the daemon serves anyway and says why once."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    daemon = mmproxy()
+    warned = daemon.wait_for(lambda line: line.get("msg", "").startswith("cannot notify systemd"))
+    assert warned, daemon.describe()
+    assert warned[0]["level"] == "WARN"
