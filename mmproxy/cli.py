@@ -164,6 +164,9 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("drain-timeout", "drain_timeout", _Seconds(), 30.0,
           "Seconds live connections may take to finish after SIGTERM/SIGINT",
           _env("DRAIN_TIMEOUT"), go=False),
+    _Flag("idle-timeout", "idle_timeout", _Seconds(), 0.0,
+          "Seconds a relayed connection may pass no data in either direction before it is "
+          "closed (0: never)", _env("IDLE_TIMEOUT"), go=False),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
     # No environment variable: a leftover one would turn the daemon into a checker.

@@ -32,6 +32,7 @@ MAX_CLOSE_AFTER = 2**31 - 1  # seconds; keeps timer arithmetic far from float ov
 MAX_HEADER_TIMEOUT = 3600.0
 MAX_CONNECT_TIMEOUT = 3600.0
 MAX_DRAIN_TIMEOUT = 86400.0
+MAX_IDLE_TIMEOUT = 7 * 86400.0
 
 # A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and
 # inner hyphens.  Anything else is neither an address nor a name.
@@ -194,6 +195,7 @@ class Config:
     log_format: LogFormat
     connect_timeout: float = 5.0  # seconds to connect to the backend
     drain_timeout: float = 30.0  # seconds live connections get after SIGTERM/SIGINT
+    idle_timeout: float = 0.0  # seconds with no data either way before closing; 0: off
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -220,6 +222,7 @@ class Config:
             "logFormat": self.log_format,
             "connectTimeout": self.connect_timeout,
             "drainTimeout": self.drain_timeout,
+            "idleTimeout": self.idle_timeout,
         }
 
 
@@ -240,13 +243,14 @@ def build_config(
     log_format: str,
     connect_timeout: float = 5.0,
     drain_timeout: float = 30.0,
+    idle_timeout: float = 0.0,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
-    ``--drain-timeout``).  Checks run in flag order, so the first bad flag is
+    ``--drain-timeout``, ``--idle-timeout``).  Checks run in flag order, so the first bad flag is
     the one reported.  The allowed-subnets file is read
     here; an empty ``allowed_subnets`` (or None) allows every peer.
     """
@@ -271,6 +275,7 @@ def build_config(
         raise FlagError("--log-format", f'"{log_format}" is not a log format; use json or text')
     _check_seconds("--connect-timeout", connect_timeout, MAX_CONNECT_TIMEOUT)
     _check_seconds("--drain-timeout", drain_timeout, MAX_DRAIN_TIMEOUT, zero_ok=True)
+    _check_seconds("--idle-timeout", idle_timeout, MAX_IDLE_TIMEOUT, zero_ok=True)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -287,6 +292,7 @@ def build_config(
         log_format=log_format,
         connect_timeout=float(connect_timeout),
         drain_timeout=float(drain_timeout),
+        idle_timeout=float(idle_timeout),
     )
 
 

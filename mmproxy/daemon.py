@@ -10,6 +10,11 @@ then do the acceptor threads start.
 Stopping (SIGTERM or SIGINT): the listeners stop accepting, live connections
 get ``drain_timeout`` seconds to finish on their own, then the rest are shut
 down.  A second signal during the drain cuts it short.
+
+Reloading (SIGHUP): the ``-allowed-subnets`` file is read again and, if it is
+valid, put in force for connections accepted from then on; connections already
+open are not touched.  A file with an error keeps the old list and is logged
+as a warning with the file's ``path:line: reason``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import threading
 import time
 
 from mmproxy import logs, upstream
+from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
+from mmproxy.errors import ConfigError
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 from mmproxy.pool import WorkerPool
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
@@ -104,6 +111,7 @@ class Server:
     ) -> None:
         self._config = config
         self._log = log
+        self.allow_list = AllowListHolder(config.allow_list)  # what SIGHUP replaces
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
         self._services = Services(
@@ -129,7 +137,7 @@ class Server:
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
         services = self._services
-        if not self._config.allow_list.allows(peer[0]):
+        if not self.allow_list.current.allows(peer[0]):
             sock.close()
             services.log.bind(
                 **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
@@ -158,8 +166,23 @@ class Server:
             signum = signal.sigwait(HANDLED_SIGNALS)
             if signum in STOP_SIGNALS:
                 break
-            self._log.info("SIGHUP ignored: this build has no reload")
+            self.reload()
         self._stop(signal.Signals(signum).name)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the allowed-subnets file; on any error keep the list in force."""
+        try:
+            new = self.allow_list.reload()
+        except ConfigError as error:
+            self._log.warning(
+                "allowed subnets not reloaded: keeping the previous list",
+                extra={logs.ERROR: str(error)},
+            )
+            return
+        if new is None:
+            self._log.info("SIGHUP: nothing to reload (no -allowed-subnets file)")
+            return
+        self._log.info("allowed subnets reloaded", extra={"path": new.path, "count": new.count})
 
     def _stop(self, cause: str) -> None:
         for acceptor in self._acceptors:

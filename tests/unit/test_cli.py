@@ -166,6 +166,7 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "headerTimeout": 10.0,
         "connectTimeout": 5.0,
         "drainTimeout": 30.0,
+        "idleTimeout": 0.0,
         "logFormat": "json",
     }
     assert config.allow_list.allows_everyone
@@ -282,6 +283,7 @@ def test_double_dash_ends_flags(fake_daemon: FakeDaemon) -> None:
         ("HEADER_TIMEOUT", "2.5", "header_timeout", 2.5),
         ("CONNECT_TIMEOUT", "0.5", "connect_timeout", 0.5),
         ("DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
+        ("IDLE_TIMEOUT", "300", "idle_timeout", 300.0),
         ("LOG_FORMAT", "text", "log_format", "text"),
     ],
 )
@@ -369,6 +371,9 @@ def test_check_config_has_no_environment_variable(fake_daemon: FakeDaemon) -> No
         ("--drain-timeout -1", "--drain-timeout"),
         ("--drain-timeout 1e9", "--drain-timeout"),
         ("--drain-timeout 86401", "--drain-timeout"),
+        ("--idle-timeout -1", "--idle-timeout"),
+        ("--idle-timeout 5m", "--idle-timeout"),
+        ("--idle-timeout 604801", "--idle-timeout"),
         ("--log-format xml", "--log-format"),
         ("--check-config=maybe", "--check-config"),
     ],

@@ -287,6 +287,9 @@ def test_missing_allowed_subnets_file(tmp_path: Path) -> None:
         ({"drain_timeout": -0.5}, "--drain-timeout"),
         ({"drain_timeout": float("inf")}, "--drain-timeout"),
         ({"drain_timeout": 86400.5}, "--drain-timeout"),
+        ({"idle_timeout": -1.0}, "--idle-timeout"),
+        ({"idle_timeout": float("nan")}, "--idle-timeout"),
+        ({"idle_timeout": 7 * 86400.0 + 1}, "--idle-timeout"),
         ({"log_format": "JSON"}, "--log-format"),
     ],
 )
@@ -312,6 +315,9 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"connect_timeout": 0.001},
         {"drain_timeout": 0.0},
         {"drain_timeout": 86400.0},
+        {"idle_timeout": 0.0},
+        {"idle_timeout": 0.5},
+        {"idle_timeout": 7 * 86400.0},
         {"listen": "127.0.0.1:0"},
         {"dynamic_destination": True, "listen_transparent": True},
     ],
@@ -344,6 +350,7 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         log_format="text",
         connect_timeout=1.5,
         drain_timeout=0.0,
+        idle_timeout=600.0,
     )
     summary = json.loads(json.dumps(built.summary()))
     assert summary == {
@@ -363,6 +370,7 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "logFormat": "text",
         "connectTimeout": 1.5,
         "drainTimeout": 0.0,
+        "idleTimeout": 600.0,
     }
 
 
