@@ -35,7 +35,6 @@ from netns import (
     Net,
     NetNamespace,
     Peer,
-    echo,
     exchange,
     namespace,
     recv_to_eof,
@@ -98,7 +97,7 @@ def settle(read: Callable[[], int], at_most: int, timeout: float = 10.0) -> int:
 
 
 def figure(name: str, value: object) -> None:
-    print(f"FIGURE {name}: {value}")  # noqa: T201 - read with pytest -s for the README
+    print(f"FIGURE {name}: {value}")
 
 
 def short_connection(net: Net, daemon: Daemon, source: Peer, deadline: Deadline) -> bool:
@@ -143,13 +142,13 @@ def test_slow_clients_are_closed_at_the_header_timeout_while_others_are_served(
     daemon = mmproxy(header_timeout=header_timeout, verbose=0)
     before = Usage.of(daemon)
     slow: list[socket.socket] = []
+    opened: list[float] = []
     try:
-        opened = time.monotonic()
         for i in range(500):
             sock = connect(net, daemon)
             slow.append(sock)
+            opened.append(time.monotonic())
             sock.sendall(b"PROXY TCP4 198.51.100.7 203.0.113.1 400" if i % 2 else b"\r\n\r\n\0")
-        last_opened = time.monotonic()
 
         def good(_: int) -> bool:
             source = addresses.v4()
@@ -165,19 +164,18 @@ def test_slow_clients_are_closed_at_the_header_timeout_while_others_are_served(
             served = list(pool.map(good, range(50)))
         assert served.count(True) == 50
 
-        closed_after = []
-        for sock in slow:
-            closed_after.append(
-                time.monotonic() - opened + wait_closed(sock, header_timeout + 10)
-            )
-        all_closed = time.monotonic() - last_opened
+        closed_at = [time.monotonic() + wait_closed(sock, header_timeout + 10) for sock in slow]
     finally:
         for sock in slow:
             sock.close()
-    assert min(closed_after) >= header_timeout * 0.8
+    lifetimes = [closed - start for closed, start in zip(closed_at, opened, strict=True)]
+    assert min(lifetimes) >= header_timeout * 0.8
+    assert max(lifetimes) < header_timeout + 10  # wait_closed would have raised anyway
     assert len(backend4.peers()) == 50  # no slow client ever reached the backend
-    figure("500 slow clients: opened in", f"{last_opened - opened:.2f}s")
-    figure("500 slow clients: all closed after the last was opened", f"{all_closed:.2f}s")
+    figure("500 slow clients: opened in", f"{opened[-1] - opened[0]:.2f}s")
+    figure(
+        "500 slow clients: shortest/longest life", f"{min(lifetimes):.2f}s/{max(lifetimes):.2f}s"
+    )
     assert settle(lambda: Usage.of(daemon).fds, before.fds) == before.fds
 
 
@@ -221,8 +219,7 @@ def test_ulimit_256_refuses_at_the_cap_logs_and_recovers(
     cap = int(ready["maxConnections"])
     held: list[socket.socket] = []
     try:
-        for _ in range(cap):
-            held.append(hold_relayed(net, daemon, addresses.v4()))
+        held.extend(hold_relayed(net, daemon, addresses.v4()) for _ in range(cap))
         peak = Usage.of(daemon)
         assert peak.fds <= 256
         refusals = [refused_promptly(net, daemon, addresses.v4()) for _ in range(200)]
@@ -362,8 +359,9 @@ def test_backend_reset_mid_transfer_ends_promptly_without_leaks(
                 exchange(sock, os.urandom(8 * MIB), Deadline(15))
             except (ConnectionResetError, BrokenPipeError):
                 pass
-            except AssertionError as unfinished:  # EOF before everything was sent
-                assert "EOF after sending" in str(unfinished)
+            except AssertionError as unfinished:  # EOF before everything was sent is fine
+                if "EOF after sending" not in str(unfinished):
+                    raise
         return time.monotonic() - start
 
     def round_of(count: int) -> list[float]:
@@ -427,7 +425,9 @@ def test_backend_that_never_reads_gets_backpressure_not_buffering(
     growth = rss_blocked - rss_before
     assert total < 64 * MIB  # kernel buffers plus one pipe, not an unbounded queue
     assert growth < 16 * MIB, f"RSS grew by {growth} bytes while blocked"
-    figure("never-reading backend: bytes accepted before the client blocked", f"{total / MIB:.1f} MiB")
+    figure(
+        "never-reading backend: bytes accepted before the client blocked", f"{total / MIB:.1f} MiB"
+    )
     figure("never-reading backend: daemon RSS growth while blocked", f"{growth / 1024:.0f} KiB")
 
 
@@ -437,6 +437,7 @@ LEAK_CONNECTIONS = 20_000
 LEAK_CONNECTIONS_CI = int(os.environ.get("MMPROXY_LEAK_CONNECTIONS", LEAK_CONNECTIONS))
 
 
+@pytest.mark.timeout(300)  # bounded by its own deadlines; 45 s here, more on a busy machine
 def test_no_leak_after_many_short_connections(
     net: Net, mmproxy: StartDaemon, backend4: Backend
 ) -> None:
@@ -462,3 +463,413 @@ def test_no_leak_after_many_short_connections(
     figure(f"{count} short connections: took", f"{elapsed:.1f}s")
     figure("leak check: before", before)
     figure("leak check: after", after)
+
+
+# ------------------------------------------------------------------------- 6. reload
+
+
+def is_msg(text: str) -> Callable[[LogLine], bool]:
+    return lambda line: line.get("msg") == text
+
+
+def hup(daemon: Daemon) -> None:
+    """SIGHUP; unlike ``Daemon.signal`` the fixture still expects a clean exit on SIGTERM."""
+    daemon.proc.send_signal(signal.SIGHUP)
+
+
+def test_sighup_reloads_the_allowed_subnets_and_spares_open_connections(
+    net: Net,
+    mmproxy: StartDaemon,
+    backend4: Backend,
+    addresses: ClientAddresses,
+    tmp_path: Path,
+) -> None:
+    """SIGHUP swaps in the re-read file for new connections; a connection already open from a
+    subnet the reload removed keeps relaying; a file with an error keeps the old list and is
+    logged with ``file:line: reason``; fixing the file and reloading again lets peers back in."""
+    subnets = tmp_path / "allowed-subnets.txt"
+    subnets.write_text("127.0.0.0/8\n")
+    daemon = mmproxy("-allowed-subnets", str(subnets), verbose=1)
+    with connect(net, daemon) as open_before:
+        open_before.sendall(v1_header(addresses.v4()) + b"before")
+        open_before.settimeout(10)
+        assert open_before.recv(6) == b"before"
+
+        subnets.write_text("# 127.0.0.0/8 removed\n192.0.2.0/24\n2001:db8::/32\n")
+        hup(daemon)
+        (reloaded,) = daemon.wait_for(is_msg("allowed subnets reloaded"))
+        assert reloaded["count"] == 2
+        assert reloaded["path"] == str(subnets)
+        assert refused_promptly(net, daemon, addresses.v4())
+        assert daemon.wait_for(lambda line: line.get("reason") == "not_allowed")
+
+        subnets.write_text("127.0.0.0/8\n127.0.0.1/33\n")
+        hup(daemon)
+        (kept,) = daemon.wait_for(is_msg("allowed subnets not reloaded: keeping the previous list"))
+        assert kept["level"] == "WARN"
+        assert kept["error"].startswith(f"{subnets}:2: ")
+        assert "out of range" in kept["error"]
+        assert refused_promptly(net, daemon, addresses.v4())  # still the 192.0.2.0/24 list
+
+        open_before.sendall(b"still relayed")  # the open connection never noticed
+        assert open_before.recv(13) == b"still relayed"
+
+        subnets.write_text("127.0.0.1\n")
+        hup(daemon)
+        assert len(daemon.wait_for(is_msg("allowed subnets reloaded"), count=2)) == 2
+        source = addresses.v4()
+        with connect(net, daemon) as sock:
+            sock.sendall(v1_header(source))
+            assert exchange(sock, b"welcome back", Deadline(10)) == b"welcome back"
+        assert source in backend4.peers()
+        open_before.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(open_before, Deadline(10)) == b""
+    assert len(backend4.peers()) == 2
+
+
+def test_sighup_without_allowed_subnets_has_nothing_to_reload(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    daemon = mmproxy()
+    hup(daemon)
+    (line,) = daemon.wait_for(lambda line: "nothing to reload" in str(line.get("msg")))
+    assert line["level"] == "INFO"
+    with connect(net, daemon) as sock:
+        sock.sendall(v1_header(addresses.v4()))
+        assert exchange(sock, b"still serving", Deadline(10)) == b"still serving"
+
+
+# ------------------------------------------------------------- 7. graceful stop under load
+
+
+def test_sigterm_during_100_transfers_completes_them_all(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """SIGTERM while 100 transfers (1 MiB up, each paced over about 1 s) are under way: every
+    one completes within the drain timeout, its sha256 verified at both ends; exit code 0."""
+    drain = 30.0
+    daemon = mmproxy(drain_timeout=drain, verbose=1)
+    backend4.handler = sink_then_digest
+    chunk, chunks = 64 * 1024, 16
+    started = threading.Barrier(101, timeout=60)
+
+    def upload(seed: int) -> bool:
+        payload = random.Random(seed).randbytes(chunk * chunks)
+        with connect(net, daemon, timeout=30) as sock:
+            sock.sendall(v1_header(addresses.v4()) + payload[:chunk])
+            started.wait()
+            for start in range(chunk, len(payload), chunk):
+                time.sleep(0.06)
+                sock.sendall(payload[start : start + chunk])
+            sock.shutdown(socket.SHUT_WR)
+            return recv_to_eof(sock, Deadline(drain + 10)) == hashlib.sha256(payload).digest()
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        futures = [pool.submit(upload, seed) for seed in range(100)]
+        started.wait()
+        backend4.wait_connections(100)
+        daemon.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        results = [future.result(timeout=drain + 30) for future in futures]
+    assert results.count(True) == 100
+    code = daemon.wait(drain + 5)
+    took = time.monotonic() - signalled
+    assert code == 0, daemon.describe()
+    assert took < drain
+    conns = backend4.wait_done()
+    assert len(conns) == 100
+    assert all(conn.error is None and conn.received == chunk * chunks for conn in conns)
+    (stopping,) = daemon.wait_for(
+        is_msg("stopping: no longer accepting, draining live connections")
+    )
+    assert stopping["liveConnections"] == 100
+    assert not daemon.wait_for(lambda line: "drain ended" in str(line.get("msg")), 1, 0.1)
+    figure("SIGTERM during 100 transfers: exit after the signal", f"{took:.2f}s")
+
+
+def test_second_sigterm_stops_at_once(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """With a 60 s drain and 20 connections that will not finish, the first SIGTERM waits; the
+    second ends the wait: every client is closed and mmproxy exits 0 within seconds."""
+    daemon = mmproxy(drain_timeout=60, verbose=0)
+    clients = []
+    try:
+        for _ in range(20):
+            sock = connect(net, daemon)
+            clients.append(sock)
+            sock.sendall(v1_header(addresses.v4()) + b"x")
+            sock.settimeout(10)
+            assert sock.recv(1) == b"x"
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(1.0) is None  # draining: it waits for the 20
+        daemon.signal(signal.SIGTERM)
+        second = time.monotonic()
+        assert daemon.wait(10) == 0, daemon.describe()
+        took = time.monotonic() - second
+        for sock in clients:
+            wait_closed(sock, 5)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert daemon.wait_for(is_msg("second stop signal: not waiting any longer"))
+    figure("second SIGTERM with 20 open connections: exit after", f"{took:.2f}s")
+
+
+# -------------------------------------------------------------------------------- 8. soak
+
+SOAK_CONNECTIONS = 1000
+SOAK_CONNECTIONS_CI = 500
+SOAK_MAX_SIZE = 4 * MIB
+SOAK_WAVE = 25
+
+
+@dataclass(frozen=True)
+class SoakJob:
+    """One soak connection: sizes, who half-closes first, and the seed of both payloads."""
+
+    number: int
+    source: Peer
+    up: int
+    down: int
+    pattern: str  # "client_first", "backend_first" or "both"
+
+    def payload(self, direction: str) -> bytes:
+        size = self.up if direction == "up" else self.down
+        return random.Random(f"{self.number}-{direction}").randbytes(size)
+
+
+def soak_backend(jobs: dict[Peer, SoakJob]) -> Callable[[BackendConnection], None]:
+    """The backend side of every pattern: it looks the job up by the client's address."""
+
+    def handler(conn: BackendConnection) -> None:
+        job = jobs[conn.peer]
+        down = job.payload("down")
+        if job.pattern == "client_first":
+            conn.recv_to_eof()
+            conn.send(down)
+        elif job.pattern == "backend_first":
+            conn.send(down)
+            conn.shut_wr()
+            conn.recv_to_eof()
+            return
+        else:  # both at once: a writer thread while this one reads
+            writer = threading.Thread(target=conn.send, args=(down,))
+            writer.start()
+            conn.recv_to_eof()
+            writer.join(conn.deadline.remaining())
+        conn.shut_wr()
+
+    return handler
+
+
+def soak_client(net: Net, daemon: Daemon, job: SoakJob) -> None:
+    up, down = job.payload("up"), job.payload("down")
+    deadline = Deadline(120)
+    with connect(net, daemon, timeout=30) as sock:
+        sock.sendall(v1_header(job.source))
+        if job.pattern == "backend_first":
+            received = recv_to_eof(sock, deadline)
+            sock.sendall(up)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_to_eof(sock, deadline) == b""
+        else:  # interleaved send and receive; the client half-closes when its data is out
+            received = exchange(sock, up, deadline)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(down).digest(), job
+
+
+def run_soak(
+    net: Net, daemon: Daemon, backend: Backend, addresses: ClientAddresses, count: int
+) -> list[SoakJob]:
+    rng = random.Random(os.getpid())
+    patterns = ("client_first", "backend_first", "both")
+    jobs = [
+        SoakJob(
+            number,
+            addresses.v4(),
+            rng.randrange(SOAK_MAX_SIZE + 1),
+            rng.randrange(SOAK_MAX_SIZE + 1),
+            rng.choice(patterns),
+        )
+        for number in range(count)
+    ]
+    by_source = {job.source: job for job in jobs}
+    backend.handler = soak_backend(by_source)
+    deadline = Deadline(600)
+    with ThreadPoolExecutor(max_workers=SOAK_WAVE) as pool:
+        for start in range(0, count, SOAK_WAVE):  # waves, each bounded by the deadline
+            assert not deadline.expired()
+            wave = [
+                pool.submit(soak_client, net, daemon, job)
+                for job in jobs[start : start + SOAK_WAVE]
+            ]
+            for future in wave:
+                future.result(timeout=max(1.0, deadline.remaining()))
+    conns = backend.wait_done(timeout=60)
+    assert len(conns) == count
+    for conn in conns:
+        job = by_source[conn.peer]
+        assert conn.error is None, (job, conn.error)
+        assert conn.received == job.up, job
+        assert conn.digest.digest() == hashlib.sha256(job.payload("up")).digest(), job
+    return jobs
+
+
+def soak(
+    net: Net, mmproxy: StartDaemon, backend: Backend, addresses: ClientAddresses, count: int
+) -> None:
+    daemon = mmproxy(verbose=2)
+    start = time.monotonic()
+    jobs = run_soak(net, daemon, backend, addresses, count)
+    elapsed = time.monotonic() - start
+    failures = daemon.wait_for(lambda line: line.get("dropConnection") is True, 1, 0.5)
+    assert not failures, failures  # zero errors: not one connection ended badly
+    closed = daemon.wait_for(is_msg("connection closed"), count, 10)
+    assert len(closed) == count
+    by_client = {line["clientAddr"]: line for line in closed}
+    for job in jobs:  # mmproxy's own count agrees with both ends
+        line = by_client[f"{job.source[0]}:{job.source[1]}"]
+        assert (line["bytesToTarget"], line["bytesToClient"]) == (job.up, job.down), line
+    verified = sum(job.up + job.down for job in jobs)
+    figure(f"soak of {count}: bytes verified", f"{verified / MIB:.0f} MiB in {elapsed:.1f}s")
+
+
+@pytest.mark.timeout(300)
+def test_soak(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """500 connections (CI size) of random sizes up to 4 MiB each way, half-closed from the
+    client first, from the backend first, or both sending at once, 25 at a time: every byte
+    verified at both ends, and mmproxy reports no failed connection."""
+    soak(net, mmproxy, backend4, addresses, SOAK_CONNECTIONS_CI)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_soak_full(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """The issue's size: 1,000 connections (``pytest -m slow``)."""
+    soak(net, mmproxy, backend4, addresses, SOAK_CONNECTIONS)
+
+
+# ---------------------------------------------------------- 9. connect and idle timeouts
+
+BLACK_HOLE = "192.0.2.99"  # routed out of a veth whose frames nobody accepts
+
+
+@contextlib.contextmanager
+def black_hole_namespace() -> Iterator[tuple[NetNamespace, Net]]:
+    """A namespace of its own where SYNs to BLACK_HOLE vanish without an answer: they leave by
+    a veth pair for a MAC address that no interface has, so the peer end drops the frames, and
+    no ICMP or RST ever comes back (a blackhole route would fail the connect at once)."""
+    with namespace(f"mmproxy-hole-{os.getpid()}") as (ns, sockets):
+        ns.ip("link", "add", "hole0", "type", "veth", "peer", "name", "hole1")
+        ns.ip("link", "set", "hole0", "up")
+        ns.ip("link", "set", "hole1", "up")
+        ns.ip("route", "add", f"{BLACK_HOLE}/32", "dev", "hole0")
+        ns.ip("neigh", "add", BLACK_HOLE, "lladdr", "02:00:00:00:00:99", "dev", "hole0")
+        yield ns, Net(ns, sockets)
+
+
+def test_connect_timeout_ends_a_connect_to_a_silent_backend(
+    mmproxy: StartDaemon, addresses: ClientAddresses
+) -> None:
+    """--connect-timeout 1 against a target that never answers a SYN: the client is closed
+    after about 1 s (not the kernel's minutes of SYN retries), logged as upstream_failed."""
+    with black_hole_namespace() as (ns, net):
+        daemon = mmproxy("--connect-timeout", "1", target4=f"{BLACK_HOLE}:443", verbose=1, ns=ns)
+        try:
+            with connect(net, daemon) as sock:
+                sock.sendall(v1_header(addresses.v4()))
+                elapsed = wait_closed(sock, 10)
+            assert 0.9 <= elapsed < 5
+            (failed,) = daemon.wait_for(lambda line: line.get("reason") == "upstream_failed")
+            assert "timed out" in failed["error"], failed
+            assert daemon.proc.poll() is None
+        finally:
+            daemon.stop()  # before its namespace goes
+    figure("connect timeout 1 s: client closed after", f"{elapsed:.2f}s")
+
+
+def test_default_connect_timeout_is_five_seconds(
+    mmproxy: StartDaemon, addresses: ClientAddresses
+) -> None:
+    with black_hole_namespace() as (ns, net):
+        daemon = mmproxy(target4=f"{BLACK_HOLE}:443", verbose=1, header_timeout=1, ns=ns)
+        try:
+            with connect(net, daemon) as sock:
+                sock.sendall(v1_header(addresses.v4()))
+                elapsed = wait_closed(sock, 15)
+            assert 4.5 <= elapsed < 9
+        finally:
+            daemon.stop()
+
+
+def sink(conn: BackendConnection) -> None:
+    """Read to EOF and never answer: only the client -> backend direction carries data."""
+    conn.recv_to_eof()
+
+
+def test_idle_timeout_closes_connections_idle_both_ways(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """--idle-timeout 1: a connection with no data either way is closed after about 1 s (FIN to
+    both ends, reason idle_timeout); one with data in one direction only, every 0.3 s for 3 s,
+    stays open throughout; and while it lives the daemon sleeps rather than polls."""
+    backend4.handler = sink
+    daemon = mmproxy("--idle-timeout", "1", verbose=1)
+    with connect(net, daemon) as idle:
+        idle.sendall(v1_header(addresses.v4()) + b"one")
+        elapsed = wait_closed(idle, 10)
+    assert 0.9 <= elapsed < 4
+    (line,) = daemon.wait_for(lambda line: line.get("reason") == "idle_timeout")
+    assert line["bytesToTarget"] == 3
+    assert line["msg"] == "idle timeout"
+    assert backend4.wait_done(timeout=5)[0].eof  # the backend got a FIN
+
+    busy = []
+    try:
+        for _ in range(20):
+            sock = connect(net, daemon)
+            busy.append(sock)
+            sock.sendall(v1_header(addresses.v4()))
+        cpu_before = cpu_seconds(daemon)
+        for _ in range(10):
+            for sock in busy:
+                sock.sendall(b"tick")
+            time.sleep(0.3)
+        cpu = cpu_seconds(daemon) - cpu_before
+        for sock in busy:  # none was closed: recv would return b"" at once if it had been
+            sock.settimeout(0)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        start = time.monotonic()
+        for sock in busy:
+            sock.settimeout(None)
+            assert wait_closed(sock, 10) >= 0
+        quiet_closed = time.monotonic() - start
+    finally:
+        for sock in busy:
+            sock.close()
+    # 20 connections for 3 s: spinning relay threads would burn seconds of CPU.
+    assert cpu < 1.0, f"{cpu:.2f}s of CPU in 3 s"
+    assert len(daemon.wait_for(lambda line: line.get("reason") == "idle_timeout", 21, 10)) == 21
+    assert all(conn.received == 40 for conn in backend4.wait_done()[1:])
+    figure("idle timeout 1 s: idle connection closed after", f"{elapsed:.2f}s")
+    figure("idle timeout: daemon CPU for 20 one-way connections over 3 s", f"{cpu:.3f}s")
+    figure("idle timeout: last of 20 closed after traffic stopped", f"{quiet_closed:.2f}s")
+
+
+def test_idle_timeout_is_off_by_default(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    daemon = mmproxy(verbose=1)
+    with connect(net, daemon) as sock:
+        sock.sendall(v1_header(addresses.v4()) + b"wait")
+        sock.settimeout(10)
+        assert sock.recv(4) == b"wait"
+        time.sleep(2.5)
+        sock.sendall(b" for me")
+        assert exchange(sock, b"", Deadline(10)) == b" for me"
+    assert not daemon.wait_for(lambda line: line.get("reason") == "idle_timeout", 1, 0.1)
