@@ -12,6 +12,7 @@ quoting are printed (``pytest -s``) as ``FIGURE name: value``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -150,7 +151,11 @@ def test_slow_clients_are_closed_at_the_header_timeout_while_others_are_served(
             opened.append(time.monotonic())
             sock.sendall(b"PROXY TCP4 198.51.100.7 203.0.113.1 400" if i % 2 else b"\r\n\r\n\0")
 
-        def good(_: int) -> bool:
+        mid_stall: list[Usage] = []
+
+        def good(number: int) -> bool:
+            if number == 20:  # about 1 s into the stall
+                mid_stall.append(Usage.of(daemon))
             source = addresses.v4()
             with connect(net, daemon) as sock:
                 sock.sendall(v1_header(source))
@@ -162,6 +167,7 @@ def test_slow_clients_are_closed_at_the_header_timeout_while_others_are_served(
 
         with ThreadPoolExecutor(max_workers=5) as pool:
             served = list(pool.map(good, range(50)))
+        (stalled,) = mid_stall
         assert served.count(True) == 50
 
         closed_at = [time.monotonic() + wait_closed(sock, header_timeout + 10) for sock in slow]
@@ -173,6 +179,7 @@ def test_slow_clients_are_closed_at_the_header_timeout_while_others_are_served(
     assert max(lifetimes) < header_timeout + 10  # wait_closed would have raised anyway
     assert len(backend4.peers()) == 50  # no slow client ever reached the backend
     figure("500 slow clients: opened in", f"{opened[-1] - opened[0]:.2f}s")
+    figure("500 slow clients: daemon during the stall", stalled)
     figure(
         "500 slow clients: shortest/longest life", f"{min(lifetimes):.2f}s/{max(lifetimes):.2f}s"
     )
@@ -225,11 +232,12 @@ def test_ulimit_256_refuses_at_the_cap_logs_and_recovers(
         refusals = [refused_promptly(net, daemon, addresses.v4()) for _ in range(200)]
         assert all(refusals)
         warnings = daemon.wait_for(lambda line: "connection limit" in str(line.get("msg")))
-        assert len(warnings) == 1, daemon.describe()  # rate-limited, not one per refusal
+        # Rate-limited to one per 10 s, not one per refusal (the 200 take well under 10 s
+        # here; a very busy machine might let a second one through).
+        assert 1 <= len(warnings) <= 2, daemon.describe()
         for sock in held:
             sock.close()
         held.clear()
-        assert settle(lambda: len(backend4.wait_done()), 0, timeout=1) >= 0
         deadline = Deadline(20)
         while not deadline.expired():  # the slots free a moment after the clients close
             with contextlib.suppress(AssertionError, OSError):
@@ -270,7 +278,10 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
         for sock in held:  # idle relayed connections: 2 descriptors each
             sock.sendall(v1_header(addresses.v4()))
         backend4.wait_connections(3)
-        assert settle(lambda: -Usage.of(daemon).fds, -(base + 6)) <= -(base + 6)
+        deadline = Deadline(10)
+        while Usage.of(daemon).fds < base + 6 and not deadline.expired():
+            time.sleep(0.02)  # the last upstream socket is made just after the backend saw it
+        assert Usage.of(daemon).fds == base + 6
         # Descriptors 0-3 are stdio and the listener: with the soft limit at 4, no new
         # descriptor fits (those above it stay valid), so accept() fails with EMFILE.
         prlimit_nofile(daemon.proc.pid, 4)
@@ -357,8 +368,9 @@ def test_backend_reset_mid_transfer_ends_promptly_without_leaks(
             sock.sendall(v1_header(addresses.v4()))
             try:
                 exchange(sock, os.urandom(8 * MIB), Deadline(15))
-            except (ConnectionResetError, BrokenPipeError):
-                pass
+            except OSError as error:  # the reset, seen by send, recv or the final shutdown
+                if error.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    raise
             except AssertionError as unfinished:  # EOF before everything was sent is fine
                 if "EOF after sending" not in str(unfinished):
                     raise
