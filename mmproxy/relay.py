@@ -186,7 +186,9 @@ class Pair:
         if idle_timeout > 0:
             self._watch = IdleWatch(idle_timeout)
             for sock in (client, upstream):
-                set_receive_timeout(sock, idle_timeout)
+                # Only fails on a socket that is already broken; the relay then sees that at once.
+                with contextlib.suppress(OSError):
+                    set_receive_timeout(sock, idle_timeout)
         self._lock = threading.Lock()
         self._running = 2
         self._closed = False
