@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import threading
 from collections.abc import Callable, Iterable
 
 import netaddr
@@ -184,6 +185,49 @@ class AllowList:
         if self._set is None:
             return "AllowList.everyone()"
         return f"AllowList(path={self._path!r}, cidrs={len(self._cidrs)})"
+
+
+class AllowListHolder:
+    """The allow-list in force, swapped as a whole by a reload (SIGHUP).
+
+    Readers take :attr:`current` once per new connection or flow and use that
+    list for the whole decision; :meth:`replace` swaps the reference under a
+    lock, so a reader sees either the old list or the new one, never a mix.
+    Decisions already made (open connections) are not revisited.
+    """
+
+    __slots__ = ("_current", "_lock")
+
+    def __init__(self, initial: AllowList) -> None:
+        self._lock = threading.Lock()
+        self._current = initial
+
+    @property
+    def current(self) -> AllowList:
+        """The list to check a new peer against."""
+        with self._lock:
+            return self._current
+
+    def replace(self, new: AllowList) -> AllowList:
+        """Put ``new`` in force; return the list it replaced."""
+        with self._lock:
+            old, self._current = self._current, new
+        return old
+
+    def reload(self) -> AllowList | None:
+        """Re-read the file the current list came from and put it in force.
+
+        Returns the new list, or None when the current list came from no file
+        (every peer allowed: there is nothing to re-read).  Raises
+        :class:`~mmproxy.errors.ConfigError` (``file:line: reason``) and keeps
+        the current list when the file cannot be read or has an error.
+        """
+        path = self.current.path
+        if path is None:
+            return None
+        new = AllowList.from_file(path)
+        self.replace(new)
+        return new
 
 
 def parse_network(token: str) -> _IPNetwork:

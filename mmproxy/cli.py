@@ -174,6 +174,9 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-udp-flows", "max_udp_flows", _INT, 0,
           "With -p udp: most flows open at once (0: derived from the descriptor limit)",
           _env("MAX_UDP_FLOWS"), go=False),
+    _Flag("idle-timeout", "idle_timeout", _Seconds(), 0.0,
+          "Seconds a relayed connection may pass no data in either direction before it is "
+          "closed (0: never)", _env("IDLE_TIMEOUT"), go=False),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
     _Flag("metrics", "metrics", click.STRING, None,

@@ -35,6 +35,7 @@ MAX_HEADER_TIMEOUT = 3600.0
 MAX_CONNECT_TIMEOUT = 3600.0
 MAX_DRAIN_TIMEOUT = 86400.0
 MAX_UDP_FLOWS = 1 << 20  # one descriptor and one thread each
+MAX_IDLE_TIMEOUT = 7 * 86400.0
 
 # A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and
 # inner hyphens.  Anything else is neither an address nor a name.
@@ -201,6 +202,7 @@ class Config:
     max_udp_flows: int = 0  # 0: derived from the descriptor limit at start-up
     metrics: Endpoint | None = None  # where to serve Prometheus metrics; None: off
     routing_check: bool = True  # warn at start-up about missing policy routing
+    idle_timeout: float = 0.0  # seconds with no data either way before closing; 0: off
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -231,6 +233,7 @@ class Config:
             "maxUdpFlows": self.max_udp_flows,
             "metrics": None if self.metrics is None else str(self.metrics),
             "routingCheck": self.routing_check,
+            "idleTimeout": self.idle_timeout,
         }
 
 
@@ -255,15 +258,17 @@ def build_config(
     max_udp_flows: int = 0,
     metrics: str | None = None,
     no_routing_check: bool = False,
+    idle_timeout: float = 0.0,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
     Raises :class:`FlagError` naming the flag (``-p``, ``-l``, ``-4``, ``-6``,
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
-    ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``, ``--metrics``).
-    Checks run in flag order, so the first bad flag is the one reported.  The
-    allowed-subnets file is read here; an empty ``allowed_subnets`` (or None) allows every peer.
+    ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``, ``--metrics``,
+    ``--idle-timeout``).  Checks run in flag order, so the first bad flag is
+    the one reported.  The allowed-subnets file is read here; an empty
+    ``allowed_subnets`` (or None) allows every peer.
     """
     if protocol not in PROTOCOLS:
         raise FlagError("-p", f'"{protocol}" is not a protocol; use tcp or udp')
@@ -292,6 +297,7 @@ def build_config(
     metrics_ep = None
     if metrics:
         metrics_ep = parse_endpoint(metrics, flag="--metrics", allow_port_zero=True)
+    _check_seconds("--idle-timeout", idle_timeout, MAX_IDLE_TIMEOUT, zero_ok=True)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -312,6 +318,7 @@ def build_config(
         max_udp_flows=max_udp_flows,
         metrics=metrics_ep,
         routing_check=not no_routing_check,
+        idle_timeout=float(idle_timeout),
     )
 
 

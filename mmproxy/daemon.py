@@ -11,6 +11,11 @@ Stopping (SIGTERM or SIGINT), TCP: the listeners stop accepting, live
 connections get ``drain_timeout`` seconds to finish on their own, then the
 rest are shut down.  A second signal during the drain cuts it short.  UDP has
 no end of a flow to wait for: its flows are closed at once.
+
+Reloading (SIGHUP): the ``-allowed-subnets`` file is read again and, if it is
+valid, put in force for connections accepted from then on; connections already
+open are not touched.  A file with an error keeps the old list and is logged
+as a warning with the file's ``path:line: reason``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import threading
 import time
 
 from mmproxy import logs, notify, upstream
+from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
+from mmproxy.errors import ConfigError
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
@@ -88,10 +95,11 @@ def run(config: Config, log: logging.Logger) -> int:
             return EXIT_FAILURE
         metrics = prometheus
     room = limit - FDS_RESERVED - config.listeners
+    allow_list = AllowListHolder(config.allow_list)  # what SIGHUP replaces
     server: Server | UdpServer
     if config.protocol == "udp":
         flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
-        server = UdpServer(config, log, sockets, flows, metrics)
+        server = UdpServer(config, log, sockets, flows, allow_list, metrics)
         ready: dict[str, object] = {"maxUdpFlows": flows, "descriptorLimit": limit}
         if flows > room // FDS_PER_FLOW:
             log.warning(
@@ -101,7 +109,7 @@ def run(config: Config, log: logging.Logger) -> int:
             )
     else:
         capacity = max(1, room // FDS_PER_CONNECTION)
-        server = Server(config, log, sockets, capacity, metrics)
+        server = Server(config, log, sockets, capacity, allow_list, metrics)
         ready = {"maxConnections": capacity, "descriptorLimit": limit}
     server.start()
     if metrics_server is not None:
@@ -111,20 +119,36 @@ def run(config: Config, log: logging.Logger) -> int:
         log.info("ready", extra=ready)
         what = "datagrams" if config.protocol == "udp" else "connections"
         tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
-        server.stop(wait_for_stop(log))
+        server.stop(wait_for_stop(log, allow_list))
     finally:
         if metrics_server is not None:
             metrics_server.close()
     return EXIT_OK
 
 
-def wait_for_stop(log: logging.Logger) -> str:
-    """Block until SIGTERM/SIGINT; return the signal's name."""
+def wait_for_stop(log: logging.Logger, allow_list: AllowListHolder) -> str:
+    """Block until SIGTERM/SIGINT, reloading the allowed subnets on SIGHUP; return the signal."""
     while True:
         signum = signal.sigwait(HANDLED_SIGNALS)
         if signum in STOP_SIGNALS:
             return signal.Signals(signum).name
-        log.info("SIGHUP ignored: this build has no reload")
+        reload_allow_list(log, allow_list)
+
+
+def reload_allow_list(log: logging.Logger, allow_list: AllowListHolder) -> None:
+    """SIGHUP: re-read the allowed-subnets file; on any error keep the list in force."""
+    try:
+        new = allow_list.reload()
+    except ConfigError as error:
+        log.warning(
+            "allowed subnets not reloaded: keeping the previous list",
+            extra={logs.ERROR: str(error)},
+        )
+        return
+    if new is None:
+        log.info("SIGHUP: nothing to reload (no -allowed-subnets file)")
+        return
+    log.info("allowed subnets reloaded", extra={"path": new.path, "count": new.count})
 
 
 def routed_families(config: Config) -> list[socket.AddressFamily]:
@@ -184,10 +208,12 @@ class Server:
         log: logging.Logger,
         sockets: list[socket.socket],
         capacity: int,
+        allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self._config = config
         self._log = log
+        self._allow_list = allow_list
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
         self._services = Services(
@@ -214,7 +240,7 @@ class Server:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
         services = self._services
         services.metrics.accepted()
-        if not self._config.allow_list.allows(peer[0]):
+        if not self._allow_list.current.allows(peer[0]):
             sock.close()
             services.metrics.refused(REFUSED_NOT_ALLOWED)
             services.log.bind(

@@ -15,6 +15,13 @@ through Python.  The rules that make a relay correct:
   number that was closed and already reused by another connection.
 * A direction holds no pipe until its first byte arrives (it waits with a
   one-byte ``MSG_PEEK``), so an idle connection costs 2 descriptors, not 6.
+* The idle timeout (off unless asked for) costs no polling: each socket gets
+  ``SO_RCVTIMEO``, which the kernel applies to the blocking peek and to
+  ``splice`` alike.  A direction whose read times out looks at when *either*
+  direction last moved a byte (:class:`IdleWatch`); only when both were idle
+  for the whole period does it end the pair, otherwise it sleeps again for
+  the time that is left.  A read that times out has moved nothing, so no byte
+  is ever lost to it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -57,19 +65,88 @@ def open_pipe() -> tuple[int, int, int]:
     return read_fd, write_fd, capacity
 
 
-def pump(src: socket.socket, dst: socket.socket, counter: list[int]) -> None:
+MIN_WAIT = 0.001  # seconds; SO_RCVTIMEO of zero would mean "wait forever"
+
+
+class IdleTimeoutError(Exception):
+    """Neither direction of a pair moved a byte for the whole idle timeout."""
+
+
+def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """Set ``SO_RCVTIMEO`` (0: none); reads then fail with EAGAIN after ``seconds`` without data.
+
+    Unlike ``sock.settimeout`` this keeps the socket blocking, which splice needs.
+    """
+    if seconds > 0:
+        seconds = max(seconds, MIN_WAIT)
+    whole = int(seconds)
+    micros = min(999_999, round((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, micros))
+
+
+class IdleWatch:
+    """When each direction of a pair last moved a byte, and whether both have been idle too long.
+
+    Slot 0 is client -> upstream, slot 1 upstream -> client; each slot is
+    written only by its own direction's thread and read by the other (a
+    slightly stale reading only delays the decision to the next wake-up).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        now = time.monotonic()
+        self._last = [now, now]
+
+    def touch(self, side: int) -> None:
+        """Direction ``side`` moved bytes just now."""
+        self._last[side] = time.monotonic()
+
+    def expired(self, side: int, src: socket.socket) -> bool:
+        """Direction ``side``'s read of ``src`` timed out: True if the pair is idle.
+
+        Otherwise the other direction was active meanwhile, and ``src``'s
+        receive timeout is set to the time left until the pair would be idle.
+        """
+        idle_for = time.monotonic() - max(self._last)
+        if idle_for >= self.timeout:
+            return True
+        set_receive_timeout(src, self.timeout - idle_for)
+        return False
+
+
+def pump(
+    src: socket.socket,
+    dst: socket.socket,
+    counter: list[int],
+    idle: IdleWatch | None = None,
+    side: int = 0,
+) -> None:
     """Move bytes from ``src`` to ``dst`` until ``src`` ends; add them to ``counter[0]``.
 
     Returns at end of stream (including a ``src`` shut down by another
     thread); raises OSError on a socket error.  Both sockets must be blocking.
+    With ``idle`` (and ``SO_RCVTIMEO`` on ``src``), raises IdleTimeoutError
+    once neither direction has moved a byte for ``idle.timeout`` seconds;
+    ``side`` is this direction's slot in ``idle``.
     """
-    if not src.recv(1, socket.MSG_PEEK):
-        return  # ended before any data: no pipe needed
+    while True:
+        try:
+            if not src.recv(1, socket.MSG_PEEK):
+                return  # ended before any data: no pipe needed
+            break
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            if idle is None or idle.expired(side, src):
+                raise IdleTimeoutError from None
     read_fd, write_fd, capacity = open_pipe()
     try:
         src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
-            pending = os.splice(src_fd, write_fd, capacity)
+            try:
+                pending = os.splice(src_fd, write_fd, capacity)
+            except BlockingIOError:  # SO_RCVTIMEO expired; nothing was moved
+                if idle is None or idle.expired(side, src):
+                    raise IdleTimeoutError from None
+                continue
             if pending == 0:
                 return
             while pending:
@@ -78,6 +155,8 @@ def pump(src: socket.socket, dst: socket.socket, counter: list[int]) -> None:
                 moved = os.splice(read_fd, dst_fd, pending)
                 pending -= moved
                 counter[0] += moved
+                if idle is not None:  # a slow reader at dst is still progress
+                    idle.touch(side)
     finally:
         os.close(read_fd)
         os.close(write_fd)
@@ -88,9 +167,13 @@ class Pair:
 
     ``client`` is the load balancer's connection; ``upstream`` the one to the
     backend.  :meth:`run` is called once per direction, from two threads.
+    With ``idle_timeout`` (seconds, 0: off) the pair ends once neither
+    direction has moved a byte for that long, and :attr:`idle` says so.
     """
 
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(
+        self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.started = time.monotonic()
@@ -98,27 +181,39 @@ class Pair:
         self.to_target = [0]
         self.to_client = [0]
         self.error: OSError | None = None  # the first error either direction saw
+        self.idle = False  # True when the idle timeout ended the pair
+        self._watch: IdleWatch | None = None
+        if idle_timeout > 0:
+            self._watch = IdleWatch(idle_timeout)
+            for sock in (client, upstream):
+                # Only fails on a socket that is already broken; the relay then sees that at once.
+                with contextlib.suppress(OSError):
+                    set_receive_timeout(sock, idle_timeout)
         self._lock = threading.Lock()
         self._running = 2
         self._closed = False
 
     def forward(self) -> bool:
         """Relay client -> upstream; True when this call finished the pair (see :meth:`_run`)."""
-        return self._run(self.client, self.upstream, self.to_target)
+        return self._run(self.client, self.upstream, self.to_target, 0)
 
     def backward(self) -> bool:
         """Relay upstream -> client; True when this call finished the pair."""
-        return self._run(self.upstream, self.client, self.to_client)
+        return self._run(self.upstream, self.client, self.to_client, 1)
 
-    def _run(self, src: socket.socket, dst: socket.socket, counter: list[int]) -> bool:
+    def _run(self, src: socket.socket, dst: socket.socket, counter: list[int], side: int) -> bool:
         """Pump one direction; returns True in the thread that finished last.
 
         That thread has closed both sockets when this returns, and the
         caller may then log the outcome.
         """
         try:
-            pump(src, dst, counter)
+            pump(src, dst, counter, self._watch, side)
             self._shutdown(dst, socket.SHUT_WR)  # relay the half-close
+        except IdleTimeoutError:
+            with self._lock:
+                self.idle = True
+            self.abort()
         except OSError as error:
             with self._lock:
                 if self.error is None:

@@ -41,6 +41,7 @@ WRONG_TRANSPORT = "wrong_transport"
 BAD_DESTINATION = "bad_destination"
 UPSTREAM_FAILED = "upstream_failed"
 STOPPING = "stopping"
+IDLE_TIMEOUT = "idle_timeout"
 
 
 class RefusedError(Exception):
@@ -178,7 +179,7 @@ class Connection:
         except BaseException:
             self._finish_unrelayed()
             raise
-        pair = Pair(self._sock, conn_up.sock)
+        pair = Pair(self._sock, conn_up.sock, services.config.idle_timeout)
         with self._lock:
             self._pair = pair
             aborted = self._aborted
@@ -225,7 +226,11 @@ class Connection:
             "durationSeconds": round(pair.duration, 6),
         }
         error = pair.error
-        if error is not None and not (self._aborted and error.errno in PEER_GONE):
+        if pair.idle:
+            timeout = self._services.config.idle_timeout
+            detail = f"no data in either direction for {timeout:g}s"
+            log.failure("idle timeout", detail, reason=IDLE_TIMEOUT, **fields)
+        elif error is not None and not (self._aborted and error.errno in PEER_GONE):
             log.failure("connection ended with an error", error, **fields)
         else:
             log.state("connection closed", **fields)

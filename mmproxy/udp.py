@@ -43,6 +43,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from mmproxy import logs, upstream
+from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint, IPAddress
 from mmproxy.errors import HeaderError
 from mmproxy.listener import RESOURCE_ERRORS, STOPPED_ERRORS, ListenerThread, Throttle
@@ -256,9 +257,11 @@ class UdpServer:
         log: logging.Logger,
         sockets: list[socket.socket],
         capacity: int,
+        allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self._config = config
+        self._allow_list = allow_list
         self._metrics = metrics
         self.log = log
         self._flow_log = logs.ConnectionLog(log, config.verbose)
@@ -320,7 +323,7 @@ class UdpServer:
             )
 
     def _deliver(self, datagram: memoryview, sender: Sender, dispatcher: Dispatcher) -> None:
-        if not self._config.allow_list.allows(sender[0]):
+        if not self._allow_list.current.allows(sender[0]):
             raise DroppedError(NOT_ALLOWED, "peer is not in the allowed subnets")
         first_only = self._config.udp_header == "first"
         if first_only and datagram[: len(V2_SIGNATURE)] != V2_SIGNATURE:

@@ -143,6 +143,10 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
 
+    def hup(self) -> None:
+        """SIGHUP: a reload, not a stop, so the fixture still expects a clean exit on SIGTERM."""
+        self.proc.send_signal(signal.SIGHUP)
+
     def wait(self, timeout: float) -> int | None:
         """The exit code, or ``None`` if still running after ``timeout`` seconds."""
         try:

@@ -516,3 +516,27 @@ def test_metrics_count_flows_and_datagrams(rig: UdpRig) -> None:
     assert value(samples, "mmproxy_udp_datagrams_total", direction="to_target") == 3
     assert value(samples, "mmproxy_udp_datagrams_total", direction="to_client") == 3
     assert value(samples, "mmproxy_udp_datagrams_dropped_total", reason="not_proxy_protocol") == 1
+
+
+def test_sighup_reloads_the_allowed_subnets_for_every_datagram(rig: UdpRig, tmp_path: Path) -> None:
+    """UDP checks each datagram, so a reload applies at once, to flows already open too."""
+    allowed = tmp_path / "allowed.txt"
+    allowed.write_text("127.0.0.2/32\n")
+    daemon = rig.start("-allowed-subnets", str(allowed), verbose=1)
+    first, second = rig.balancer(daemon, "127.0.0.1"), rig.balancer(daemon, "127.0.0.2")
+    client = rig.addresses.v4()
+    second.send(dgram_header(client) + b"before")
+    assert second.recv() == show(client).encode() + b"|before"
+    first.send(dgram_header(rig.addresses.v4()) + b"refused")
+    assert daemon.wait_for(lambda line: line.get("reason") == "not_allowed")
+
+    allowed.write_text("127.0.0.1/32\n")
+    daemon.hup()
+    assert daemon.wait_for(lambda line: line.get("msg") == "allowed subnets reloaded")
+    newcomer = rig.addresses.v4()
+    first.send(dgram_header(newcomer) + b"now")
+    assert first.recv() == show(newcomer).encode() + b"|now"
+    second.send(dgram_header(client) + b"after")
+    assert second.recv_all(0.3) == []
+    refusals = daemon.wait_for(lambda line: line.get("reason") == "not_allowed", count=2)
+    assert len(refusals) == 2, daemon.describe()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmproxy.acl import AllowList, parse_network
+from mmproxy.acl import AllowList, AllowListHolder, parse_network
 from mmproxy.errors import ConfigError
 
 
@@ -309,3 +309,69 @@ def test_mapped_peer_matches_exactly_like_its_ipv4_form(net: str, last: int) -> 
     expected = net == "192.0.2" or (net == "198.51.100" and last < 128)
     assert acl.allows(address) is expected
     assert acl.allows(f"::ffff:{address}") is expected
+
+
+# --- reload (SIGHUP) -------------------------------------------------------------
+
+
+def test_holder_reload_swaps_in_the_new_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "192.0.2.0/24\n")
+    holder = AllowListHolder(AllowList.from_file(path))
+    before = holder.current
+    write(tmp_path, "198.51.100.0/24\n2001:db8::/32\n")
+    new = holder.reload()
+    assert new is not None
+    assert holder.current is new
+    assert new.count == 2
+    assert new.path == path
+    assert not new.allows("192.0.2.1")
+    assert new.allows("198.51.100.1")
+    assert before.allows("192.0.2.1")  # the old list itself never changes
+
+
+def test_holder_reload_with_an_error_keeps_the_old_list(tmp_path: Path) -> None:
+    path = write(tmp_path, "192.0.2.0/24\n")
+    holder = AllowListHolder(AllowList.from_file(path))
+    before = holder.current
+    write(tmp_path, "198.51.100.0/24\n# fine so far\nnot-an-address\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: "):
+        holder.reload()
+    assert holder.current is before
+    (tmp_path / "allowed-subnets.txt").unlink()
+    with pytest.raises(ConfigError, match=rf"^{path}: "):
+        holder.reload()
+    assert holder.current is before
+
+
+def test_holder_without_a_file_has_nothing_to_reload() -> None:
+    holder = AllowListHolder(AllowList.everyone())
+    assert holder.reload() is None
+    assert holder.current.allows_everyone
+
+
+def test_holder_readers_see_one_whole_list_or_the_other(tmp_path: Path) -> None:
+    """Readers racing a stream of swaps only ever see one of the two complete lists."""
+    first = AllowList.from_lines(["192.0.2.0/24"], source="first")
+    second = AllowList.from_lines(["198.51.100.0/24"], source="second")
+    holder = AllowListHolder(first)
+    seen: set[tuple[bool, bool]] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            current = holder.current
+            seen.add((current.allows("192.0.2.9"), current.allows("198.51.100.9")))
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(2000):
+            new, old = (second, first) if i % 2 == 0 else (first, second)
+            assert holder.replace(new) is old
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(5)
+    assert seen <= {(True, False), (False, True)}
+    assert seen

@@ -287,6 +287,9 @@ def test_missing_allowed_subnets_file(tmp_path: Path) -> None:
         ({"drain_timeout": -0.5}, "--drain-timeout"),
         ({"drain_timeout": float("inf")}, "--drain-timeout"),
         ({"drain_timeout": 86400.5}, "--drain-timeout"),
+        ({"idle_timeout": -1.0}, "--idle-timeout"),
+        ({"idle_timeout": float("nan")}, "--idle-timeout"),
+        ({"idle_timeout": 7 * 86400.0 + 1}, "--idle-timeout"),
         ({"log_format": "JSON"}, "--log-format"),
         ({"udp_header": "all"}, "--udp-header"),
         ({"udp_header": "First"}, "--udp-header"),
@@ -316,6 +319,9 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"connect_timeout": 0.001},
         {"drain_timeout": 0.0},
         {"drain_timeout": 86400.0},
+        {"idle_timeout": 0.0},
+        {"idle_timeout": 0.5},
+        {"idle_timeout": 7 * 86400.0},
         {"listen": "127.0.0.1:0"},
         {"dynamic_destination": True, "listen_transparent": True},
         {"udp_header": "first"},
@@ -353,6 +359,7 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         drain_timeout=0.0,
         metrics="127.0.0.1:9100",
         no_routing_check=True,
+        idle_timeout=600.0,
     )
     summary = json.loads(json.dumps(built.summary()))
     assert summary == {
@@ -376,6 +383,7 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "maxUdpFlows": 0,
         "metrics": "127.0.0.1:9100",
         "routingCheck": False,
+        "idleTimeout": 600.0,
     }
 
 

@@ -7,12 +7,15 @@ import hashlib
 import os
 import random
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.relay import Pair, open_pipe, pump
+from mmproxy import relay
+from mmproxy.relay import Pair, open_pipe, pump, set_receive_timeout
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -41,11 +44,11 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def start_pair(
-    daemon_client: socket.socket, daemon_upstream: socket.socket
+    daemon_client: socket.socket, daemon_upstream: socket.socket, idle_timeout: float = 0.0
 ) -> tuple[Pair, list[threading.Thread], list[bool]]:
     """A Pair with both directions running, as the daemon runs them; ``finished`` collects
     each direction's return value (True from the one that finished the pair)."""
-    pair = Pair(daemon_client, daemon_upstream)
+    pair = Pair(daemon_client, daemon_upstream, idle_timeout)
     finished: list[bool] = []
     threads = [
         threading.Thread(target=lambda: finished.append(pair.forward())),
@@ -158,4 +161,84 @@ def test_abort_wakes_both_directions(legs: tuple[socket.socket, ...]) -> None:
     join_all(threads, 5)
     assert sorted(finished) == [False, True]
     pair.abort()  # after close: a no-op, never touches a reused descriptor number
+    pair.close()
+
+
+# ------------------------------------------------------------------ idle timeout
+
+
+def test_receive_timeout_is_never_zero_by_rounding() -> None:
+    """SO_RCVTIMEO 0 means "wait forever": a tiny positive wait must not round down to it."""
+    a, b = tcp_pair()
+    with a, b:
+        # The kernel keeps the value in jiffies (1-10 ms): compare within 10 ms.
+        for seconds, expected in ((0.0, 0.0), (1e-9, 0.001), (2.25, 2.25)):
+            set_receive_timeout(a, seconds)
+            raw = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+            whole, micros = struct.unpack("ll", raw)
+            actual = whole + micros / 1e6
+            assert (actual > 0) == (seconds > 0), seconds
+            assert abs(actual - expected) <= 0.01, (seconds, actual)
+
+
+def test_idle_pair_is_closed_after_the_idle_timeout(legs: tuple[socket.socket, ...]) -> None:
+    client, daemon_client, daemon_upstream, backend = legs
+    start = time.monotonic()
+    pair, threads, finished = start_pair(daemon_client, daemon_upstream, idle_timeout=0.3)
+    client.settimeout(5)
+    backend.settimeout(5)
+    assert client.recv(10) == b""  # FIN, not a reset: the relay shuts both legs down
+    assert backend.recv(10) == b""
+    elapsed = time.monotonic() - start
+    join_all(threads, 5)
+    assert sorted(finished) == [False, True]
+    assert pair.idle is True
+    assert pair.error is None
+    assert 0.25 <= elapsed < 5
+    assert daemon_client.fileno() == -1
+    assert daemon_upstream.fileno() == -1
+
+
+def test_traffic_one_way_keeps_the_pair_open_without_polling(
+    legs: tuple[socket.socket, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only both directions idle for the whole period end a pair.  The silent direction wakes
+    about once per period to look, not in a loop; every byte sent arrives."""
+    wakeups = [0]
+    original = relay.IdleWatch.expired
+
+    def counting(self: relay.IdleWatch, side: int, src: socket.socket) -> bool:
+        wakeups[0] += 1
+        return original(self, side, src)
+
+    monkeypatch.setattr(relay.IdleWatch, "expired", counting)
+    client, daemon_client, daemon_upstream, backend = legs
+    pair, threads, finished = start_pair(daemon_client, daemon_upstream, idle_timeout=0.3)
+    backend.settimeout(5)
+    received = bytearray()
+    sent = 0
+    for _ in range(15):  # 1.5 s of one byte per 100 ms: five idle periods for the other way
+        client.sendall(b"x")
+        sent += 1
+        received += backend.recv(10)
+        time.sleep(0.1)
+    assert all(thread.is_alive() for thread in threads)
+    assert not pair.idle
+    while len(received) < sent:
+        received += backend.recv(10)
+    assert bytes(received) == b"x" * sent
+    join_all(threads, 5)  # now silent: closed one period later
+    assert pair.idle is True
+    assert pair.to_target == [sent]
+    assert sorted(finished) == [False, True]
+    # 1.5 s of traffic plus the final period, with 0.3 s periods: about 6-8 looks in all.
+    assert 1 <= wakeups[0] <= 20, wakeups[0]
+
+
+def test_idle_timeout_off_sets_no_receive_timeout(legs: tuple[socket.socket, ...]) -> None:
+    _client, daemon_client, daemon_upstream, _backend = legs
+    pair = Pair(daemon_client, daemon_upstream)
+    for sock in (daemon_client, daemon_upstream):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+        assert struct.unpack("ll", raw) == (0, 0)
     pair.close()
