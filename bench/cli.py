@@ -174,8 +174,22 @@ def _now() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (0 ok, 1 a measurement failed, 2 usage, 130)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
-        settings = parse(sys.argv[1:] if argv is None else argv)
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process stopped, namespace deleted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def _main(argv: Sequence[str]) -> int:
+    try:
+        settings = parse(argv)
     except SettingsError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -189,37 +203,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    started = _now()
+    info = report.machine(settings)
     logs = Path(tempfile.mkdtemp(prefix="mmproxy-bench-"))
     ns = Namespace()
     procs = Processes(logs)
-    started = _now()
-    info = report.machine(settings)
     try:
         ns.create()
         total = settings.repeats * len(settings.workloads) * len(settings.targets)
         progress = Progress(total)
-        runner = Runner(settings, ns, procs, loadgen)
         try:
-            records = runner.run(progress)
+            records = Runner(settings, ns, procs, loadgen).run(progress)
         finally:
             progress.finish()
-    except KeyboardInterrupt:
-        _clean_up(procs, ns, logs)
-        print("bench: interrupted; every process stopped, namespace deleted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except NamespaceError as error:
         _clean_up(procs, ns, logs)
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        _clean_up(procs, ns, logs)
+        _clean_up(procs, ns, logs)  # also on KeyboardInterrupt, before main() reports it
     info["loadavg_end"] = list(os.getloadavg())
     rows = report.summarise(settings, records)
     print(report.table(settings, rows))
     print()
-    print(report.footer(settings, records, info))
+    print(report.footer(settings, records, rows, info))
     if settings.json_path is not None:
         doc = report.document(settings, records, rows, info, started, _now())
         settings.json_path.parent.mkdir(parents=True, exist_ok=True)

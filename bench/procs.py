@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO
 
@@ -29,20 +29,36 @@ LineHandler = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Usage:
-    """A snapshot of a process tree's resources."""
+    """A snapshot of a process tree's resources (differences of snapshots are Usages too).
+
+    ``cpu_seconds`` is ``user_seconds + system_seconds``; the context switches are summed over
+    every thread, and tell how often the proxy's threads slept and were woken.
+    """
 
     cpu_seconds: float
     rss_kib: int
     fds: int
     threads: int
+    user_seconds: float = 0.0
+    system_seconds: float = 0.0
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Usage)))
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(
-            self.cpu_seconds - other.cpu_seconds,
-            self.rss_kib - other.rss_kib,
-            self.fds - other.fds,
-            self.threads - other.threads,
-        )
+        return Usage(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(Usage)))
+
+    def as_json(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}_{f.name}": round(value, 4) if isinstance(value, float) else value
+            for f in fields(Usage)
+            for value in [getattr(self, f.name)]
+        }
+
+
+ZERO = Usage(0.0, 0, 0, 0)
 
 
 def _children() -> dict[int, list[int]]:
@@ -70,11 +86,23 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def _switches(pid: int) -> tuple[int, int]:
+    voluntary = involuntary = 0
+    for task in os.scandir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            for line in Path(task.path, "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    voluntary += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
 def _one(pid: int) -> Usage:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rpartition(")")[2].split()
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    user, system = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
     rss = threads = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -82,21 +110,16 @@ def _one(pid: int) -> Usage:
         elif line.startswith("Threads:"):
             threads = int(line.split()[1])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return Usage(cpu, rss, fds, threads)
+    voluntary, involuntary = _switches(pid)
+    return Usage(user + system, rss, fds, threads, user, system, voluntary, involuntary)
 
 
 def usage(pid: int) -> Usage:
     """The resources of ``pid`` and its descendants (processes that vanish meanwhile count 0)."""
-    total = Usage(0.0, 0, 0, 0)
+    total = ZERO
     for member in process_tree(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            one = _one(member)
-            total = Usage(
-                total.cpu_seconds + one.cpu_seconds,
-                total.rss_kib + one.rss_kib,
-                total.fds + one.fds,
-                total.threads + one.threads,
-            )
+            total += _one(member)
     return total
 
 

@@ -94,7 +94,29 @@ def table(settings: Settings, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def footer(settings: Settings, records: list[Record], machine: dict[str, Any]) -> str:
+BOTTLENECK_RATIO = 0.8  # a proxy this close to direct suggests the harness itself is the limit
+
+
+def suspicious(settings: Settings, rows: list[Row]) -> list[str]:
+    """Rate figures where a proxy comes within :data:`BOTTLENECK_RATIO` of ``direct``.
+
+    The direct path must stay far above every proxied one; when it does not, the load
+    generator or the backend may be what limits both, and the ratio says little.
+    """
+    found = []
+    for row in rows:
+        if row.workload.kind == "idle" or row.metric != row.workload.metrics[0]:
+            continue
+        for target in settings.proxies:
+            share = row.ratio(target.name, DIRECT)
+            if share is not None and share >= BOTTLENECK_RATIO:
+                found.append(f"{row.workload.name} via {target.name} ({share:.2f}x)")
+    return found
+
+
+def footer(
+    settings: Settings, records: list[Record], rows: list[Row], machine: dict[str, Any]
+) -> str:
     """The lines under the table: what was measured where, and what went wrong."""
     lines = [
         (
@@ -108,6 +130,15 @@ def footer(settings: Settings, records: list[Record], machine: dict[str, Any]) -
             f"{machine['loadavg_end'][0]:.2f} at end."
         ),
     ]
+    if settings.extra.get("note"):
+        lines.append(f"Note: {settings.extra['note']}")
+    close = suspicious(settings, rows)
+    if close:
+        lines.append(
+            "Warning: direct is not far above the proxied figure for "
+            + ", ".join(close)
+            + ": the load generator or backend may be the bottleneck there."
+        )
     errors = [r for r in records if r.error]
     if errors:
         lines.append(f"{len(errors)} measurement(s) failed (see the JSON): {errors[0].error}")

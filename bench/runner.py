@@ -12,6 +12,7 @@ with its error and the run goes on; the command then exits non-zero.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.netns import Namespace
-from bench.procs import Child, Processes, Usage, usage
+from bench.procs import Child, Processes, usage
 from bench.settings import Settings, Target
 from bench.stats import number
 from bench.targets import Backend, Proxy, StartError
@@ -48,6 +49,7 @@ class Record:
     proxy: dict[str, Any] = field(default_factory=dict)  # resource figures, ready line
     error: str | None = None
     seconds: float = 0.0  # wall time of the whole measurement, start-up included
+    loadavg: float = 0.0  # the machine's 1-minute load average when it started
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class Record:
             "proxy": self.proxy,
             "error": self.error,
             "seconds": round(self.seconds, 3),
+            "loadavg": round(self.loadavg, 2),
         }
 
 
@@ -138,6 +141,7 @@ class Runner:
 
     def measure(self, workload: Workload, target: Target, repeat: int) -> Record:
         record = Record(repeat=repeat, workload=workload.name, target=target.name)
+        record.loadavg = os.getloadavg()[0]
         started = time.monotonic()
         backend: Backend | None = None
         proxy: Proxy | None = None
@@ -245,7 +249,7 @@ class Runner:
         if proxy is not None and before is not None:
             after = usage(proxy.pid)
             cpu = after.cpu_seconds - before.cpu_seconds
-            record.proxy.update(usage_json("before", before) | usage_json("after", after))
+            record.proxy.update(before.as_json("before") | after.as_json("after"))
             record.proxy["cpu_seconds"] = round(cpu, 4)
         record.client = result
         record.figures = load_figures(workload, result, cpu)
@@ -278,7 +282,7 @@ class Runner:
         if proxy is not None and before is not None:
             after = usage(proxy.pid)
             grown = after - before
-            record.proxy.update(usage_json("before", before) | usage_json("after", after))
+            record.proxy.update(before.as_json("before") | after.as_json("after"))
         closing = time.monotonic()
         child.close_stdin()
         result = self._finish_client(child, lines, 30.0)
@@ -286,15 +290,6 @@ class Runner:
         record.client = result | {"backend_live": relayed} | phases
         held = min(relayed, int(result.get("alive", 0)))
         record.figures = idle_figures(held, grown)
-
-
-def usage_json(prefix: str, snapshot: Usage) -> dict[str, Any]:
-    return {
-        f"{prefix}_cpu_seconds": round(snapshot.cpu_seconds, 4),
-        f"{prefix}_rss_kib": snapshot.rss_kib,
-        f"{prefix}_fds": snapshot.fds,
-        f"{prefix}_threads": snapshot.threads,
-    }
 
 
 def summary_text(workload: Workload, record: Record) -> str:

@@ -114,6 +114,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert rows[3][3] != "-"
     assert rows[4][2:] == ["40", "40", "1.00x"]
     assert "Medians of 1 repeat(s) of 0.5 s per workload" in stdout
+    assert "Note: harness test" in stdout
 
     # the JSON document
     doc = json.loads(out.read_text())
@@ -142,6 +143,8 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert pingpong["proxy"]["ready"]["msg"] == "ready"
     assert pingpong["proxy"]["exit_code"] == 0
     assert pingpong["proxy"]["after_cpu_seconds"] >= pingpong["proxy"]["before_cpu_seconds"]
+    assert pingpong["proxy"]["after_voluntary_switches"] > 0
+    assert pingpong["loadavg"] >= 0
     assert pingpong["figures"]["cpu_ms_per_1k_msg"] is not None
     assert runs[("pingpong", "direct")]["figures"]["cpu_ms_per_1k_msg"] is None
     idle = runs[("idle", "mmproxy")]

@@ -280,9 +280,24 @@ def test_document_keeps_every_repeat_and_the_machine() -> None:
     first = doc["summary"][0]
     assert first["targets"][MMPROXY]["values"] == [5.0, 6.0]
     assert first["targets"][MMPROXY]["ratio_to_direct"] == pytest.approx(0.5)
-    footer = report.footer(settings, records, info)
+    footer = report.footer(settings, records, rows, info)
     assert "Medians of 2 repeat(s)" in footer
     assert "1 measurement(s) failed" in footer
+
+
+def test_footer_warns_when_a_proxy_comes_close_to_direct() -> None:
+    settings = _settings()
+    records = [
+        Record(0, "bulk-up-1", DIRECT, {"gbps": 10.0}),
+        Record(0, "bulk-up-1", MMPROXY, {"gbps": 9.0, "cpu_s_per_gb": 0.1}),
+        Record(0, "idle", DIRECT, idle_figures(100, None)),
+        Record(0, "idle", MMPROXY, idle_figures(100, Usage(0, 1, 2, 2))),
+    ]
+    rows = report.summarise(settings, records)
+    assert report.suspicious(settings, rows) == ["bulk-up-1 via mmproxy (0.90x)"]
+    info = report.machine(settings) | {"loadavg_end": [1.0, 1.0, 1.0]}
+    assert "may be the bottleneck" in report.footer(settings, records, rows, info)
+    assert report.suspicious(settings, report.summarise(settings, _records())) == []
 
 
 def test_chart_is_skipped_without_matplotlib(
@@ -370,6 +385,23 @@ def test_cache_is_outside_the_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path
 # ----------------------------------------------------------------------------- /proc
 
 
+def test_usage_arithmetic_covers_every_field() -> None:
+    a = Usage(2.0, 100, 10, 3, 1.5, 0.5, 40, 4)
+    b = Usage(1.0, 40, 4, 1, 0.5, 0.5, 10, 1)
+    assert a - b == Usage(1.0, 60, 6, 2, 1.0, 0.0, 30, 3)
+    assert (a - b) + b == a
+    assert (a - b).as_json("grown") == {
+        "grown_cpu_seconds": 1.0,
+        "grown_rss_kib": 60,
+        "grown_fds": 6,
+        "grown_threads": 2,
+        "grown_user_seconds": 1.0,
+        "grown_system_seconds": 0.0,
+        "grown_voluntary_switches": 30,
+        "grown_involuntary_switches": 3,
+    }
+
+
 def test_usage_reads_this_process_and_its_children() -> None:
     with subprocess.Popen(["sleep", "30"]) as child:
         try:
@@ -380,6 +412,8 @@ def test_usage_reads_this_process_and_its_children() -> None:
             assert mine.fds >= 3
             assert mine.threads >= 2  # this process and sleep
             assert mine.cpu_seconds > 0
+            assert mine.cpu_seconds == pytest.approx(mine.user_seconds + mine.system_seconds)
+            assert mine.voluntary_switches > 0
             grown = mine - alone
             assert grown.rss_kib == mine.rss_kib - alone.rss_kib
         finally:
