@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from bench import build, chart, report
+from bench import build, chart, netns, report
 from bench.netns import Namespace, NamespaceError
 from bench.procs import Processes
 from bench.runner import Progress, Runner
@@ -203,6 +203,8 @@ def _main(argv: Sequence[str]) -> int:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
+    for name in netns.remove_stale():
+        print(f"bench: deleted {name}, left by a run that was killed", file=sys.stderr)
     started = _now()
     info = report.machine(settings)
     logs = Path(tempfile.mkdtemp(prefix="mmproxy-bench-"))

@@ -32,7 +32,8 @@
  *       header to send first), --addr-offset K (first client address), --dest-port P
  *       (destination port written in the header), --window N.
  *       Prints one JSON object on stdout at the end (idle: also one when all
- *       connections were attempted).
+ *       connections were attempted).  Every client loop ends at --duration or at a count
+ *       (MAX_CONNECTIONS, MAX_MESSAGES, MAX_BYTES), whichever comes first.
  *
  * Fake client addresses in headers come from the documentation range
  * 198.51.100.0/24 (RFC 5737): connection k uses 198.51.100.(1 + k / 64000 % 254)
@@ -68,6 +69,11 @@
 #define MAX_SAMPLES (4 * 1024 * 1024)
 #define CONNECTING_AT_ONCE 64 /* idle mode: connects in flight */
 #define DRAIN_SECONDS 10.0    /* upload: time allowed for the data to reach the backend */
+/* Every loop is bounded in count as well as in time: a client stops at whichever comes first.
+ * Connections stop before fake client addresses would repeat (254 hosts x 64000 ports). */
+#define MAX_CONNECTIONS (254ULL * 64000ULL)
+#define MAX_MESSAGES (1ULL << 40)
+#define MAX_BYTES (1ULL << 50)
 
 static char bulk[BULK_CHUNK];
 static char pattern[PATTERN_SIZE];
@@ -580,7 +586,8 @@ static void run_client(void) {
     }
     struct epoll_event events[MAX_EVENTS];
     double t = start;
-    while (t < end) {
+    while (t < end && res.connections < MAX_CONNECTIONS && res.messages < MAX_MESSAGES &&
+           res.bytes < MAX_BYTES) {
         int n = epoll_wait(ep, events, MAX_EVENTS, 20);
         t = now();
         for (int i = 0; i < n; i++) {

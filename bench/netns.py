@@ -27,8 +27,42 @@ def run_ip(*args: str) -> str:
     return result.stdout
 
 
+PREFIX = "mmproxy-bench-"
+
+
 def default_name() -> str:
-    return f"mmproxy-bench-{os.getpid()}"
+    return f"{PREFIX}{os.getpid()}"
+
+
+def stale() -> list[str]:
+    """Namespaces of earlier runs whose harness is gone (killed with SIGKILL, say).
+
+    Only names this harness makes (``mmproxy-bench-<pid>``) and only when no process has that
+    pid any more: a live run, or an unrelated process that reused the pid, is left alone.
+    """
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        pid = name.removeprefix(PREFIX)
+        if name.startswith(PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            found.append(name)
+    return found
+
+
+def remove_stale() -> list[str]:
+    """Kill what runs in each stale namespace and delete it; returns the names removed."""
+    removed = []
+    for name in stale():
+        namespace = Namespace(name, existing=True)
+        try:
+            namespace.delete()
+        except NamespaceError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def exists(name: str) -> bool:
@@ -36,11 +70,15 @@ def exists(name: str) -> bool:
 
 
 class Namespace:
-    """A named network namespace; use :meth:`create` and :meth:`delete` (or ``with``)."""
+    """A named network namespace; use :meth:`create` and :meth:`delete` (or ``with``).
 
-    def __init__(self, name: str | None = None) -> None:
+    ``existing`` takes charge of a namespace that is already there (one left by a killed run),
+    so that :meth:`delete` removes it.
+    """
+
+    def __init__(self, name: str | None = None, *, existing: bool = False) -> None:
         self.name = name or default_name()
-        self._created = False
+        self._created = existing
 
     def create(self) -> None:
         run_ip("netns", "add", self.name)

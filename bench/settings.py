@@ -125,10 +125,14 @@ def parse_only(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def check_python(path: str) -> str:
-    """The interpreter that runs mmproxy must exist and be executable."""
+    """The interpreter that runs mmproxy: an executable file, as an absolute path.
+
+    Absolute because the children run from ``/``; symlinks are kept, since a virtual
+    environment's interpreter is one and needs its own path to find its packages.
+    """
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise SettingsError(f"--python: {path} is not an executable file")
-    return path
+    return os.path.abspath(path)
 
 
 def unique_names(targets: list[Target]) -> None:

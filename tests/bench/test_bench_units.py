@@ -6,11 +6,12 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import build, chart, cli, report
+from bench import build, chart, cli, netns, report
 from bench.procs import Usage, process_tree, usage
 from bench.runner import Progress, Record, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
@@ -172,6 +173,8 @@ def test_defaults_and_flags() -> None:
     assert settings.workloads == ("bulk-up-1", "idle")  # the harness's order, not the flag's
     assert settings.targets[1].flags == ("-listeners", "2", "-v", "0")
     assert settings.targets[2].name == "p"
+    relative = os.path.relpath(sys.executable)
+    assert cli.parse(["--python", relative]).python == os.path.abspath(relative)
 
 
 @pytest.mark.parametrize(
@@ -380,6 +383,36 @@ def test_cache_is_outside_the_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert build.cache_dir() == tmp_path / "mmproxy-bench"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert not build.cache_dir().is_relative_to(build.SOURCE.parent.parent)
+
+
+# --------------------------------------------------------------------------- netns
+
+
+def test_a_namespace_left_by_a_killed_run_is_removed_with_its_processes() -> None:
+    with subprocess.Popen(["true"]) as gone:
+        gone.wait()
+    name = f"{netns.PREFIX}{gone.pid}"  # the pid of a process that has exited: a dead harness
+    if netns.exists(name):
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    left = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while left.pid not in netns.Namespace(name, existing=True).pids():
+            assert time.monotonic() < deadline, "sleep never showed up in the namespace"
+            time.sleep(0.05)
+        assert name in netns.stale()
+        assert f"{netns.PREFIX}{os.getpid()}" not in netns.stale()  # a live pid: not stale
+        removed = netns.remove_stale()
+        assert name in removed or not netns.exists(name)  # (or a concurrent run removed it)
+        assert not netns.exists(name)
+        assert left.wait(timeout=10) == -9  # killed with the namespace
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+        if netns.exists(name):
+            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 # ----------------------------------------------------------------------------- /proc
