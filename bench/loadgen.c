@@ -546,9 +546,10 @@ static void run_idle(int ep) {
            (unsigned long long)res.opened, (unsigned long long)res.failed);
     fflush(stdout);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
-    epoll_ctl(ep, EPOLL_CTL_ADD, STDIN_FILENO, &ev);
+    /* stdin must be a pipe the harness closes; anything else (a file, /dev/null) means "now" */
+    int stop = epoll_ctl(ep, EPOLL_CTL_ADD, STDIN_FILENO, &ev) != 0;
     double start = now();
-    for (int stop = 0; !stop && now() < deadline;) {
+    while (!stop && now() < deadline) {
         int n = epoll_wait(ep, events, MAX_EVENTS, 100);
         for (int i = 0; i < n; i++) {
             struct cconn *c = events[i].data.ptr;
