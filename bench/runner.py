@@ -252,6 +252,10 @@ class Runner:
             record.proxy.update(before.as_json("before") | after.as_json("after"))
             record.proxy["cpu_seconds"] = round(cpu, 4)
         record.client = result
+        if workload.client == "upload" and result.get("errors"):
+            # the time includes waiting for the backend's end of stream: without it, the
+            # bytes were not all delivered and the figure would mean nothing
+            raise MeasureError("an upload connection did not end cleanly: delivery unconfirmed")
         record.figures = load_figures(workload, result, cpu)
 
     def _idle(
