@@ -184,12 +184,14 @@ class Child:
         except subprocess.TimeoutExpired:
             return None
 
-    def stderr_tail(self, lines: int = 5) -> str:
+    def stderr_tail(self, lines: int = 3, width: int = 400) -> str:
+        """The last lines the child wrote on stderr, joined with `` | ``, at most ``width`` long."""
         try:
             text = self.stderr_path.read_text(errors="replace")
         except OSError:
             return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        tail = " | ".join(text.strip().splitlines()[-lines:])
+        return tail if len(tail) <= width else "..." + tail[-(width - 3) :]
 
     def stop(self, grace: float = 5.0) -> int:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL the process group; idempotent."""

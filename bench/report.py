@@ -61,7 +61,12 @@ def summarise(settings: Settings, records: list[Record]) -> list[Row]:
         for metric in metrics:
             values: dict[str, list[float | None]] = {}
             for target in settings.targets:
-                ours = [r for r in records if r.workload == name and r.target == target.name]
+                # a failed measurement gives no figure, even if it got some before failing
+                ours = [
+                    r
+                    for r in records
+                    if r.workload == name and r.target == target.name and r.error is None
+                ]
                 ours.sort(key=lambda r: r.repeat)
                 values[target.name] = [r.figures.get(metric.key) for r in ours]
             row = Row(workload, metric, values, connections)
@@ -139,9 +144,16 @@ def footer(
             + ", ".join(close)
             + ": the load generator or backend may be the bottleneck there."
         )
-    errors = [r for r in records if r.error]
-    if errors:
-        lines.append(f"{len(errors)} measurement(s) failed (see the JSON): {errors[0].error}")
+    failed: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        if record.error:
+            failed.setdefault((record.workload, record.target), []).append(record)
+    for (workload, target), ours in failed.items():
+        error = str(ours[-1].error)
+        error = error if len(error) <= 240 else error[:237] + "..."
+        lines.append(
+            f"Failed: {workload} via {target}, {len(ours)} of {settings.repeats} repeat(s): {error}"
+        )
     client_errors = sum(int(r.client.get("errors", 0)) for r in records)
     if client_errors:
         lines.append(f"The load generator counted {client_errors} failed connection(s).")

@@ -225,7 +225,8 @@ def _records() -> list[Record]:
             Record(repeat, "bulk-up-1", MMPROXY, {"gbps": proxied, "cpu_s_per_gb": 0.5}),
             Record(repeat, "bulk-up-1", "go", {"gbps": peer, "cpu_s_per_gb": 0.25}),
         ]
-    records.append(Record(1, "bulk-up-1", "go", error="go exited during the run"))
+    # a failed measurement's figures (taken before it failed) never reach the table
+    records.append(Record(1, "bulk-up-1", "go", {"gbps": 100.0}, error="go exited during the run"))
     records += [
         Record(0, "idle", DIRECT, idle_figures(100, None)),
         Record(0, "idle", MMPROXY, idle_figures(100, Usage(0, 3000, 200, 200))),
@@ -285,7 +286,7 @@ def test_document_keeps_every_repeat_and_the_machine() -> None:
     assert first["targets"][MMPROXY]["ratio_to_direct"] == pytest.approx(0.5)
     footer = report.footer(settings, records, rows, info)
     assert "Medians of 2 repeat(s)" in footer
-    assert "1 measurement(s) failed" in footer
+    assert "Failed: bulk-up-1 via go, 1 of 2 repeat(s): go exited during the run" in footer
 
 
 def test_footer_warns_when_a_proxy_comes_close_to_direct() -> None:
