@@ -18,15 +18,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from bench import build, chart, netns, report
 from bench.netns import Namespace, NamespaceError
 from bench.procs import Processes
-from bench.runner import Progress, Runner
+from bench.runner import Progress, Record, Runner
 from bench.settings import (
     DIRECT,
     MMPROXY,
@@ -122,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="PATH", help="write every figure here")
     p.add_argument("--png", type=Path, metavar="PATH", help="draw a bar chart (matplotlib)")
     p.add_argument("--note", default="", help="free text recorded with the results")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="measure nothing: print the table of a saved --json file again (and --png)",
+    )
     return p
 
 
@@ -152,6 +159,7 @@ def parse(argv: Sequence[str]) -> Settings:
         limit_nofile=args.limit_nofile,
         json_path=args.json,
         png_path=args.png,
+        replay=args.from_json,
         extra=extra,
     )
 
@@ -193,6 +201,8 @@ def _main(argv: Sequence[str]) -> int:
     except SettingsError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.replay is not None:
+        return _replay(settings.replay, settings.png_path)
     problem = _preflight()
     if problem:
         print(f"bench: error: {problem}", file=sys.stderr)
@@ -225,15 +235,35 @@ def _main(argv: Sequence[str]) -> int:
     finally:
         _clean_up(procs, ns, logs)  # also on KeyboardInterrupt, before main() reports it
     info["loadavg_end"] = list(os.getloadavg())
+    if settings.json_path is not None:
+        doc = report.document(
+            settings, records, report.summarise(settings, records), info, started, _now()
+        )
+        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
+        settings.json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"JSON: {settings.json_path}", file=sys.stderr)
+    _output(settings, records, info)
+    return EXIT_FAILED if any(record.error for record in records) else EXIT_OK
+
+
+def _replay(path: Path, png: Path | None) -> int:
+    """``--from-json``: the table (and chart) of an earlier run, from its JSON document."""
+    try:
+        settings, records, info = report.load(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"bench: error: --from-json: {path}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = replace(settings, png_path=png)
+    _output(settings, records, info)
+    return EXIT_OK
+
+
+def _output(settings: Settings, records: list[Record], info: dict[str, Any]) -> None:
+    """The table and its footer on stdout; the chart when asked for."""
     rows = report.summarise(settings, records)
     print(report.table(settings, rows))
     print()
     print(report.footer(settings, records, rows, info))
-    if settings.json_path is not None:
-        doc = report.document(settings, records, rows, info, started, _now())
-        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        settings.json_path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"JSON: {settings.json_path}", file=sys.stderr)
     if settings.png_path is not None:
         if chart.render(settings, rows, settings.png_path):
             print(f"chart: {settings.png_path}", file=sys.stderr)
@@ -242,7 +272,6 @@ def _main(argv: Sequence[str]) -> int:
                 "bench: chart skipped: matplotlib is not installed (pip install -e '.[bench]')",
                 file=sys.stderr,
             )
-    return EXIT_FAILED if any(record.error for record in records) else EXIT_OK
 
 
 def _clean_up(procs: Processes, ns: Namespace, logs: Path) -> None:

@@ -13,6 +13,7 @@ started through a wrapper is measured whole.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +124,18 @@ def usage(pid: int) -> Usage:
     return total
 
 
+def _readable(line: str) -> str:
+    """A JSON log line (mmproxy's, go-mmproxy's) shortened to its message and error."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or "msg" not in record:
+        return line
+    error = record.get("error")
+    return f"{record['msg']}: {error}" if error else str(record["msg"])
+
+
 class Child:
     """One started process; its stdout lines go to ``on_line`` (from a reader thread)."""
 
@@ -190,7 +203,7 @@ class Child:
             text = self.stderr_path.read_text(errors="replace")
         except OSError:
             return ""
-        tail = " | ".join(text.strip().splitlines()[-lines:])
+        tail = " | ".join(_readable(line) for line in text.strip().splitlines()[-lines:])
         return tail if len(tail) <= width else "..." + tail[-(width - 3) :]
 
     def stop(self, grace: float = 5.0) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.runner import Record
-from bench.settings import DIRECT, MMPROXY, Settings
+from bench.settings import DIRECT, MMPROXY, Settings, Target
 from bench.stats import count, median, number, ratio, times
 from bench.workloads import BY_NAME, Metric, Workload
 
@@ -150,7 +150,8 @@ def footer(
             failed.setdefault((record.workload, record.target), []).append(record)
     for (workload, target), ours in failed.items():
         error = str(ours[-1].error)
-        error = error if len(error) <= 240 else error[:237] + "..."
+        if len(error) > 240:  # keep what failed and how it ended: both ends of the message
+            error = error[:100] + " ... " + error[-135:]
         lines.append(
             f"Failed: {workload} via {target}, {len(ours)} of {settings.repeats} repeat(s): {error}"
         )
@@ -288,3 +289,45 @@ def document(
         "runs": [record.as_json() for record in records],
         "errors": sum(1 for record in records if record.error),
     }
+
+
+def load(doc: dict[str, Any]) -> tuple[Settings, list[Record], dict[str, Any]]:
+    """The settings, records and machine of a saved JSON document, to print or draw it again."""
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} document (schema {doc.get('schema')!r})")
+    saved = doc["settings"]
+    targets = tuple(
+        Target(
+            name=t["name"], kind=t["kind"], template=t["template"] or "", flags=tuple(t["flags"])
+        )
+        for t in doc["targets"]
+    )
+    known = set(BY_NAME)
+    workloads = tuple(name for name in saved["workloads"] if name in known)
+    settings = Settings(
+        duration=float(saved["duration"]),
+        repeats=int(saved["repeats"]),
+        workloads=workloads,
+        targets=targets,
+        python=str(saved["python"]),
+        header=str(saved["header"]),
+        idle_connections=int(saved["idle_connections"]),
+        limit_connections=int(saved["limit_connections"]),
+        limit_nofile=int(saved["limit_nofile"]),
+        extra={"note": saved["note"]} if saved.get("note") else {},
+    )
+    records = [
+        Record(
+            repeat=int(run["repeat"]),
+            workload=str(run["workload"]),
+            target=str(run["target"]),
+            figures=dict(run["figures"]),
+            client=dict(run["client"]),
+            proxy=dict(run["proxy"]),
+            error=run["error"],
+            seconds=float(run["seconds"]),
+            loadavg=float(run.get("loadavg", 0.0)),
+        )
+        for run in doc["runs"]
+    ]
+    return settings, records, dict(doc["machine"])

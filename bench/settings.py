@@ -61,6 +61,7 @@ class Settings:
     limit_nofile: int = 20000
     json_path: Path | None = None
     png_path: Path | None = None
+    replay: Path | None = None  # --from-json: print a saved run instead of measuring
     extra: dict[str, str] = field(default_factory=dict)  # recorded as-is in the JSON
 
     @property

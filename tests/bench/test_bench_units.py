@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import build, chart, cli, netns, report
-from bench.procs import Usage, process_tree, usage
+from bench.procs import Processes, Usage, process_tree, usage
 from bench.runner import Progress, Record, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
 from bench.stats import count, median, number, per, ratio, times
@@ -289,6 +290,29 @@ def test_document_keeps_every_repeat_and_the_machine() -> None:
     assert "Failed: bulk-up-1 via go, 1 of 2 repeat(s): go exited during the run" in footer
 
 
+def test_a_saved_document_prints_the_same_table_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _settings(Target("go", "peer", "/bin/go -l {listen}"))
+    records = _records()
+    rows = report.summarise(settings, records)
+    info = report.machine(settings) | {"loadavg_end": [0.5, 0.5, 0.5]}
+    doc = report.document(settings, records, rows, info, "start", "end")
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(doc))
+    again, loaded, machine = report.load(json.loads(saved.read_text()))
+    assert again.targets == settings.targets
+    assert again.workloads == settings.workloads
+    assert [r.as_json() for r in loaded] == [r.as_json() for r in records]
+    assert cli.main(["--from-json", str(saved)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith(report.table(settings, rows) + "\n\n")
+    assert report.footer(settings, records, rows, machine) in out
+    saved.write_text(json.dumps(doc | {"schema": "other/1"}))
+    assert cli.main(["--from-json", str(saved)]) == cli.EXIT_USAGE
+    assert "not a mmproxy-bench/1 document" in capsys.readouterr().err
+
+
 def test_footer_warns_when_a_proxy_comes_close_to_direct() -> None:
     settings = _settings()
     records = [
@@ -417,6 +441,21 @@ def test_a_namespace_left_by_a_killed_run_is_removed_with_its_processes() -> Non
 
 
 # ----------------------------------------------------------------------------- /proc
+
+
+def test_stderr_tail_shortens_json_log_lines(tmp_path: Path) -> None:
+    lines = [
+        "plain text",
+        '{"level":"info","msg":"listening","listenAdr":"127.0.0.1:1"}',
+        '{"level":"error","msg":"failed to accept","error":"too many open files","stack":"x"}',
+    ]
+    script = "import sys; sys.stderr.write(sys.argv[1])"
+    procs = Processes(tmp_path)
+    child = procs.start([sys.executable, "-c", script, "\n".join(lines)], name="talker")
+    assert child.wait(30) == 0
+    procs.stop(child)
+    assert child.stderr_tail() == "plain text | listening | failed to accept: too many open files"
+    assert child.stderr_tail(lines=1, width=13) == "...open files"  # 13 characters
 
 
 def test_usage_arithmetic_covers_every_field() -> None:
