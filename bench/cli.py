@@ -235,15 +235,20 @@ def _main(argv: Sequence[str]) -> int:
     finally:
         _clean_up(procs, ns, logs)  # also on KeyboardInterrupt, before main() reports it
     info["loadavg_end"] = list(os.getloadavg())
+    _output(settings, records, info)
+    code = EXIT_FAILED if any(record.error for record in records) else EXIT_OK
     if settings.json_path is not None:
         doc = report.document(
             settings, records, report.summarise(settings, records), info, started, _now()
         )
-        settings.json_path.parent.mkdir(parents=True, exist_ok=True)
-        settings.json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        try:
+            settings.json_path.parent.mkdir(parents=True, exist_ok=True)
+            settings.json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        except OSError as error:
+            print(f"bench: error: --json: {error}", file=sys.stderr)
+            return EXIT_FAILED
         print(f"JSON: {settings.json_path}", file=sys.stderr)
-    _output(settings, records, info)
-    return EXIT_FAILED if any(record.error for record in records) else EXIT_OK
+    return code
 
 
 def _replay(path: Path, png: Path | None) -> int:
