@@ -11,6 +11,10 @@
   nothing of connections or the daemon (the data path and the daemon call
   them); notify is a few lines of stdlib; the demo runs mmproxy as a process,
   so it imports neither the daemon nor the CLI.
+* The benchmark harness (bench/) measures mmproxy from the outside, as a process started the
+  way operators start it: it imports nothing of mmproxy, mmproxy imports nothing of it, and it
+  needs nothing beyond the standard library (matplotlib, for the chart, is optional).  Inside
+  it, the modules that compute figures do no I/O of their own, and only the CLI ties it together.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mmproxy"
+BENCH = PACKAGE.parent / "bench"
 
 SANS_IO = ["protocol.py", "tlv.py", "crc32c.py", "errors.py"]
 IO_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "ssl", "os", "subprocess"}
 
 
-def _imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / module).read_text(), filename=module)
+def _imports(module: str, package: Path = PACKAGE) -> set[str]:
+    tree = ast.parse((package / module).read_text(), filename=module)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -135,3 +140,41 @@ def test_notify_is_stdlib_only() -> None:
     for name in _imports("notify.py"):
         top = name.split(".")[0]
         assert top in sys.stdlib_module_names or top == "__future__", f"notify.py imports {name}"
+
+
+BENCH_MODULES = sorted(path.name for path in BENCH.glob("*.py"))
+
+
+@pytest.mark.parametrize("module", BENCH_MODULES)
+def test_bench_measures_mmproxy_from_outside_with_the_stdlib(module: str) -> None:
+    for name in _imports(module, BENCH):
+        top = name.split(".")[0]
+        assert top != "mmproxy", f"bench/{module} imports {name}"
+        allowed = top in sys.stdlib_module_names or top in {"__future__", "bench"}
+        assert allowed or (module == "chart.py" and top == "matplotlib"), f"{module}: {name}"
+
+
+@pytest.mark.parametrize("module", sorted(path.name for path in PACKAGE.glob("*.py")))
+def test_mmproxy_never_imports_bench(module: str) -> None:
+    assert not {name for name in _imports(module) if name.split(".")[0] == "bench"}
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        # pure arithmetic and definitions: no processes, no namespaces, no output
+        ("stats.py", {"bench.procs", "bench.netns", "bench.runner", "bench.cli", "subprocess"}),
+        ("settings.py", {"bench.procs", "bench.netns", "bench.runner", "bench.cli", "subprocess"}),
+        ("workloads.py", {"bench.netns", "bench.runner", "bench.cli", "subprocess"}),
+        # the layers: netns/procs < targets < runner < report < chart < cli
+        ("netns.py", {"bench.targets", "bench.runner", "bench.report", "bench.cli"}),
+        ("procs.py", {"bench.targets", "bench.runner", "bench.report", "bench.cli"}),
+        ("targets.py", {"bench.runner", "bench.report", "bench.cli"}),
+        ("runner.py", {"bench.report", "bench.chart", "bench.cli"}),
+        ("report.py", {"bench.chart", "bench.cli"}),
+        ("chart.py", {"bench.cli"}),
+        ("build.py", {"bench.runner", "bench.report", "bench.cli"}),
+    ],
+)
+def test_bench_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
+    assert not _imports(module, BENCH) & forbidden

@@ -1,6 +1,7 @@
 """The quality gates, run as tests so the README's one test command covers them.
 
-ruff (lint and format) over the whole tree and mypy --strict over the package.
+ruff (lint and format) over the whole tree and mypy --strict over the package and the
+benchmark harness.
 They run the tools installed by the test extra, from this interpreter's
 environment, so a developer and CI see the same verdict.
 """
@@ -34,5 +35,5 @@ def test_ruff_format() -> None:
 
 @pytest.mark.timeout(300)
 def test_mypy_strict() -> None:
-    result = _run("mypy", "--strict", "mmproxy")
+    result = _run("mypy", "--strict", "mmproxy", "bench")
     assert result.returncode == 0, result.stdout + result.stderr

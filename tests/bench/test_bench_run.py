@@ -1,0 +1,190 @@
+"""``python -m bench`` end to end on tiny settings: what it prints and writes, and what it leaves.
+
+Nothing here looks at how fast anything was: only that every figure exists, that the output has
+its shape, and that the namespace and every process the harness started are gone afterwards,
+also when it is interrupted.  Needs root, iproute2 and a C compiler, like the e2e tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TAG = "BENCH_TEST_TAG"  # every process the harness starts inherits it: how leftovers are found
+
+
+def _tagged_processes(tag: str) -> list[tuple[int, str]]:
+    """Processes whose environment carries ``tag``: (pid, command line)."""
+    found = []
+    needle = f"{TAG}={tag}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def _start(tag: str, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMPROXY_")}
+    env[TAG] = tag
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _assert_nothing_left(proc: subprocess.Popen[str], tag: str) -> None:
+    name = f"mmproxy-bench-{proc.pid}"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert name not in listed.stdout
+    assert not Path("/run/netns", name).exists()
+    assert _tagged_processes(tag) == []
+
+
+@pytest.mark.timeout(180)
+def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    out = tmp_path / "results.json"
+    png = tmp_path / "chart.png"
+    proc = _start(
+        tag,
+        *("--only", "pingpong,idle", "--duration", "0.5", "--repeats", "1"),
+        *("--idle-connections", "40", "--json", str(out), "--png", str(png)),
+        *("--note", "harness test"),
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+    # the progress lines: one per measurement, each with its first figure
+    steps = [line for line in stderr.splitlines() if line.startswith("[")]
+    assert [line.split(": ")[0] for line in steps] == [
+        "[1/4] repeat 1/1 pingpong via direct",
+        "[2/4] repeat 1/1 pingpong via mmproxy",
+        "[3/4] repeat 1/1 idle via direct",
+        "[4/4] repeat 1/1 idle via mmproxy",
+    ]
+    assert all(line.endswith(("msg/s", "held")) for line in steps), steps
+    if png.exists():
+        assert png.read_bytes().startswith(b"\x89PNG")
+    else:
+        assert "chart skipped: matplotlib is not installed" in stderr
+
+    # the table: header, alignment row, one row per figure, medians for both targets
+    lines = stdout.splitlines()
+    assert lines[0] == "| workload | figure | direct | mmproxy | mmproxy/direct |"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:9]]
+    assert [row[1] for row in rows] == [
+        "msg/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/1k msg",
+        "held of 40",
+        "RSS KiB/conn",
+        "fds/conn",
+    ]
+    for row in rows[:3]:
+        assert "-" not in row[2:4], row
+        assert row[4].endswith("x"), row
+    assert rows[3][2] == "-"  # CPU is the proxy's: none for direct
+    assert rows[3][3] != "-"
+    assert rows[4][2:] == ["40", "40", "1.00x"]
+    assert "Medians of 1 repeat(s) of 0.5 s per workload" in stdout
+    assert "Note: harness test" in stdout
+
+    # the JSON document
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "mmproxy-bench/1"
+    assert doc["errors"] == 0
+    assert doc["settings"]["workloads"] == ["pingpong", "idle"]
+    assert doc["settings"]["note"] == "harness test"
+    for key in ("cores", "cpu_model", "kernel", "python_harness", "python_mmproxy", "compiler"):
+        assert doc["machine"][key], key
+    assert doc["machine"]["python_mmproxy"]["path"] == sys.executable
+    assert [t["name"] for t in doc["targets"]] == ["direct", "mmproxy"]
+    runs = {(run["workload"], run["target"]): run for run in doc["runs"]}
+    assert sorted(runs) == [
+        ("idle", "direct"),
+        ("idle", "mmproxy"),
+        ("pingpong", "direct"),
+        ("pingpong", "mmproxy"),
+    ]
+    for run in doc["runs"]:
+        assert run["error"] is None
+        assert run["client"]["seconds"] > 0
+        assert run["client"]["errors"] == 0
+        assert run["client"]["mismatches"] == 0
+    pingpong = runs[("pingpong", "mmproxy")]
+    assert pingpong["client"]["messages"] > 0
+    assert pingpong["proxy"]["ready"]["msg"] == "ready"
+    assert pingpong["proxy"]["exit_code"] == 0
+    assert pingpong["proxy"]["after_cpu_seconds"] >= pingpong["proxy"]["before_cpu_seconds"]
+    assert pingpong["proxy"]["after_voluntary_switches"] > 0
+    assert pingpong["loadavg"] >= 0
+    assert pingpong["figures"]["cpu_ms_per_1k_msg"] is not None
+    assert runs[("pingpong", "direct")]["figures"]["cpu_ms_per_1k_msg"] is None
+    idle = runs[("idle", "mmproxy")]
+    assert idle["client"]["opened"] == 40
+    assert idle["client"]["backend_live"] == 40
+    assert idle["figures"]["held"] == 40
+    assert idle["figures"]["fds_per_conn"] is not None
+    summary = {(s["workload"], s["figure"]) for s in doc["summary"]}
+    assert ("pingpong", "msgs_per_s") in summary
+    assert ("idle", "rss_kib_per_conn") in summary
+
+    _assert_nothing_left(proc, tag)
+
+
+def _wait_for_proxy(tag: str, proc: subprocess.Popen[str], timeout: float) -> bool:
+    """True once a proxied measurement runs: mmproxy and a load generator client are up."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        commands = [command for _, command in _tagged_processes(tag)]
+        if any("-m mmproxy" in c for c in commands) and any(" connrate " in c for c in commands):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_stops_everything_and_deletes_the_namespace(signum: int) -> None:
+    tag = uuid.uuid4().hex
+    proc = _start(tag, "--only", "connrate", "--duration", "1", "--repeats", "20")
+    try:
+        assert _wait_for_proxy(tag, proc, 60), proc.communicate(timeout=30)
+        assert Path("/run/netns", f"mmproxy-bench-{proc.pid}").exists()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "bench: interrupted; every process stopped, namespace deleted" in stderr
+    assert "Traceback" not in stderr
+    _assert_nothing_left(proc, tag)
