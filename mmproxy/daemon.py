@@ -42,6 +42,7 @@ from mmproxy.metrics import (
     PrometheusMetrics,
 )
 from mmproxy.pool import WorkerPool
+from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 
@@ -49,7 +50,13 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of it
-FDS_PER_CONNECTION = 6  # client and upstream sockets, and one pipe (2 fds) per direction
+# The descriptor budget.  A connection needs its 2 sockets; a pipe (2 fds) is
+# needed only while a direction moves data, and one that gets none copies
+# through a buffer (mmproxy.relay.PipeBudget).  So connections are budgeted at
+# 2 descriptors and a share of the room is kept for pipes, which lets idle
+# connections use most of the limit while pipes never starve accept().
+FDS_PER_CONNECTION = 2
+PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
@@ -108,9 +115,11 @@ def run(config: Config, log: logging.Logger) -> int:
                 extra=ready,
             )
     else:
-        capacity = max(1, room // FDS_PER_CONNECTION)
-        server = Server(config, log, sockets, capacity, allow_list, metrics)
-        ready = {"maxConnections": capacity, "descriptorLimit": limit}
+        pipe_fds = room // PIPE_SHARE
+        capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+        pipes = PipeBudget(max(1, pipe_fds // 2))
+        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes)
+        ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
     server.start()
     if metrics_server is not None:
         metrics_server.start()
@@ -210,6 +219,7 @@ class Server:
         capacity: int,
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
+        pipes: PipeBudget = UNLIMITED,
     ) -> None:
         self._config = config
         self._log = log
@@ -217,7 +227,12 @@ class Server:
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
         self._services = Services(
-            config, logs.ConnectionLog(log, config.verbose), self._pool, self._tracker, metrics
+            config,
+            logs.ConnectionLog(log, config.verbose),
+            self._pool,
+            self._tracker,
+            metrics,
+            pipes,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)

@@ -15,6 +15,9 @@ through Python.  The rules that make a relay correct:
   number that was closed and already reused by another connection.
 * A direction holds no pipe until its first byte arrives (it waits with a
   one-byte ``MSG_PEEK``), so an idle connection costs 2 descriptors, not 6.
+  Pipes come out of a budget (:class:`PipeBudget`) so that they can never
+  starve accept() of descriptors; a direction that gets none copies through
+  a 64 KiB buffer instead: slower, never wrong.
 * The idle timeout (off unless asked for) costs no polling: each socket gets
   ``SO_RCVTIMEO``, which the kernel applies to the blocking peek and to
   ``splice`` alike.  A direction whose read times out looks at when *either*
@@ -43,6 +46,48 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 PEER_GONE = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
 )
+
+
+# A pipe cannot be made: the process or the system is out of descriptors (or
+# memory).  A direction that gets no pipe copies through a buffer instead.
+NO_PIPE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+COPY_BUFFER = 64 * 1024  # bytes per direction, only while copying
+
+
+class PipeBudget:
+    """How many pipes the relays may hold at once (``None``: no limit).
+
+    The daemon budgets 2 descriptors per connection (its sockets) and keeps a
+    share of the descriptor limit for pipes, so that idle connections, which
+    hold no pipe, can use most of the limit, while pipes can never take the
+    descriptors that accept() and the upstream sockets need.  A direction
+    that finds the budget spent copies through a buffer: slower, never wrong.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def take(self) -> bool:
+        """Reserve one pipe; False when the budget is spent."""
+        with self._lock:
+            if self.limit is not None and self._held >= self.limit:
+                return False
+            self._held += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+
+UNLIMITED = PipeBudget(None)
 
 
 def open_pipe() -> tuple[int, int, int]:
@@ -120,6 +165,7 @@ def pump(
     counter: list[int],
     idle: IdleWatch | None = None,
     side: int = 0,
+    pipes: PipeBudget = UNLIMITED,
 ) -> None:
     """Move bytes from ``src`` to ``dst`` until ``src`` ends; add them to ``counter[0]``.
 
@@ -127,7 +173,8 @@ def pump(
     thread); raises OSError on a socket error.  Both sockets must be blocking.
     With ``idle`` (and ``SO_RCVTIMEO`` on ``src``), raises IdleTimeoutError
     once neither direction has moved a byte for ``idle.timeout`` seconds;
-    ``side`` is this direction's slot in ``idle``.
+    ``side`` is this direction's slot in ``idle``.  The pipe comes out of
+    ``pipes``; without one the bytes are copied through a buffer.
     """
     while True:
         try:
@@ -137,7 +184,17 @@ def pump(
         except BlockingIOError:  # SO_RCVTIMEO expired
             if idle is None or idle.expired(side, src):
                 raise IdleTimeoutError from None
-    read_fd, write_fd, capacity = open_pipe()
+    if not pipes.take():
+        _copy(src, dst, counter, idle, side)
+        return
+    try:
+        read_fd, write_fd, capacity = open_pipe()
+    except OSError as error:
+        pipes.give_back()
+        if error.errno not in NO_PIPE:
+            raise
+        _copy(src, dst, counter, idle, side)  # out of descriptors: correct, if not zero-copy
+        return
     try:
         src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
@@ -160,6 +217,28 @@ def pump(
     finally:
         os.close(read_fd)
         os.close(write_fd)
+        pipes.give_back()
+
+
+def _copy(
+    src: socket.socket, dst: socket.socket, counter: list[int], idle: IdleWatch | None, side: int
+) -> None:
+    """:func:`pump` through a buffer in Python, for when no pipe can be had."""
+    buffer = bytearray(COPY_BUFFER)
+    view = memoryview(buffer)
+    while True:
+        try:
+            received = src.recv_into(buffer)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            if idle is None or idle.expired(side, src):
+                raise IdleTimeoutError from None
+            continue
+        if received == 0:
+            return
+        dst.sendall(view[:received])
+        counter[0] += received
+        if idle is not None:
+            idle.touch(side)
 
 
 class Pair:
@@ -172,8 +251,13 @@ class Pair:
     """
 
     def __init__(
-        self, client: socket.socket, upstream: socket.socket, idle_timeout: float = 0.0
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        idle_timeout: float = 0.0,
+        pipes: PipeBudget = UNLIMITED,
     ) -> None:
+        self._pipes = pipes
         self.client = client
         self.upstream = upstream
         self.started = time.monotonic()
@@ -208,7 +292,7 @@ class Pair:
         caller may then log the outcome.
         """
         try:
-            pump(src, dst, counter, self._watch, side)
+            pump(src, dst, counter, self._watch, side, self._pipes)
             self._shutdown(dst, socket.SHUT_WR)  # relay the half-close
         except IdleTimeoutError:
             with self._lock:

@@ -28,7 +28,7 @@ from mmproxy.errors import HeaderError, Reason
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
-from mmproxy.relay import PEER_GONE, Pair
+from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.
@@ -67,6 +67,7 @@ class Services:
     pool: WorkerPool
     tracker: Tracker
     metrics: Metrics = NO_METRICS
+    pipes: PipeBudget = UNLIMITED
 
 
 class Tracker:
@@ -179,7 +180,7 @@ class Connection:
         except BaseException:
             self._finish_unrelayed()
             raise
-        pair = Pair(self._sock, conn_up.sock, services.config.idle_timeout)
+        pair = Pair(self._sock, conn_up.sock, services.config.idle_timeout, services.pipes)
         with self._lock:
             self._pair = pair
             aborted = self._aborted

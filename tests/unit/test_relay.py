@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -78,7 +79,22 @@ def test_open_pipe_is_enlarged_or_keeps_the_default() -> None:
         os.close(write_fd)
 
 
-def test_pump_moves_every_byte_and_returns_at_eof(legs: tuple[socket.socket, ...]) -> None:
+@pytest.fixture(params=["splice", "copy"])
+def pipes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with pipes, and again as if the process had no descriptor left for one."""
+    if request.param == "copy":
+
+        def no_descriptors() -> tuple[int, int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(relay, "open_pipe", no_descriptors)
+    return str(request.param)
+
+
+def test_pump_moves_every_byte_and_returns_at_eof(
+    legs: tuple[socket.socket, ...], pipes: str
+) -> None:
+    """By splice, or by copying when no pipe can be had: the same bytes, the same count."""
     client, src, dst, backend = legs
     data = random.Random(1).randbytes(3 << 20)
     counter = [0]
@@ -116,7 +132,7 @@ def test_pump_holds_no_pipe_while_idle(legs: tuple[socket.socket, ...]) -> None:
     assert open_fds() == before
 
 
-def test_pair_relays_half_close_both_ways(legs: tuple[socket.socket, ...]) -> None:
+def test_pair_relays_half_close_both_ways(legs: tuple[socket.socket, ...], pipes: str) -> None:
     # 1 MiB up, SHUT_WR, then 1 MiB down: the reply must survive the first EOF.
     client, daemon_client, daemon_upstream, backend = legs
     rng = random.Random(2)
@@ -200,7 +216,7 @@ def test_idle_pair_is_closed_after_the_idle_timeout(legs: tuple[socket.socket, .
 
 
 def test_traffic_one_way_keeps_the_pair_open_without_polling(
-    legs: tuple[socket.socket, ...], monkeypatch: pytest.MonkeyPatch
+    legs: tuple[socket.socket, ...], monkeypatch: pytest.MonkeyPatch, pipes: str
 ) -> None:
     """Only both directions idle for the whole period end a pair.  The silent direction wakes
     about once per period to look, not in a loop; every byte sent arrives."""
@@ -242,3 +258,31 @@ def test_idle_timeout_off_sets_no_receive_timeout(legs: tuple[socket.socket, ...
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
         assert struct.unpack("ll", raw) == (0, 0)
     pair.close()
+
+
+def test_pipe_budget_is_taken_while_data_flows_and_given_back(
+    legs: tuple[socket.socket, ...],
+) -> None:
+    """One pipe in the budget: the first direction gets it, the second copies; both relay
+    every byte, and the budget is whole again once they end."""
+    client, daemon_client, daemon_upstream, backend = legs
+    budget = relay.PipeBudget(1)
+    pair = Pair(daemon_client, daemon_upstream, pipes=budget)
+    finished: list[bool] = []
+    forward = threading.Thread(target=lambda: finished.append(pair.forward()))
+    forward.start()
+    client.sendall(b"up")
+    assert backend.recv(2) == b"up"
+    assert budget.held == 1  # the forward direction holds the only pipe
+    backward = threading.Thread(target=lambda: finished.append(pair.backward()))
+    backward.start()
+    backend.sendall(b"down")
+    assert client.recv(4) == b"down"  # copied: no pipe was left
+    assert budget.held == 1
+    client.shutdown(socket.SHUT_WR)
+    backend.shutdown(socket.SHUT_WR)
+    join_all([forward, backward])
+    assert sorted(finished) == [False, True]
+    assert budget.held == 0
+    assert pair.to_target == [2]
+    assert pair.to_client == [4]
