@@ -241,15 +241,7 @@ class Server:
 
     def start(self) -> None:
         for acceptor in self._acceptors:
-            acceptor.start()
-            self._log.info(
-                "listening",
-                extra={
-                    logs.LISTEN_ADR: acceptor.address,
-                    logs.LISTENER_NUM: acceptor.number,
-                    logs.PROTOCOL: self._config.protocol,
-                },
-            )
+            acceptor.start(self._config.protocol)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""

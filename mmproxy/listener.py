@@ -144,8 +144,17 @@ class ListenerThread:
         host, port = self.sock.getsockname()[:2]
         return logs.go_address(host, port)
 
-    def start(self) -> None:
+    def start(self, protocol: str) -> None:
+        """Start serving and log ``listening`` (the address, with the real port for port 0)."""
         self._thread.start()
+        self.log.info(
+            "listening",
+            extra={
+                logs.LISTEN_ADR: self.address,
+                logs.LISTENER_NUM: self.number,
+                logs.PROTOCOL: protocol,
+            },
+        )
 
     def stop(self) -> None:
         self.stopping.set()

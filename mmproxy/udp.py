@@ -279,15 +279,7 @@ class UdpServer:
 
     def start(self) -> None:
         for dispatcher in self._dispatchers:
-            dispatcher.start()
-            self.log.info(
-                "listening",
-                extra={
-                    logs.LISTEN_ADR: dispatcher.address,
-                    logs.LISTENER_NUM: dispatcher.number,
-                    logs.PROTOCOL: "udp",
-                },
-            )
+            dispatcher.start("udp")
 
     def stop(self, cause: str) -> None:
         """Stop reading, close every flow, report the totals."""

@@ -114,7 +114,7 @@ def test_accept_loop_survives_every_error(caplog: pytest.LogCaptureFixture) -> N
     log = logging.getLogger("test-acceptor")
     acceptor = Acceptor(listener, 3, on_accept, log)  # type: ignore[arg-type]
     started = time.monotonic()
-    acceptor.start()
+    acceptor.start("tcp")
     try:
         assert got_one.wait(5)
     finally:
@@ -142,7 +142,7 @@ def test_an_admission_bug_does_not_kill_the_acceptor(caplog: pytest.LogCaptureFi
         both.set()
 
     acceptor = Acceptor(listener, 0, on_accept, logging.getLogger("test-acceptor"))  # type: ignore[arg-type]
-    acceptor.start()
+    acceptor.start("tcp")
     try:
         assert both.wait(5)
     finally:
