@@ -49,6 +49,13 @@ def backend6(net: Net) -> Iterator[Backend]:
 
 
 @pytest.fixture
+def closed_port(net: Net) -> int:
+    """A port on 127.0.0.1 in the namespace where nothing listens (a backend that is down)."""
+    with net.sockets.server("127.0.0.1") as probe:
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
 def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDaemon]:
     """Start mmproxy in the namespace: ``mmproxy(*extra_flags, listeners=N, ...)``.
 

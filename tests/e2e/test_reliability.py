@@ -337,10 +337,8 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
 
 
 def test_backend_not_listening_closes_each_client_promptly_and_leaks_nothing(
-    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses
+    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses, closed_port: int
 ) -> None:
-    with net.sockets.server("127.0.0.1") as probe:
-        closed_port = probe.getsockname()[1]
     daemon = mmproxy(target4=f"127.0.0.1:{closed_port}", verbose=0)
     before = Usage.of(daemon)
     slowest = 0.0

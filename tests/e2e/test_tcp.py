@@ -634,11 +634,9 @@ def test_slow_partial_header_is_closed_at_the_header_timeout(
 
 
 def test_unreachable_backend_closes_the_client(
-    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses
+    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses, closed_port: int
 ) -> None:
     """If the backend refuses the connection, mmproxy closes the client and keeps running."""
-    with net.sockets.server("127.0.0.1") as probe:
-        closed_port = probe.getsockname()[1]
     daemon = mmproxy(target4=f"127.0.0.1:{closed_port}", verbose=1)
     with connect(net, daemon) as sock:
         send_allowing_reset(sock, header(addresses.v4(), ("203.0.113.1", 443), 1) + b"x")
