@@ -24,7 +24,7 @@ from bench.procs import Child, Processes, usage
 from bench.settings import Settings, Target
 from bench.stats import number
 from bench.targets import Backend, Proxy, StartError
-from bench.workloads import BY_NAME, STREAM_WINDOW, Workload, idle_figures, load_figures
+from bench.workloads import BY_NAME, Workload, client_header, idle_figures, load_figures
 
 CLIENT_GRACE = 60.0  # seconds a client may run past its duration before it is killed
 IDLE_OPEN_SECONDS = 600.0  # hard cap on an idle client's whole life
@@ -159,6 +159,7 @@ class Runner:
                     proxy_port,
                     backend_port,
                     nofile=nofile,
+                    protocol=workload.protocol,
                 )
                 port = proxy_port
                 record.proxy["ready"] = proxy.ready_record
@@ -207,10 +208,10 @@ class Runner:
             *("--connect", f"127.0.0.1:{port}"),
             *("--conns", str(conns)),
             *("--duration", f"{duration:g}"),
-            *("--proxy", self.settings.header if proxied else "none"),
+            *("--proxy", client_header(workload, self.settings.header, proxied)),
             *("--addr-offset", str(self._address)),
             *("--dest-port", str(backend_port)),
-            *("--window", str(STREAM_WINDOW)),
+            *("--window", str(workload.window)),
         ]
 
     def _consume_addresses(self, result: dict[str, Any]) -> None:
@@ -233,7 +234,9 @@ class Runner:
         result: dict[str, Any] = results[-1]
         self._consume_addresses(result)
         if result.get("mismatches"):
-            raise MeasureError(f"{result['mismatches']} echoed chunks did not match what was sent")
+            raise MeasureError(
+                f"{result['mismatches']} echoed chunks or datagrams did not match what was sent"
+            )
         return result
 
     def _load(

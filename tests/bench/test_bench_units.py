@@ -17,7 +17,15 @@ from bench.procs import Processes, Usage, process_tree, usage
 from bench.runner import Progress, Record, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
 from bench.stats import count, median, number, per, ratio, times
-from bench.workloads import BY_NAME, NAMES, WORKLOADS, idle_figures, load_figures
+from bench.targets import udp_port_bound
+from bench.workloads import (
+    BY_NAME,
+    NAMES,
+    WORKLOADS,
+    client_header,
+    idle_figures,
+    load_figures,
+)
 
 # ------------------------------------------------------------------------------ stats
 
@@ -90,6 +98,60 @@ def test_message_and_connection_figures() -> None:
     assert figures["p99_ms"] == pytest.approx(3.0)
 
 
+def test_datagram_figures_count_echoes_in_the_duration_and_every_loss() -> None:
+    client = {
+        "seconds": 2.0,
+        "datagrams": 40_000,  # echoes received within the duration
+        "sent": 40_900,
+        "received": 40_897,  # also those that came back in the grace period
+        "lost": 3,
+        "samples": 40_000,
+        "p50_us": 400,
+        "p99_us": 2500,
+    }
+    figures = load_figures(BY_NAME["udp"], client, 2.0)
+    assert figures == {
+        "dgrams_per_s": pytest.approx(20_000),
+        "lost": 3.0,
+        "p50_ms": pytest.approx(0.4),
+        "p99_ms": pytest.approx(2.5),
+        "cpu_ms_per_1k_dgram": pytest.approx(50.0),  # 2 s of CPU for 40k datagrams
+    }
+    direct = load_figures(BY_NAME["udp-1"], client | {"samples": 0}, None)
+    assert direct["cpu_ms_per_1k_dgram"] is None
+    assert direct["p50_ms"] is None
+
+
+def test_udp_workloads_send_v2_headers_and_select_udp_mode() -> None:
+    for name in ("udp", "udp-1"):
+        workload = BY_NAME[name]
+        assert workload.protocol == "udp"
+        assert workload.kind == "datagrams"
+        assert workload.cpu is not None
+        assert [m.key for m in workload.metrics] == ["dgrams_per_s", "lost", "p50_ms", "p99_ms"]
+        assert client_header(workload, "v1", proxied=True) == "v2"  # v1 has no DGRAM
+        assert client_header(workload, "v1", proxied=False) == "none"
+    assert BY_NAME["udp"].conns == 50
+    assert BY_NAME["udp-1"].conns == 1
+    assert client_header(BY_NAME["pingpong"], "v1", proxied=True) == "v1"
+    assert client_header(BY_NAME["pingpong"], "v2", proxied=True) == "v2"
+    assert all(w.protocol == "tcp" for w in WORKLOADS if w.kind != "datagrams")
+
+
+def test_udp_port_bound_reads_the_proc_net_udp_table() -> None:
+    table = (
+        "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+        "  112: 0100007F:4E22 00000000:0000 07 00000000:00000000 00:00000000 00000000     0\n"
+        "  113: 00000000000000000000000001000000:4E24 00000000000000000000000000000000:0000 07\n"
+    )
+    assert udp_port_bound(table, 0x4E22)  # 127.0.0.1:20002
+    assert udp_port_bound(table, 0x4E24)  # [::1]:20004 (udp6)
+    assert not udp_port_bound(table, 0x4E23)
+    assert not udp_port_bound(table, 0)  # the heading and remote columns never match
+    assert not udp_port_bound("", 20002)
+    assert not udp_port_bound("garbage\n1: nocolon x\n2: 01:zz y\n", 20002)
+
+
 def test_figures_refuse_a_run_without_time_and_idle_workloads() -> None:
     with pytest.raises(ValueError, match="no time"):
         load_figures(BY_NAME["stream"], {"seconds": 0, "messages": 1}, None)
@@ -135,6 +197,16 @@ def test_peer_template_is_split_like_a_shell_without_one() -> None:
     ]
     quoted = parse_peer("q='/path with space/p' -l {listen}")
     assert quoted.command("a:1", "b:2", "c:3") == ["/path with space/p", "-l", "a:1"]
+    assert not target.selects_protocol
+
+
+def test_peer_template_may_take_the_workloads_protocol() -> None:
+    target = parse_peer("go=/usr/bin/go-mmproxy -p {protocol} -l {listen} -4 {target4}")
+    assert target.selects_protocol
+    assert target.command("a:1", "b:2", "c:3", "udp") == [
+        *("/usr/bin/go-mmproxy", "-p", "udp", "-l", "a:1", "-4", "b:2"),
+    ]
+    assert target.command("a:1", "b:2", "c:3")[2] == "tcp"  # the default
 
 
 @pytest.mark.parametrize(
