@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -398,6 +399,24 @@ def test_footer_warns_when_a_proxy_comes_close_to_direct() -> None:
     info = report.machine(settings) | {"loadavg_end": [1.0, 1.0, 1.0]}
     assert "may be the bottleneck" in report.footer(settings, records, rows, info)
     assert report.suspicious(settings, report.summarise(settings, _records())) == []
+
+
+def test_footer_names_the_header_each_protocol_sends() -> None:
+    info = report.machine(_settings()) | {"loadavg_end": [1.0, 1.0, 1.0]}
+    for workloads, text in [
+        (("bulk-up-1",), "PROXY header v1;"),
+        (("udp", "udp-1"), "PROXY header v2 DGRAM (UDP);"),
+        (("pingpong", "udp"), "PROXY header v1 (TCP), v2 DGRAM (UDP);"),
+    ]:
+        settings = replace(_settings(), workloads=workloads)
+        assert text in report.footer(settings, [], report.summarise(settings, []), info)
+    udp = [
+        Record(0, "udp", DIRECT, {"dgrams_per_s": 100_000.0, "lost": 0.0}),
+        Record(0, "udp", MMPROXY, {"dgrams_per_s": 5_000.0, "lost": 1820.0}),
+    ]
+    settings = replace(_settings(), workloads=("udp",))
+    table = report.table(settings, report.summarise(settings, udp))
+    assert "| UDP echo, 50 flows x 16 in flight | lost | 0 | 1,820 | - |" in table  # a count
 
 
 def test_chart_is_skipped_without_matplotlib(
