@@ -175,6 +175,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert udp_run["client"]["sent"] >= 50 * 16  # every flow filled its window
     assert udp_run["client"]["received"] + udp_run["client"]["lost"] == udp_run["client"]["sent"]
     assert udp_run["client"]["addresses_used"] == 50  # one fake client per flow
+    assert udp_run["client"]["kernel_udp"]["RcvbufErrors"] >= 0  # where a loss happened
     assert udp_run["proxy"]["ready"]["maxUdpFlows"] > 0  # mmproxy ran in UDP mode
     assert udp_run["proxy"]["cpu_seconds"] >= 0  # the figure is this per 1k datagrams echoed
     assert "cpu_ms_per_1k_dgram" in udp_run["figures"]

@@ -15,7 +15,7 @@ import pytest
 
 from bench import build, chart, cli, netns, report
 from bench.procs import Processes, Usage, process_tree, usage
-from bench.runner import Progress, Record, rotated
+from bench.runner import Progress, Record, parse_udp_snmp, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
 from bench.stats import count, median, number, per, ratio, times
 from bench.targets import udp_port_bound
@@ -151,6 +151,23 @@ def test_udp_port_bound_reads_the_proc_net_udp_table() -> None:
     assert not udp_port_bound(table, 0)  # the heading and remote columns never match
     assert not udp_port_bound("", 20002)
     assert not udp_port_bound("garbage\n1: nocolon x\n2: 01:zz y\n", 20002)
+
+
+def test_udp_kernel_counters_come_from_the_snmp_table() -> None:
+    text = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: 1316834 1 33374 1353540 33374 0\n"
+        "UdpLite: InDatagrams NoPorts\nUdpLite: 7 8\n"
+    )
+    counters = parse_udp_snmp(text)
+    assert counters["InDatagrams"] == 1316834
+    assert counters["RcvbufErrors"] == 33374
+    assert counters["SndbufErrors"] == 0
+    assert len(counters) == 6  # UdpLite is another table
+    assert parse_udp_snmp("") == {}
+    assert parse_udp_snmp("Udp: A B\nUdp: 1\n") == {}  # heading and values disagree
+    assert parse_udp_snmp("Udp: A\nUdp: x\n") == {}
 
 
 def test_figures_refuse_a_run_without_time_and_idle_workloads() -> None:
