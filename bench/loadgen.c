@@ -13,9 +13,10 @@
  *         source  write without end (and discard what arrives)
  *         rr      read a request up to '\n', answer RESPONSE_SIZE bytes, close
  *         hold    accept and keep (read and discard)
+ *         udp-echo  UDP: send every datagram back to where it came from
  *       Prints "live N" on stdout whenever the number of open connections
  *       changed (at most every 50 ms), so the harness can count what a proxy
- *       really relayed.
+ *       really relayed (TCP modes only).
  *
  *   loadgen MODE --connect HOST:PORT [options]
  *       A client.  MODE is one of
@@ -28,6 +29,13 @@
  *                   read the response to EOF, close; latency per connection
  *         idle      open --conns connections, report, hold them until stdin
  *                   closes (or --duration runs out)
+ *         udp       --conns UDP flows (one socket, so one source port, each) to
+ *                   a udp-echo backend, up to --window datagrams in flight per
+ *                   flow; with --proxy v2 each datagram starts with a PROXY v2
+ *                   DGRAM header naming the flow's fake client.  Every reply
+ *                   must be a datagram that flow sent (no header); one not
+ *                   echoed within UDP_TIMEOUT counts as lost and its slot is
+ *                   reused.  After --duration, UDP_GRACE seconds for the rest.
  *       Options: --conns N, --duration SECONDS, --proxy none|v1|v2 (the PROXY
  *       header to send first), --addr-offset K (first client address), --dest-port P
  *       (destination port written in the header), --window N.
@@ -38,7 +46,7 @@
  * Fake client addresses in headers come from the documentation range
  * 198.51.100.0/24 (RFC 5737): connection k uses 198.51.100.(1 + k / 64000 % 254)
  * and port 1024 + k % 64000, so that no address:port pair repeats in a run
- * (the proxy binds its upstream socket to it).
+ * (the proxy binds its upstream socket to it).  A UDP flow k takes address k.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -56,6 +64,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -74,6 +83,15 @@
 #define MAX_CONNECTIONS (254ULL * 64000ULL)
 #define MAX_MESSAGES (1ULL << 40)
 #define MAX_BYTES (1ULL << 50)
+/* UDP */
+#define UDP_PAYLOAD 64          /* bytes of payload per datagram */
+#define UDP_HEADER 28           /* PROXY v2, DGRAM over IPv4 */
+#define UDP_MAX_WINDOW 1024
+#define UDP_MAX_FLOWS 4096
+#define UDP_BATCH 64            /* datagrams per recvmmsg/sendmmsg */
+#define UDP_TIMEOUT 1.0         /* seconds before an unanswered datagram counts as lost */
+#define UDP_GRACE 1.0           /* seconds after --duration for the last replies */
+#define UDP_BUFFER (4 << 20)    /* socket buffers (SO_RCVBUFFORCE/SO_SNDBUFFORCE as root) */
 
 static char bulk[BULK_CHUNK];
 static char pattern[PATTERN_SIZE];
@@ -140,7 +158,7 @@ static int parse_address(const char *text, struct sockaddr_storage *out, socklen
 
 /* ------------------------------------------------------------------ server */
 
-enum serve_mode { S_ECHO, S_SINK, S_SOURCE, S_RR, S_HOLD };
+enum serve_mode { S_ECHO, S_SINK, S_SOURCE, S_RR, S_HOLD, S_UDP_ECHO };
 
 struct sconn {
     int fd;
@@ -290,9 +308,79 @@ static void serve(enum serve_mode mode, int port) {
     }
 }
 
+static void big_buffers(int fd) {
+    int size = UDP_BUFFER;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+}
+
+/* udp-echo: every datagram goes back to its sender, in batches; a full send buffer drops
+ * what does not fit (it is UDP: the client counts it as lost). */
+static void serve_udp(int port) {
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int fds[2];
+    for (int i = 0; i < 2; i++) {
+        int family = i == 0 ? AF_INET : AF_INET6;
+        int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) die("socket: %s", strerror(errno));
+        int one = 1;
+        if (family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+        big_buffers(fd);
+        struct sockaddr_storage ss;
+        socklen_t len;
+        char address[32];
+        snprintf(address, sizeof address, i == 0 ? "127.0.0.1:%d" : "[::1]:%d", port);
+        parse_address(address, &ss, &len);
+        if (bind(fd, (struct sockaddr *)&ss, len) != 0)
+            die("bind udp %s: %s", address, strerror(errno));
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+        fds[i] = fd;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    static char bufs[UDP_BATCH][65536];
+    static struct sockaddr_storage from[UDP_BATCH];
+    static struct iovec iov[UDP_BATCH];
+    static struct mmsghdr msgs[UDP_BATCH];
+    struct epoll_event events[2];
+    for (;;) {
+        int n = epoll_wait(ep, events, 2, 1000);
+        if (n < 0 && errno != EINTR) die("epoll_wait: %s", strerror(errno));
+        for (int e = 0; e < n; e++) {
+            int fd = fds[events[e].data.u32];
+            for (;;) {
+                for (int i = 0; i < UDP_BATCH; i++) {
+                    iov[i] = (struct iovec){.iov_base = bufs[i], .iov_len = sizeof bufs[i]};
+                    msgs[i].msg_hdr = (struct msghdr){.msg_name = &from[i],
+                                                      .msg_namelen = sizeof from[i],
+                                                      .msg_iov = &iov[i],
+                                                      .msg_iovlen = 1};
+                }
+                int got = recvmmsg(fd, msgs, UDP_BATCH, MSG_DONTWAIT, NULL);
+                if (got <= 0) break;
+                for (int i = 0; i < got; i++) iov[i].iov_len = msgs[i].msg_len;
+                int off = 0;
+                while (off < got) {
+                    int sent = sendmmsg(fd, msgs + off, (unsigned)(got - off), MSG_DONTWAIT);
+                    if (sent <= 0) {
+                        if (sent == 0 || errno == EAGAIN) break; /* full: drop the rest */
+                        if (errno != EINTR) off++;               /* skip the one that failed */
+                        continue;
+                    }
+                    off += sent;
+                }
+                if (got < UDP_BATCH) break;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ client */
 
-enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE };
+enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE, C_UDP };
 
 struct options {
     enum client_mode mode;
@@ -312,6 +400,7 @@ struct cconn {
 
 struct results {
     uint64_t bytes, messages, connections, errors, opened, failed, alive, mismatches;
+    uint64_t sent, received, late, timeouts; /* udp: datagrams */
     uint32_t *samples; /* microseconds */
     size_t nsamples;
     uint64_t next_addr;
@@ -498,12 +587,17 @@ static void print_results(double seconds) {
     printf("{\"seconds\": %.6f, \"bytes\": %llu, \"messages\": %llu, \"connections\": %llu, "
            "\"errors\": %llu, \"mismatches\": %llu, \"opened\": %llu, \"failed\": %llu, "
            "\"alive\": %llu, \"samples\": %zu, \"p50_us\": %.0f, \"p99_us\": %.0f, "
-           "\"max_us\": %.0f, \"addresses_used\": %llu}\n",
+           "\"max_us\": %.0f, \"addresses_used\": %llu, \"datagrams\": %llu, \"sent\": %llu, "
+           "\"received\": %llu, \"lost\": %llu, \"late\": %llu, \"timeouts\": %llu}\n",
            seconds, (unsigned long long)res.bytes, (unsigned long long)res.messages,
            (unsigned long long)res.connections, (unsigned long long)res.errors,
            (unsigned long long)res.mismatches, (unsigned long long)res.opened,
            (unsigned long long)res.failed, (unsigned long long)res.alive, res.nsamples, p50, p99,
-           max, (unsigned long long)(res.next_addr - opt.addr_offset));
+           max, (unsigned long long)(res.next_addr - opt.addr_offset),
+           (unsigned long long)(opt.mode == C_UDP ? res.messages : 0),
+           (unsigned long long)res.sent, (unsigned long long)res.received,
+           (unsigned long long)(res.sent > res.received ? res.sent - res.received : 0),
+           (unsigned long long)res.late, (unsigned long long)res.timeouts);
     fflush(stdout);
 }
 
@@ -566,17 +660,195 @@ static void run_idle(int ep) {
     print_results(now() - start);
 }
 
+/* udp: one flow is one socket (one source port), with its own fake client in its header. */
+struct uslot {
+    uint64_t seq;
+    double sent;
+    int busy;
+};
+
+struct uflow {
+    int fd;
+    uint32_t id;
+    uint64_t next_seq;
+    unsigned char header[UDP_HEADER];
+    size_t header_len;
+    struct uslot *slots;
+};
+
+/* The payload of datagram `seq` of flow `id` in window slot `slot`: the three numbers, then
+ * bytes that depend on them, so a reply can be checked against what was sent. */
+static void udp_payload(unsigned char *out, uint32_t id, uint32_t slot, uint64_t seq) {
+    memcpy(out, &id, 4);
+    memcpy(out + 4, &slot, 4);
+    memcpy(out + 8, &seq, 8);
+    for (int j = 16; j < UDP_PAYLOAD; j++) out[j] = (unsigned char)(seq * 31 + id * 7 + (unsigned)j);
+}
+
+static size_t udp_header(unsigned char *p) {
+    if (!opt.proxy) return 0;
+    uint64_t k = res.next_addr++;
+    unsigned host = 1 + (unsigned)(k / 64000 % 254), port = 1024 + (unsigned)(k % 64000);
+    static const unsigned char sig[12] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d,
+                                          0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a};
+    memcpy(p, sig, 12);
+    p[12] = 0x21; /* version 2, PROXY */
+    p[13] = 0x12; /* DGRAM (UDP) over IPv4 */
+    p[14] = 0;
+    p[15] = 12;
+    unsigned char addr[12] = {198, 51, 100, (unsigned char)host, 127, 0, 0, 1,
+                              (unsigned char)(port >> 8), (unsigned char)port,
+                              (unsigned char)(opt.dest_port >> 8), (unsigned char)opt.dest_port};
+    memcpy(p + 16, addr, 12);
+    return UDP_HEADER;
+}
+
+/* Send a new datagram from every free slot of the window (one sendmmsg). */
+static void udp_top_up(struct uflow *f, double t) {
+    static unsigned char data[UDP_MAX_WINDOW][UDP_PAYLOAD];
+    static struct iovec iov[UDP_MAX_WINDOW][2];
+    static struct mmsghdr msgs[UDP_MAX_WINDOW];
+    static int slot_of[UDP_MAX_WINDOW];
+    int count = 0;
+    for (int i = 0; i < opt.window && res.sent + (uint64_t)count < MAX_MESSAGES; i++) {
+        if (f->slots[i].busy) continue;
+        uint64_t seq = f->next_seq + (uint64_t)count;
+        udp_payload(data[count], f->id, (uint32_t)i, seq);
+        iov[count][0] = (struct iovec){.iov_base = f->header, .iov_len = f->header_len};
+        iov[count][1] = (struct iovec){.iov_base = data[count], .iov_len = UDP_PAYLOAD};
+        msgs[count].msg_hdr = (struct msghdr){.msg_iov = f->header_len ? iov[count] : &iov[count][1],
+                                              .msg_iovlen = f->header_len ? 2 : 1};
+        slot_of[count++] = i;
+    }
+    int off = 0;
+    while (off < count) {
+        int n = sendmmsg(f->fd, msgs + off, (unsigned)(count - off), MSG_DONTWAIT);
+        if (n <= 0) {
+            if (n < 0 && errno != EAGAIN && errno != EINTR) res.errors++;
+            break; /* the slots stay free: the next top-up tries again */
+        }
+        for (int j = off; j < off + n; j++) {
+            f->slots[slot_of[j]] = (struct uslot){.seq = f->next_seq, .sent = t, .busy = 1};
+            f->next_seq++;
+            res.sent++;
+        }
+        off += n;
+    }
+}
+
+/* Check one reply; returns 1 when it was a datagram this flow sent. */
+static int udp_reply(struct uflow *f, const unsigned char *data, size_t len, double t, int counting) {
+    uint32_t id, slot;
+    uint64_t seq;
+    unsigned char expected[UDP_PAYLOAD];
+    if (len != UDP_PAYLOAD) return 0;
+    memcpy(&id, data, 4);
+    memcpy(&slot, data + 4, 4);
+    memcpy(&seq, data + 8, 8);
+    if (id != f->id || slot >= (uint32_t)opt.window || seq >= f->next_seq) return 0;
+    udp_payload(expected, id, slot, seq);
+    if (memcmp(expected, data, UDP_PAYLOAD) != 0) return 0;
+    struct uslot *s = &f->slots[slot];
+    if (s->busy && s->seq == seq) {
+        if (counting) sample(t - s->sent);
+        s->busy = 0;
+    } else {
+        res.late++; /* already counted as timed out; it arrived after all */
+    }
+    res.received++;
+    if (counting) res.messages++;
+    return 1;
+}
+
+static void run_udp(int ep) {
+    if (opt.proxy == 1) die("udp: --proxy none or v2 (a v1 header has no datagram transport)");
+    if (opt.conns > UDP_MAX_FLOWS || opt.window > UDP_MAX_WINDOW)
+        die("udp: at most %d flows and a window of %d", UDP_MAX_FLOWS, UDP_MAX_WINDOW);
+    struct uflow *flows = calloc((size_t)opt.conns, sizeof *flows);
+    if (!flows) die("out of memory");
+    for (int i = 0; i < opt.conns; i++) {
+        struct uflow *f = &flows[i];
+        f->fd = socket(opt.target.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (f->fd < 0) die("socket: %s", strerror(errno));
+        big_buffers(f->fd);
+        if (connect(f->fd, (struct sockaddr *)&opt.target, opt.target_len) != 0)
+            die("connect udp: %s", strerror(errno));
+        f->id = (uint32_t)i;
+        f->header_len = udp_header(f->header);
+        f->slots = calloc((size_t)opt.window, sizeof *f->slots);
+        if (!f->slots) die("out of memory");
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = f};
+        epoll_ctl(ep, EPOLL_CTL_ADD, f->fd, &ev);
+    }
+    static unsigned char bufs[UDP_BATCH][2048];
+    static struct iovec iov[UDP_BATCH];
+    static struct mmsghdr msgs[UDP_BATCH];
+    struct epoll_event events[MAX_EVENTS];
+    double start = now(), end = start + opt.duration, t = start, next_scan = start;
+    for (int i = 0; i < opt.conns; i++) udp_top_up(&flows[i], t);
+    for (;;) {
+        int outstanding = 0;
+        if (t >= end) { /* grace: only waiting for what is still in flight */
+            for (int i = 0; i < opt.conns && !outstanding; i++)
+                for (int j = 0; j < opt.window; j++) outstanding |= flows[i].slots[j].busy;
+            if (!outstanding || t >= end + UDP_GRACE) break;
+        }
+        int n = epoll_wait(ep, events, MAX_EVENTS, 20);
+        t = now();
+        int counting = t < end;
+        for (int e = 0; e < n; e++) {
+            struct uflow *f = events[e].data.ptr;
+            for (;;) {
+                for (int i = 0; i < UDP_BATCH; i++) {
+                    iov[i] = (struct iovec){.iov_base = bufs[i], .iov_len = sizeof bufs[i]};
+                    msgs[i].msg_hdr = (struct msghdr){.msg_iov = &iov[i], .msg_iovlen = 1};
+                }
+                int got = recvmmsg(f->fd, msgs, UDP_BATCH, MSG_DONTWAIT, NULL);
+                if (got < 0) {
+                    if (errno != EAGAIN && errno != EINTR) res.errors++; /* e.g. ECONNREFUSED */
+                    break;
+                }
+                for (int i = 0; i < got; i++) {
+                    if (!udp_reply(f, bufs[i], msgs[i].msg_len, t, counting)) res.mismatches++;
+                }
+                if (got < UDP_BATCH) break;
+            }
+            if (counting) udp_top_up(f, t);
+        }
+        if (t >= next_scan) { /* unanswered for UDP_TIMEOUT: lost; its slot is free again */
+            next_scan = t + 0.05;
+            for (int i = 0; i < opt.conns; i++) {
+                for (int j = 0; j < opt.window; j++) {
+                    struct uslot *s = &flows[i].slots[j];
+                    if (s->busy && t - s->sent > UDP_TIMEOUT) {
+                        s->busy = 0;
+                        res.timeouts++;
+                    }
+                }
+                if (t < end) udp_top_up(&flows[i], t);
+            }
+        }
+        if (res.sent >= MAX_MESSAGES && end > t) end = t; /* the count bound: stop sending */
+    }
+    for (int i = 0; i < opt.conns; i++) close(flows[i].fd);
+    print_results(end - start);
+}
+
 static void run_client(void) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
     memset(bulk, 'b', sizeof bulk);
     for (size_t i = 0; i < PATTERN_SIZE; i++) pattern[i] = MESSAGE[i % MESSAGE_SIZE];
     res.next_addr = opt.addr_offset;
-    if (opt.mode == C_CONNRATE || opt.mode == C_PINGPONG) {
+    if (opt.mode == C_CONNRATE || opt.mode == C_PINGPONG || opt.mode == C_UDP) {
         res.samples = malloc(MAX_SAMPLES * sizeof *res.samples);
         if (!res.samples) die("out of memory");
     }
     if (opt.mode == C_IDLE) {
         run_idle(ep);
+        return;
+    }
+    if (opt.mode == C_UDP) {
+        run_udp(ep);
         return;
     }
     struct cconn *conns = calloc((size_t)opt.conns, sizeof *conns);
@@ -649,12 +921,12 @@ int main(int argc, char **argv) {
     raise_nofile();
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 2) die("usage: loadgen serve MODE --port P | loadgen MODE --connect HOST:PORT ...");
-    static const char *const serve_modes[] = {"echo", "sink", "source", "rr", "hold"};
-    static const char *const client_modes[] = {"upload", "download", "pingpong",
-                                               "stream", "connrate", "idle"};
+    static const char *const serve_modes[] = {"echo", "sink", "source", "rr", "hold", "udp-echo"};
+    static const char *const client_modes[] = {"upload",   "download", "pingpong", "stream",
+                                               "connrate", "idle",     "udp"};
     int serving = strcmp(argv[1], "serve") == 0;
-    int mode = serving ? (argc > 2 ? lookup(argv[2], serve_modes, 5) : -1)
-                       : lookup(argv[1], client_modes, 6);
+    int mode = serving ? (argc > 2 ? lookup(argv[2], serve_modes, 6) : -1)
+                       : lookup(argv[1], client_modes, 7);
     if (mode < 0) die("unknown mode");
     int first = serving ? 3 : 2;
     opt = (struct options){.conns = 1, .duration = 3.0, .window = 64, .dest_port = 0};
@@ -689,6 +961,7 @@ int main(int argc, char **argv) {
     if (serving) {
         if (port <= 0 || port > 65535) die("serve needs --port");
         memset(bulk, 's', sizeof bulk);
+        if (mode == S_UDP_ECHO) serve_udp(port);
         serve((enum serve_mode)mode, port);
         return 0;
     }

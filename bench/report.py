@@ -91,7 +91,7 @@ def table(settings: Settings, rows: list[Row]) -> str:
         if row.workload.limited:
             title += f" {settings.limit_nofile:,}"
         cells = [title, row.unit]
-        show = count if row.metric.key == "held" else number
+        show = count if row.metric.key in ("held", "lost") else number
         cells += [show(row.median(name)) for name in names]
         cells += [times(row.ratio(name, DIRECT)) for name in proxies]
         cells += [times(row.ratio(name, MMPROXY)) for name in peers]
@@ -123,10 +123,15 @@ def footer(
     settings: Settings, records: list[Record], rows: list[Row], machine: dict[str, Any]
 ) -> str:
     """The lines under the table: what was measured where, and what went wrong."""
+    protocols = {BY_NAME[name].protocol for name in settings.workloads}
+    headers = {
+        frozenset({"udp"}): "PROXY header v2 DGRAM (UDP)",
+        frozenset({"tcp", "udp"}): f"PROXY header {settings.header} (TCP), v2 DGRAM (UDP)",
+    }.get(frozenset(protocols), f"PROXY header {settings.header}")
     lines = [
         (
             f"Medians of {settings.repeats} repeat(s) of {settings.duration:g} s per workload; "
-            f"PROXY header {settings.header}; mmproxy on Python "
+            f"{headers}; mmproxy on Python "
             f"{str(machine['python_mmproxy'].get('version')).split()[0]}."
         ),
         (

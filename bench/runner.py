@@ -24,7 +24,7 @@ from bench.procs import Child, Processes, usage
 from bench.settings import Settings, Target
 from bench.stats import number
 from bench.targets import Backend, Proxy, StartError
-from bench.workloads import BY_NAME, STREAM_WINDOW, Workload, idle_figures, load_figures
+from bench.workloads import BY_NAME, Workload, client_header, idle_figures, load_figures
 
 CLIENT_GRACE = 60.0  # seconds a client may run past its duration before it is killed
 IDLE_OPEN_SECONDS = 600.0  # hard cap on an idle client's whole life
@@ -159,6 +159,7 @@ class Runner:
                     proxy_port,
                     backend_port,
                     nofile=nofile,
+                    protocol=workload.protocol,
                 )
                 port = proxy_port
                 record.proxy["ready"] = proxy.ready_record
@@ -167,7 +168,7 @@ class Runner:
             if workload.kind == "idle":
                 self._idle(workload, record, backend, proxy, port)
             else:
-                self._load(workload, record, proxy, port, backend_port)
+                self._load(workload, record, proxy, port, backend)
             if proxy is not None:
                 if not proxy.child.alive():
                     raise MeasureError(
@@ -207,10 +208,10 @@ class Runner:
             *("--connect", f"127.0.0.1:{port}"),
             *("--conns", str(conns)),
             *("--duration", f"{duration:g}"),
-            *("--proxy", self.settings.header if proxied else "none"),
+            *("--proxy", client_header(workload, self.settings.header, proxied)),
             *("--addr-offset", str(self._address)),
             *("--dest-port", str(backend_port)),
-            *("--window", str(STREAM_WINDOW)),
+            *("--window", str(workload.window)),
         ]
 
     def _consume_addresses(self, result: dict[str, Any]) -> None:
@@ -233,18 +234,27 @@ class Runner:
         result: dict[str, Any] = results[-1]
         self._consume_addresses(result)
         if result.get("mismatches"):
-            raise MeasureError(f"{result['mismatches']} echoed chunks did not match what was sent")
+            raise MeasureError(
+                f"{result['mismatches']} echoed chunks or datagrams did not match what was sent"
+            )
         return result
 
     def _load(
-        self, workload: Workload, record: Record, proxy: Proxy | None, port: int, backend_port: int
+        self, workload: Workload, record: Record, proxy: Proxy | None, port: int, backend: Backend
     ) -> None:
         lines: list[str] = []
+        udp = workload.protocol == "udp"
+        counters = udp_counters(backend.child.pid) if udp else {}
         before = usage(proxy.pid) if proxy else None
         child = self._start_client(
-            self._client_argv(workload, port, backend_port, proxy is not None), lines
+            self._client_argv(workload, port, backend.port, proxy is not None), lines
         )
         result = self._finish_client(child, lines, self.settings.duration + CLIENT_GRACE)
+        if udp:
+            # where datagrams were dropped: the namespace's kernel counters (IPv4), which
+            # count every socket in it (client, proxy, backend)
+            ended = udp_counters(backend.child.pid)
+            result["kernel_udp"] = {key: ended[key] - counters.get(key, 0) for key in ended}
         cpu = None
         if proxy is not None and before is not None:
             after = usage(proxy.pid)
@@ -294,6 +304,25 @@ class Runner:
         record.client = result | {"backend_live": relayed} | phases
         held = min(relayed, int(result.get("alive", 0)))
         record.figures = idle_figures(held, grown)
+
+
+def parse_udp_snmp(text: str) -> dict[str, int]:
+    """The ``Udp:`` counters of a ``/proc/net/snmp`` table (a heading line, then values)."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2 or len(rows[0]) != len(rows[1]):
+        return {}
+    try:
+        return {name: int(value) for name, value in zip(rows[0], rows[1], strict=True)}
+    except ValueError:
+        return {}
+
+
+def udp_counters(pid: int) -> dict[str, int]:
+    """The UDP counters of the network namespace ``pid`` lives in ({} when unreadable)."""
+    try:
+        return parse_udp_snmp(Path(f"/proc/{pid}/net/snmp").read_text())
+    except OSError:
+        return {}
 
 
 def summary_text(workload: Workload, record: Record) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 DIRECT = "direct"
 MMPROXY = "mmproxy"
-PLACEHOLDERS = frozenset({"listen", "target4", "target6"})
+PLACEHOLDERS = frozenset({"listen", "target4", "target6", "protocol"})
+PROTOCOLS = ("tcp", "udp")
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
@@ -28,7 +29,8 @@ class Target:
     """Something the load goes through: nothing (``direct``), mmproxy, or a peer's command.
 
     ``template`` is the peer's command line with ``{listen}``, ``{target4}`` and ``{target6}``
-    placeholders; for mmproxy ``flags`` are added after the harness's own.
+    placeholders, and optionally ``{protocol}`` (``tcp`` or ``udp``, the workload's); for
+    mmproxy ``flags`` are added after the harness's own.
     """
 
     name: str
@@ -40,10 +42,17 @@ class Target:
     def is_proxy(self) -> bool:
         return self.kind != DIRECT
 
-    def command(self, listen: str, target4: str, target6: str) -> list[str]:
+    def command(self, listen: str, target4: str, target6: str, protocol: str = "tcp") -> list[str]:
         """A peer's argv with the placeholders filled in (no shell is involved)."""
-        filled = self.template.format(listen=listen, target4=target4, target6=target6)
+        filled = self.template.format(
+            listen=listen, target4=target4, target6=target6, protocol=protocol
+        )
         return shlex.split(filled)
+
+    @property
+    def selects_protocol(self) -> bool:
+        """Whether the peer's template has ``{protocol}`` (without it, it runs in one mode)."""
+        return "{protocol}" in self.template
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def parse_peer(text: str) -> Target:
     if unknown:
         raise SettingsError(
             f"--peer {name}: unknown placeholder {{{sorted(unknown)[0]}}} "
-            "(use {listen}, {target4}, {target6})"
+            "(use {listen}, {target4}, {target6}, {protocol})"
         )
     if "listen" not in fields:
         raise SettingsError(f"--peer {name}: the command template needs {{listen}}")

@@ -1,13 +1,16 @@
 """Starting the backends and the proxies inside the namespace, and knowing when they are ready.
 
 mmproxy says so itself: it logs a ``ready`` JSON line once every listener is bound.  A peer is
-ready when its listening address accepts a TCP connection (probed from inside the namespace).
+ready when its listening address accepts a TCP connection (probed from inside the namespace),
+or for a UDP workload when a UDP socket is bound to its port (the namespace's ``net/udp``
+table, read through the peer's ``/proc`` entry).
 A backend (``loadgen serve``) prints ``ready``, then ``live N`` whenever its number of open
 connections changes, which is how the idle workload counts what a proxy really relayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -92,6 +95,7 @@ class Proxy:
         port: int,
         backend_port: int,
         nofile: int | None = None,
+        protocol: str = "tcp",
     ) -> None:
         if target.kind == DIRECT:
             raise ValueError("direct has no proxy")
@@ -115,14 +119,22 @@ class Proxy:
                 "mmproxy",
                 *("-l", self.listen, "-4", target4, "-6", target6),
                 *("--drain-timeout", "0"),  # the harness has ended every connection by then
+                *(("-p", "udp") if protocol == "udp" else ()),
                 *target.flags,
             ]
             self.child = procs.start(argv, name=target.name, on_line=self._on_log, env=env)
             self._wait_ready()
         else:
-            argv = [*limit, *ns.prefix(), *target.command(self.listen, target4, target6)]
+            argv = [
+                *limit,
+                *ns.prefix(),
+                *target.command(self.listen, target4, target6, protocol),
+            ]
             self.child = procs.start(argv, name=target.name, env=env)
-            self._wait_accepting(ns, port)
+            if protocol == "udp":
+                self._wait_bound_udp(port)
+            else:
+                self._wait_accepting(ns, port)
 
     @property
     def pid(self) -> int:
@@ -160,6 +172,43 @@ class Proxy:
                 f"{self.target.name} did not accept on {self.listen}: "
                 f"{self.child.stderr_tail() or 'no output'}"
             )
+
+    def _wait_bound_udp(self, port: int) -> None:
+        end = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < end and self.child.alive():
+            tables = ""
+            for name in ("udp", "udp6"):
+                with contextlib.suppress(OSError):  # not started yet, or gone
+                    tables += Path(f"/proc/{self.child.pid}/net/{name}").read_text()
+            if udp_port_bound(tables, port):
+                return
+            time.sleep(0.05)
+        hint = (
+            ""
+            if self.target.selects_protocol
+            else " (does its template select UDP mode? e.g. '-p {protocol}')"
+        )
+        raise StartError(
+            f"{self.target.name} did not bind UDP {self.listen}{hint}: "
+            f"{self.child.stderr_tail() or 'no output'}"
+        )
+
+
+def udp_port_bound(table: str, port: int) -> bool:
+    """Whether a ``/proc/net/udp`` (or ``udp6``) table has a socket bound to local ``port``.
+
+    Each row after the heading has ``local_address`` as its second column, ``HEXADDR:HEXPORT``.
+    """
+    for line in table.splitlines():
+        columns = line.split()
+        if len(columns) < 2 or ":" not in columns[1]:
+            continue
+        try:
+            if int(columns[1].rpartition(":")[2], 16) == port:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def enter_namespace(ns: Namespace) -> None:

@@ -26,16 +26,22 @@ class Metric:
 
 @dataclass(frozen=True)
 class Workload:
-    """One load shape.  ``conns`` None means the settings choose (the idle workloads)."""
+    """One load shape.  ``conns`` None means the settings choose (the idle workloads).
+
+    ``protocol`` is what the proxy relays: mmproxy gets ``-p udp`` for a UDP workload, and a
+    peer's template gets it as ``{protocol}``.
+    """
 
     name: str
     title: str
     server: str  # loadgen serve MODE
     client: str  # loadgen MODE
-    kind: str  # bulk, messages, connections, idle
-    conns: int | None = None
+    kind: str  # bulk, messages, connections, idle, datagrams
+    conns: int | None = None  # connections, or UDP flows
     limited: bool = False  # idle-limit: the proxy runs under the descriptor limit
     latency: bool = False  # also report p50/p99 (per message or per connection)
+    protocol: str = "tcp"  # tcp or udp
+    window: int = 64  # messages or datagrams in flight per connection or flow
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -51,6 +57,10 @@ METRICS: dict[str, tuple[Metric, ...]] = {
     "bulk": (Metric("gbps", "Gbit/s"),),
     "messages": (Metric("msgs_per_s", "msg/s"),),
     "connections": (Metric("conns_per_s", "conn/s"),),
+    "datagrams": (
+        Metric("dgrams_per_s", "dgram/s"),
+        Metric("lost", "lost", higher_is_better=False),
+    ),
     "idle": (
         Metric("held", "held"),
         Metric("rss_kib_per_conn", "RSS KiB/conn", higher_is_better=False),
@@ -66,9 +76,11 @@ CPU: dict[str, Metric] = {
     "bulk": Metric("cpu_s_per_gb", "CPU s/GB", higher_is_better=False),
     "messages": Metric("cpu_ms_per_1k_msg", "CPU ms/1k msg", higher_is_better=False),
     "connections": Metric("cpu_ms_per_1k_conn", "CPU ms/1k conn", higher_is_better=False),
+    "datagrams": Metric("cpu_ms_per_1k_dgram", "CPU ms/1k dgram", higher_is_better=False),
 }
 
 STREAM_WINDOW = 64  # messages in flight per connection in the streaming workload
+UDP_WINDOW = 16  # datagrams (64 bytes of payload each) in flight per UDP flow
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("bulk-up-1", "bulk upload, 1 conn", "sink", "upload", "bulk", 1),
@@ -78,7 +90,9 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "pingpong", "PING ping-pong, 50 conns", "echo", "pingpong", "messages", 50, latency=True
     ),
-    Workload("stream", "PING streaming, 50 conns", "echo", "stream", "messages", 50),
+    Workload(
+        "stream", "PING streaming, 50 conns", "echo", "stream", "messages", 50, window=STREAM_WINDOW
+    ),
     Workload(
         "connrate",
         "connect+request+close, 8 clients",
@@ -90,6 +104,28 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload("idle", "idle connections", "hold", "idle", "idle"),
     Workload("idle-limit", "idle, proxy nofile limit", "hold", "idle", "idle", limited=True),
+    Workload(
+        "udp",
+        "UDP echo, 50 flows x 16 in flight",
+        "udp-echo",
+        "udp",
+        "datagrams",
+        50,
+        latency=True,
+        protocol="udp",
+        window=UDP_WINDOW,
+    ),
+    Workload(
+        "udp-1",
+        "UDP echo, 1 flow x 16 in flight",
+        "udp-echo",
+        "udp",
+        "datagrams",
+        1,
+        latency=True,
+        protocol="udp",
+        window=UDP_WINDOW,
+    ),
 )
 NAMES: tuple[str, ...] = tuple(workload.name for workload in WORKLOADS)
 BY_NAME: dict[str, Workload] = {workload.name: workload for workload in WORKLOADS}
@@ -100,7 +136,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def load_figures(workload: Workload, client: dict[str, Any], cpu_seconds: float | None) -> Figures:
-    """The figures of a bulk, messages or connections run from the client's JSON output."""
+    """The figures of a bulk, messages, connections or datagrams run from the client's output."""
     seconds = float(client["seconds"])
     if seconds <= 0:
         raise ValueError("the client measured no time")
@@ -127,7 +163,27 @@ def load_figures(workload: Workload, client: dict[str, Any], cpu_seconds: float 
             "p99_ms": float(client["p99_us"]) / 1e3 if have else None,
             "cpu_ms_per_1k_conn": per(_ms(cpu_seconds), count, 1e3),
         }
+    if workload.kind == "datagrams":
+        # the rate counts echoes received within the duration; the loss is every datagram
+        # sent and never echoed, counted after the grace period at the end
+        count = float(client["datagrams"])
+        have = bool(client.get("samples"))
+        return {
+            "dgrams_per_s": count / seconds,
+            "lost": float(client["lost"]),
+            "p50_ms": float(client["p50_us"]) / 1e3 if have else None,
+            "p99_ms": float(client["p99_us"]) / 1e3 if have else None,
+            "cpu_ms_per_1k_dgram": per(_ms(cpu_seconds), count, 1e3),
+        }
     raise ValueError(f"{workload.name} is not a load workload")
+
+
+def client_header(workload: Workload, header: str, proxied: bool) -> str:
+    """The PROXY header the load generator sends: ``none`` direct, always v2 for UDP
+    (a v1 header has no datagram transport), else the ``--header`` setting."""
+    if not proxied:
+        return "none"
+    return "v2" if workload.protocol == "udp" else header
 
 
 def idle_figures(held: int, grown: Usage | None) -> Figures:

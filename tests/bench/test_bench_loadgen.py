@@ -7,16 +7,18 @@ namespace needed: nothing here is relayed).
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
 import pytest
 
 from bench import build
-from mmproxy.protocol import InetAddress, Parsed, parse
+from mmproxy.protocol import Family, InetAddress, Parsed, Transport, parse, parse_complete
 
 REQUEST = b"HELLO\r\n"
 
@@ -119,3 +121,133 @@ def test_direct_mode_sends_no_header(loadgen: Path) -> None:
         recorder.close()
     assert recorder.received
     assert set(recorder.received) == {REQUEST}
+
+
+# ------------------------------------------------------------------------------- UDP
+
+UDP_PAYLOAD = 64
+
+
+class UdpEcho:
+    """A UDP server on the host's loopback that keeps every datagram and sends back
+    ``answer(datagram)`` (None: no reply), like a proxy that takes the header off."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+        self._answer = answer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and len(self.received) < 100_000:
+            try:
+                data, sender = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            self.received.append((data, sender))
+            reply = self._answer(data)
+            if reply is not None:
+                self.sock.sendto(reply, sender)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.sock.close()
+
+
+def _udp(loadgen: Path, port: int, *flags: str) -> dict[str, int]:
+    result = subprocess.run(
+        [str(loadgen), "udp", "--connect", f"127.0.0.1:{port}", "--duration", "0.3", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures: dict[str, int] = json.loads(result.stdout)
+    return figures
+
+
+def _strip_header(data: bytes) -> bytes:
+    return data[parse_complete(data).consumed :]
+
+
+def test_udp_headers_are_v2_dgram_one_fake_client_per_flow(loadgen: Path) -> None:
+    server = UdpEcho(_strip_header)
+    try:
+        figures = _udp(
+            loadgen,
+            server.port,
+            *("--proxy", "v2", "--conns", "3", "--window", "4"),
+            *("--addr-offset", "64001", "--dest-port", "443"),
+        )
+    finally:
+        server.close()
+    clients: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for data, sender in server.received:
+        result = parse_complete(data)
+        header = result.header
+        assert header.version == 2
+        assert header.transport is Transport.DGRAM
+        assert header.family is Family.INET
+        assert len(data) - result.consumed == UDP_PAYLOAD
+        assert isinstance(header.source, InetAddress)
+        assert isinstance(header.destination, InetAddress)
+        assert header.source.host in ip_network("198.51.100.0/24")
+        assert (header.destination.host, header.destination.port) == (ip_address("127.0.0.1"), 443)
+        clients.setdefault((str(header.source.host), header.source.port), set()).add(sender)
+    # flow k of a run is fake client k (from --addr-offset), and each flow is one socket
+    assert sorted(clients) == [("198.51.100.2", port) for port in (1025, 1026, 1027)]
+    senders = [next(iter(found)) for found in clients.values()]
+    assert all(len(found) == 1 for found in clients.values())
+    assert len(set(senders)) == 3
+    assert figures["addresses_used"] == 3
+    assert figures["mismatches"] == 0
+    assert figures["errors"] == 0
+    assert figures["sent"] == len(server.received)
+    assert figures["received"] + figures["lost"] == figures["sent"]  # no timing: a stall may lose
+    assert 0 < figures["datagrams"] <= figures["received"]
+
+
+def test_udp_direct_sends_bare_payloads_and_counts_losses(loadgen: Path) -> None:
+    server = UdpEcho(lambda data: None)  # answers nothing: everything is lost
+    try:
+        figures = _udp(loadgen, server.port, "--proxy", "none", "--conns", "2", "--window", "3")
+    finally:
+        server.close()
+    assert len(server.received) == figures["sent"] == 6  # one window per flow, never refilled
+    assert all(len(data) == UDP_PAYLOAD for data, _ in server.received)
+    assert figures["received"] == figures["datagrams"] == 0
+    assert figures["lost"] == 6
+    assert figures["addresses_used"] == 0
+
+
+def test_udp_replies_that_were_not_sent_are_mismatches(loadgen: Path) -> None:
+    def corrupt(data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+    server = UdpEcho(corrupt)
+    try:
+        figures = _udp(loadgen, server.port, "--proxy", "none", "--window", "2")
+    finally:
+        server.close()
+    assert figures["mismatches"] == 2  # the first window, answered wrongly: never refilled
+    assert figures["received"] == 0
+    assert figures["lost"] == 2
+
+
+def test_udp_refuses_a_v1_header(loadgen: Path) -> None:
+    result = subprocess.run(
+        [str(loadgen), "udp", "--connect", "127.0.0.1:9", "--proxy", "v1", "--duration", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "udp: --proxy none or v2" in result.stderr

@@ -67,7 +67,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     png = tmp_path / "chart.png"
     proc = _start(
         tag,
-        *("--only", "pingpong,idle", "--duration", "0.5", "--repeats", "1"),
+        *("--only", "pingpong,idle,udp", "--duration", "0.5", "--repeats", "1"),
         *("--idle-connections", "40", "--json", str(out), "--png", str(png)),
         *("--note", "harness test"),
     )
@@ -83,12 +83,14 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     # the progress lines: one per measurement, each with its first figure
     steps = [line for line in stderr.splitlines() if line.startswith("[")]
     assert [line.split(": ")[0] for line in steps] == [
-        "[1/4] repeat 1/1 pingpong via direct",
-        "[2/4] repeat 1/1 pingpong via mmproxy",
-        "[3/4] repeat 1/1 idle via direct",
-        "[4/4] repeat 1/1 idle via mmproxy",
+        "[1/6] repeat 1/1 pingpong via direct",
+        "[2/6] repeat 1/1 pingpong via mmproxy",
+        "[3/6] repeat 1/1 idle via direct",
+        "[4/6] repeat 1/1 idle via mmproxy",
+        "[5/6] repeat 1/1 udp via direct",
+        "[6/6] repeat 1/1 udp via mmproxy",
     ]
-    assert all(line.endswith(("msg/s", "held")) for line in steps), steps
+    assert all(line.endswith(("msg/s", "held", "dgram/s")) for line in steps), steps
     if png.exists():
         assert png.read_bytes().startswith(b"\x89PNG")
     else:
@@ -97,7 +99,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     # the table: header, alignment row, one row per figure, medians for both targets
     lines = stdout.splitlines()
     assert lines[0] == "| workload | figure | direct | mmproxy | mmproxy/direct |"
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:9]]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:15]]
     assert [row[1] for row in rows] == [
         "msg/s",
         "p50 ms",
@@ -106,6 +108,12 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
         "held of 40",
         "RSS KiB/conn",
         "fds/conn",
+        "threads/conn",
+        "dgram/s",
+        "lost",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/1k dgram",
     ]
     for row in rows[:3]:
         assert "-" not in row[2:4], row
@@ -113,6 +121,15 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert rows[3][2] == "-"  # CPU is the proxy's: none for direct
     assert rows[3][3] != "-"
     assert rows[4][2:] == ["40", "40", "1.00x"]
+    udp = {row[1]: row for row in rows[8:]}
+    assert all(row[0] == "UDP echo, 50 flows x 16 in flight" for row in udp.values())
+    for unit in ("dgram/s", "lost"):
+        assert "-" not in udp[unit][2:4], udp[unit]  # medians for both targets (loss may be 0)
+    # (the round trip needs an echo within the half second: on a loaded machine mmproxy's
+    # first ones may come later, so only direct's is required)
+    assert udp["p50 ms"][2] != "-"
+    assert udp["dgram/s"][4].endswith("x")
+    assert udp["CPU ms/1k dgram"][2] == "-"
     assert "Medians of 1 repeat(s) of 0.5 s per workload" in stdout
     assert "Note: harness test" in stdout
 
@@ -120,7 +137,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     doc = json.loads(out.read_text())
     assert doc["schema"] == "mmproxy-bench/1"
     assert doc["errors"] == 0
-    assert doc["settings"]["workloads"] == ["pingpong", "idle"]
+    assert doc["settings"]["workloads"] == ["pingpong", "idle", "udp"]
     assert doc["settings"]["note"] == "harness test"
     for key in ("cores", "cpu_model", "kernel", "python_harness", "python_mmproxy", "compiler"):
         assert doc["machine"][key], key
@@ -132,6 +149,8 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
         ("idle", "mmproxy"),
         ("pingpong", "direct"),
         ("pingpong", "mmproxy"),
+        ("udp", "direct"),
+        ("udp", "mmproxy"),
     ]
     for run in doc["runs"]:
         assert run["error"] is None
@@ -152,9 +171,19 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert idle["client"]["backend_live"] == 40
     assert idle["figures"]["held"] == 40
     assert idle["figures"]["fds_per_conn"] is not None
+    udp_run = runs[("udp", "mmproxy")]
+    assert udp_run["client"]["sent"] >= 50 * 16  # every flow filled its window
+    assert udp_run["client"]["received"] + udp_run["client"]["lost"] == udp_run["client"]["sent"]
+    assert udp_run["client"]["addresses_used"] == 50  # one fake client per flow
+    assert udp_run["client"]["kernel_udp"]["RcvbufErrors"] >= 0  # where a loss happened
+    assert udp_run["proxy"]["ready"]["maxUdpFlows"] > 0  # mmproxy ran in UDP mode
+    assert udp_run["proxy"]["cpu_seconds"] >= 0  # the figure is this per 1k datagrams echoed
+    assert "cpu_ms_per_1k_dgram" in udp_run["figures"]
+    assert runs[("udp", "direct")]["client"]["addresses_used"] == 0  # direct: no header
     summary = {(s["workload"], s["figure"]) for s in doc["summary"]}
     assert ("pingpong", "msgs_per_s") in summary
     assert ("idle", "rss_kib_per_conn") in summary
+    assert ("udp", "lost") in summary
 
     _assert_nothing_left(proc, tag)
 

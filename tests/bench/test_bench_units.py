@@ -8,16 +8,25 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench import build, chart, cli, netns, report
 from bench.procs import Processes, Usage, process_tree, usage
-from bench.runner import Progress, Record, rotated
+from bench.runner import Progress, Record, parse_udp_snmp, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
 from bench.stats import count, median, number, per, ratio, times
-from bench.workloads import BY_NAME, NAMES, WORKLOADS, idle_figures, load_figures
+from bench.targets import udp_port_bound
+from bench.workloads import (
+    BY_NAME,
+    NAMES,
+    WORKLOADS,
+    client_header,
+    idle_figures,
+    load_figures,
+)
 
 # ------------------------------------------------------------------------------ stats
 
@@ -90,6 +99,77 @@ def test_message_and_connection_figures() -> None:
     assert figures["p99_ms"] == pytest.approx(3.0)
 
 
+def test_datagram_figures_count_echoes_in_the_duration_and_every_loss() -> None:
+    client = {
+        "seconds": 2.0,
+        "datagrams": 40_000,  # echoes received within the duration
+        "sent": 40_900,
+        "received": 40_897,  # also those that came back in the grace period
+        "lost": 3,
+        "samples": 40_000,
+        "p50_us": 400,
+        "p99_us": 2500,
+    }
+    figures = load_figures(BY_NAME["udp"], client, 2.0)
+    assert figures == {
+        "dgrams_per_s": pytest.approx(20_000),
+        "lost": 3.0,
+        "p50_ms": pytest.approx(0.4),
+        "p99_ms": pytest.approx(2.5),
+        "cpu_ms_per_1k_dgram": pytest.approx(50.0),  # 2 s of CPU for 40k datagrams
+    }
+    direct = load_figures(BY_NAME["udp-1"], client | {"samples": 0}, None)
+    assert direct["cpu_ms_per_1k_dgram"] is None
+    assert direct["p50_ms"] is None
+
+
+def test_udp_workloads_send_v2_headers_and_select_udp_mode() -> None:
+    for name in ("udp", "udp-1"):
+        workload = BY_NAME[name]
+        assert workload.protocol == "udp"
+        assert workload.kind == "datagrams"
+        assert workload.cpu is not None
+        assert [m.key for m in workload.metrics] == ["dgrams_per_s", "lost", "p50_ms", "p99_ms"]
+        assert client_header(workload, "v1", proxied=True) == "v2"  # v1 has no DGRAM
+        assert client_header(workload, "v1", proxied=False) == "none"
+    assert BY_NAME["udp"].conns == 50
+    assert BY_NAME["udp-1"].conns == 1
+    assert client_header(BY_NAME["pingpong"], "v1", proxied=True) == "v1"
+    assert client_header(BY_NAME["pingpong"], "v2", proxied=True) == "v2"
+    assert all(w.protocol == "tcp" for w in WORKLOADS if w.kind != "datagrams")
+
+
+def test_udp_port_bound_reads_the_proc_net_udp_table() -> None:
+    table = (
+        "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+        "  112: 0100007F:4E22 00000000:0000 07 00000000:00000000 00:00000000 00000000     0\n"
+        "  113: 00000000000000000000000001000000:4E24 00000000000000000000000000000000:0000 07\n"
+    )
+    assert udp_port_bound(table, 0x4E22)  # 127.0.0.1:20002
+    assert udp_port_bound(table, 0x4E24)  # [::1]:20004 (udp6)
+    assert not udp_port_bound(table, 0x4E23)
+    assert not udp_port_bound(table, 0)  # the heading and remote columns never match
+    assert not udp_port_bound("", 20002)
+    assert not udp_port_bound("garbage\n1: nocolon x\n2: 01:zz y\n", 20002)
+
+
+def test_udp_kernel_counters_come_from_the_snmp_table() -> None:
+    text = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: 1316834 1 33374 1353540 33374 0\n"
+        "UdpLite: InDatagrams NoPorts\nUdpLite: 7 8\n"
+    )
+    counters = parse_udp_snmp(text)
+    assert counters["InDatagrams"] == 1316834
+    assert counters["RcvbufErrors"] == 33374
+    assert counters["SndbufErrors"] == 0
+    assert len(counters) == 6  # UdpLite is another table
+    assert parse_udp_snmp("") == {}
+    assert parse_udp_snmp("Udp: A B\nUdp: 1\n") == {}  # heading and values disagree
+    assert parse_udp_snmp("Udp: A\nUdp: x\n") == {}
+
+
 def test_figures_refuse_a_run_without_time_and_idle_workloads() -> None:
     with pytest.raises(ValueError, match="no time"):
         load_figures(BY_NAME["stream"], {"seconds": 0, "messages": 1}, None)
@@ -135,6 +215,16 @@ def test_peer_template_is_split_like_a_shell_without_one() -> None:
     ]
     quoted = parse_peer("q='/path with space/p' -l {listen}")
     assert quoted.command("a:1", "b:2", "c:3") == ["/path with space/p", "-l", "a:1"]
+    assert not target.selects_protocol
+
+
+def test_peer_template_may_take_the_workloads_protocol() -> None:
+    target = parse_peer("go=/usr/bin/go-mmproxy -p {protocol} -l {listen} -4 {target4}")
+    assert target.selects_protocol
+    assert target.command("a:1", "b:2", "c:3", "udp") == [
+        *("/usr/bin/go-mmproxy", "-p", "udp", "-l", "a:1", "-4", "b:2"),
+    ]
+    assert target.command("a:1", "b:2", "c:3")[2] == "tcp"  # the default
 
 
 @pytest.mark.parametrize(
@@ -326,6 +416,24 @@ def test_footer_warns_when_a_proxy_comes_close_to_direct() -> None:
     info = report.machine(settings) | {"loadavg_end": [1.0, 1.0, 1.0]}
     assert "may be the bottleneck" in report.footer(settings, records, rows, info)
     assert report.suspicious(settings, report.summarise(settings, _records())) == []
+
+
+def test_footer_names_the_header_each_protocol_sends() -> None:
+    info = report.machine(_settings()) | {"loadavg_end": [1.0, 1.0, 1.0]}
+    for workloads, text in [
+        (("bulk-up-1",), "PROXY header v1;"),
+        (("udp", "udp-1"), "PROXY header v2 DGRAM (UDP);"),
+        (("pingpong", "udp"), "PROXY header v1 (TCP), v2 DGRAM (UDP);"),
+    ]:
+        settings = replace(_settings(), workloads=workloads)
+        assert text in report.footer(settings, [], report.summarise(settings, []), info)
+    udp = [
+        Record(0, "udp", DIRECT, {"dgrams_per_s": 100_000.0, "lost": 0.0}),
+        Record(0, "udp", MMPROXY, {"dgrams_per_s": 5_000.0, "lost": 1820.0}),
+    ]
+    settings = replace(_settings(), workloads=("udp",))
+    table = report.table(settings, report.summarise(settings, udp))
+    assert "| UDP echo, 50 flows x 16 in flight | lost | 0 | 1,820 | - |" in table  # a count
 
 
 def test_chart_is_skipped_without_matplotlib(
