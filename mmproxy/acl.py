@@ -204,9 +204,13 @@ class AllowListHolder:
 
     @property
     def current(self) -> AllowList:
-        """The list to check a new peer against."""
-        with self._lock:
-            return self._current
+        """The list to check a new peer against.
+
+        Read without the lock (UDP reads it for every datagram): reading one
+        reference is atomic, with or without the GIL, and the list it names is
+        immutable.  Only writers serialise, in :meth:`replace`.
+        """
+        return self._current
 
     def replace(self, new: AllowList) -> AllowList:
         """Put ``new`` in force; return the list it replaced."""

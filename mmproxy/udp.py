@@ -39,6 +39,7 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
@@ -49,11 +50,12 @@ from mmproxy.errors import HeaderError
 from mmproxy.listener import RESOURCE_ERRORS, STOPPED_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import NO_METRICS, TO_CLIENT, TO_TARGET, Metrics
 from mmproxy.pool import WorkerPool
-from mmproxy.protocol import V2_SIGNATURE, InetAddress, Transport, parse_complete
+from mmproxy.protocol import V2_FIXED_LENGTH, V2_SIGNATURE, InetAddress, Transport, parse_complete
 
 # Room for the largest datagram (65,507 payload bytes over IPv4, 65,527 over
 # IPv6), so nothing is ever truncated.
 DATAGRAM_BUFFER = 65536
+ROUTE_CACHE = 65536  # (sender, header bytes) -> route entries kept before starting afresh
 REPLY_BATCH = 64  # replies sent per wake-up before the expiry clock is looked at again
 AFTER_ABORT_WAIT = 5.0  # seconds flows get to unwind at stop
 
@@ -70,6 +72,8 @@ SEND_FAILED = "send_failed"
 
 Sender = tuple[Any, ...]  # an address as recvfrom returns it: (host, port[, flowinfo, scope])
 FlowKey = tuple[Sender, tuple[str, int] | None, Endpoint]
+# A datagram's flow key, the address to impersonate (None: none) and the target.
+Route = tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]
 
 
 class DroppedError(Exception):
@@ -172,8 +176,9 @@ class Flow:
 
     @property
     def stopping(self) -> bool:
-        with self._lock:
-            return self._stopping
+        # Read without the lock, once per reply: a plain attribute read cannot tear, and
+        # a stale False only delays the worker's exit to its next wake-up (abort() wakes it).
+        return self._stopping
 
 
 class FlowTable:
@@ -181,13 +186,15 @@ class FlowTable:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._changed = threading.Condition()
+        self._changed = threading.Condition(threading.Lock())
         self._flows: dict[FlowKey, Flow] = {}
         self._latest: dict[Hashable, Flow] = {}
 
     def get(self, key: FlowKey) -> Flow | None:
-        with self._changed:
-            return self._flows.get(key)
+        # Without the lock (once per datagram): dict.get is atomic, with or without the
+        # GIL.  A flow that is being forgotten meanwhile refuses the send (it is closed)
+        # and the caller opens a new one.
+        return self._flows.get(key)
 
     def add(self, flow: Flow) -> Flow | None:
         """Register ``flow``; returns the flow already there under its key, or None.
@@ -267,7 +274,8 @@ class UdpServer:
         self._flow_log = logs.ConnectionLog(log, config.verbose)
         self._pool = WorkerPool()
         self._table = FlowTable(capacity)
-        self.counters = Counters()
+        self.counters = Counters()  # events of the reply workers and the flows' totals
+        self._routes: dict[tuple[Sender, bytes], Route] = {}
         self._sockets = sockets
         self._dispatchers = [Dispatcher(sock, number, self) for number, sock in enumerate(sockets)]
         self._full = Throttle(10.0)
@@ -297,28 +305,35 @@ class UdpServer:
         self._pool.close(timeout=1.0)
         for sock in self._sockets:
             sock.close()
-        self.log.info("udp totals", extra=self.counters.snapshot())
+        totals = Counter(self.counters.snapshot())
+        for dispatcher in self._dispatchers:  # joined: their counts are final
+            totals.update(dispatcher.counts)
+        self.log.info("udp totals", extra=dict(sorted(totals.items())))
         self.log.info("stopped")
 
     # ------------------------------------------------------------ dispatching
 
     def handle(self, datagram: memoryview, sender: Sender, dispatcher: Dispatcher) -> None:
         """Runs on a dispatcher thread: deliver one datagram or drop it with a reason."""
-        self.counters.add("received")
+        counts = dispatcher.counts
+        counts["received"] += 1
         try:
-            self._deliver(datagram, sender, dispatcher)
+            forwarded = self._deliver(datagram, sender, dispatcher)
         except DroppedError as drop:
-            self._dropped(drop.reason, drop.message, drop.detail, sender, dispatcher.number)
+            self._dropped(drop.reason, drop.message, drop.detail, sender, dispatcher)
         except HeaderError as error:
-            self._dropped(
-                error.reason.value, "invalid PROXY header", error, sender, dispatcher.number
-            )
+            self._dropped(error.reason.value, "invalid PROXY header", error, sender, dispatcher)
+        else:
+            if forwarded:
+                counts["forwarded"] += 1
+                self._metrics.udp_datagram(TO_TARGET)
 
-    def _deliver(self, datagram: memoryview, sender: Sender, dispatcher: Dispatcher) -> None:
+    def _deliver(self, datagram: memoryview, sender: Sender, dispatcher: Dispatcher) -> bool:
+        """Send the datagram's payload on its flow; False for a header-only announcement."""
         if not self._allow_list.current.allows(sender[0]):
             raise DroppedError(NOT_ALLOWED, "peer is not in the allowed subnets")
         first_only = self._config.udp_header == "first"
-        if first_only and datagram[: len(V2_SIGNATURE)] != V2_SIGNATURE:
+        if datagram[: len(V2_SIGNATURE)] != V2_SIGNATURE and first_only:
             flow = self._table.latest(sender)
             if flow is None or not self._send(flow, datagram):
                 raise DroppedError(
@@ -326,7 +341,37 @@ class UdpServer:
                     "datagram without a PROXY header and no flow from its sender",
                     "--udp-header first: the flow's first datagram must carry the header",
                 )
-            return
+            return True
+        route, consumed = self._route_of(datagram, sender)
+        key, client, target = route
+        payload = datagram[consumed:]
+        for _attempt in range(2):  # a flow may expire between the lookup and the send
+            flow = self._table.get(key) or self._open(key, client, target, sender, dispatcher)
+            if first_only:
+                self._table.set_latest(sender, flow)
+                if not payload:  # a header-only datagram announces the flow
+                    if flow.touch():
+                        return False
+                    continue
+            if self._send(flow, payload):
+                return True
+        raise DroppedError(NO_FLOW, "the datagram's flow closed while it was being delivered")
+
+    def _route_of(self, datagram: memoryview, sender: Sender) -> tuple[Route, int]:
+        """The datagram's route and its header's length.
+
+        A flow's datagrams all carry the same header bytes, so the route is
+        remembered by (sender, header bytes): the parse and its checks run
+        once per flow, not once per datagram.  (The allowed subnets are not
+        part of a route: they are checked for every datagram.)
+        """
+        end = -1
+        if len(datagram) >= V2_FIXED_LENGTH and datagram[: len(V2_SIGNATURE)] == V2_SIGNATURE:
+            end = V2_FIXED_LENGTH + int.from_bytes(datagram[14:16], "big")
+            if end <= len(datagram):
+                route = self._routes.get((sender, bytes(datagram[:end])))
+                if route is not None:
+                    return route, end
         parsed = parse_complete(datagram)
         header = parsed.header
         if header.version == 1:
@@ -339,23 +384,13 @@ class UdpServer:
                 "wrong transport in PROXY header",
                 "the header announces STREAM (TCP) on a UDP listener",
             )
-        key, client, target = self._route(header.client, header.destination, sender)
-        payload = datagram[parsed.consumed :]
-        for _attempt in range(2):  # a flow may expire between the lookup and the send
-            flow = self._table.get(key) or self._open(key, client, target, sender, dispatcher)
-            if first_only:
-                self._table.set_latest(sender, flow)
-                if not payload:  # a header-only datagram announces the flow
-                    if flow.touch():
-                        return
-                    continue
-            if self._send(flow, payload):
-                return
-        raise DroppedError(NO_FLOW, "the datagram's flow closed while it was being delivered")
+        route = self._route(header.client, header.destination, sender)
+        if len(self._routes) >= ROUTE_CACHE:
+            self._routes.clear()  # rare: more live (sender, client) pairs than this
+        self._routes[(sender, bytes(datagram[: parsed.consumed]))] = route
+        return route, parsed.consumed
 
-    def _route(
-        self, client: InetAddress | None, destination: object, sender: Sender
-    ) -> tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]:
+    def _route(self, client: InetAddress | None, destination: object, sender: Sender) -> Route:
         """The flow key, the address to impersonate (None: none) and the target."""
         config = self._config
         if client is None:  # LOCAL, UNSPEC, AF_UNIX: the balancer's own traffic
@@ -454,15 +489,12 @@ class UdpServer:
             raise DroppedError(
                 SEND_FAILED, "cannot send the datagram to the target", error.strerror or str(error)
             ) from error
-        if sent:
-            self.counters.add("forwarded")
-            self._metrics.udp_datagram(TO_TARGET)
         return sent
 
     def _dropped(
-        self, reason: str, message: str, detail: object, sender: Sender, number: int
+        self, reason: str, message: str, detail: object, sender: Sender, dispatcher: Dispatcher
     ) -> None:
-        self.counters.add(f"dropped.{reason}")
+        dispatcher.counts[f"dropped.{reason}"] += 1
         self._metrics.udp_dropped(reason)
         log = self._flow_log
         if log.failures:
@@ -471,7 +503,7 @@ class UdpServer:
                 detail if isinstance(detail, BaseException) else (str(detail) or None),
                 **{
                     logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
-                    logs.LISTENER_NUM: number,
+                    logs.LISTENER_NUM: dispatcher.number,
                     logs.REASON: reason,
                 },
             )
@@ -525,11 +557,11 @@ class UdpServer:
                 continue
             flow.datagrams_to_client += 1
             flow.bytes_to_client += len(data)
-            self.counters.add("replies")
             self._metrics.udp_datagram(TO_CLIENT)
 
     def _flow_ended(self, flow: Flow, reason: str) -> None:
         self.counters.add("flowsClosed")
+        self.counters.add("replies", flow.datagrams_to_client)
         self._metrics.udp_flow_closed()
         flow.log.state(
             "flow closed",
@@ -555,6 +587,9 @@ class Dispatcher(ListenerThread):
     def __init__(self, sock: socket.socket, number: int, server: UdpServer) -> None:
         super().__init__(sock, number, server.log)
         self._server = server
+        # What this thread received, forwarded and dropped; only it writes here, and the
+        # server reads the counts after joining it.
+        self.counts: Counter[str] = Counter()
 
     def _loop(self) -> None:
         buffer = bytearray(DATAGRAM_BUFFER)
