@@ -1,6 +1,6 @@
 """A thread pool that grows on demand and retires idle workers.
 
-Each relayed TCP connection needs two threads that block in system calls for
+Each active TCP connection needs two threads that block in system calls for
 its whole life, so the pool must never queue a job behind a busy worker: a
 job either goes to a worker that is idle right now or gets a new thread.
 Starting two fresh threads per connection caps the connection rate well below

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 import threading
@@ -309,6 +310,19 @@ class Pair:
                 return False
         self.close()
         return True
+
+    def wait_for_data(self) -> None:
+        """Block until either socket has data, an end or an error (or :meth:`abort` ran).
+
+        A connection that has sent nothing beyond its header needs one thread
+        for both sockets, not one per direction: an idle connection then costs
+        one thread instead of two.  Call it before :meth:`forward` and
+        :meth:`backward` start, from the thread that will run one of them.
+        """
+        poller = select.poll()
+        for sock in (self.client, self.upstream):
+            poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
+        poller.poll()  # no timeout: returns with events only (EINTR is retried)
 
     def abort(self) -> None:
         """Shut both sockets down (both directions end soon); safe from any thread, any time."""

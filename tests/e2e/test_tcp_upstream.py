@@ -3,7 +3,8 @@
 These cover the corners of the upstream connection the peers get wrong or leave out (source
 port 0, a client port already taken on this host, IPv4-mapped addresses, a UDP header on the
 TCP listener) and the resource promise the README makes: an idle connection holds 2 descriptors
-and 2 threads, an active one 6 descriptors, and everything comes back when they close.
+and 1 thread, an active one 6 descriptors and 2 threads, and everything comes back when they
+close.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def test_udp_header_on_the_tcp_listener_is_refused(
 def test_descriptors_and_threads_per_connection(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
-    """Idle: 2 descriptors and 2 threads per connection (no pipes yet).  Active (data both
-    ways): 6 descriptors.  Closed: the descriptors all come back."""
+    """Idle (nothing after the header): 2 descriptors and 1 thread per connection, which waits
+    on both sockets.  Active (data both ways): 6 descriptors (a pipe per direction) and 2
+    threads.  Closed: the descriptors all come back."""
     count = 20
     daemon = mmproxy(verbose=0)
     base_fds = daemon_fds(daemon)
@@ -128,15 +130,15 @@ def test_descriptors_and_threads_per_connection(
             clients.append(sock)
         backend4.wait_connections(count)
         assert wait_value(lambda: daemon_fds(daemon), base_fds + 2 * count) == base_fds + 2 * count
-        # The second relay thread starts just after the upstream socket exists: wait for it.
-        wanted_threads = base_threads + 2 * count
-        threads = wait_value(lambda: min(daemon_threads(daemon), wanted_threads), wanted_threads)
-        assert threads == wanted_threads
+        idle_threads = base_threads + count
+        assert wait_value(lambda: daemon_threads(daemon), idle_threads) == idle_threads
         for sock in clients:
             sock.settimeout(10)
             sock.sendall(b"ping")
             assert sock.recv(4) == b"ping"
         assert wait_value(lambda: daemon_fds(daemon), base_fds + 6 * count) == base_fds + 6 * count
+        active_threads = base_threads + 2 * count
+        assert wait_value(lambda: daemon_threads(daemon), active_threads) == active_threads
     assert wait_value(lambda: daemon_fds(daemon), base_fds) == base_fds
 
 

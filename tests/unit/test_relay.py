@@ -286,3 +286,25 @@ def test_pipe_budget_is_taken_while_data_flows_and_given_back(
     assert budget.held == 0
     assert pair.to_target == [2]
     assert pair.to_client == [4]
+
+
+@pytest.mark.parametrize("wake", ["client data", "backend data", "abort"])
+def test_wait_for_data_returns_on_either_side_or_abort(
+    legs: tuple[socket.socket, ...], wake: str
+) -> None:
+    """One thread waits on both sockets of an idle connection; any of these ends the wait."""
+    client, daemon_client, daemon_upstream, backend = legs
+    pair = Pair(daemon_client, daemon_upstream)
+    waiter = threading.Thread(target=pair.wait_for_data)
+    waiter.start()
+    time.sleep(0.1)
+    assert waiter.is_alive(), "nothing happened yet: still waiting"
+    if wake == "client data":
+        client.sendall(b"x")
+    elif wake == "backend data":
+        backend.sendall(b"x")
+    else:
+        pair.abort()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    pair.close()
