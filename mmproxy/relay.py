@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import select
 import socket
@@ -318,11 +319,18 @@ class Pair:
         for both sockets, not one per direction: an idle connection then costs
         one thread instead of two.  Call it before :meth:`forward` and
         :meth:`backward` start, from the thread that will run one of them.
+        With an idle timeout, a wait that outlasts it ends the pair as idle
+        (both directions then find their sockets shut down).
         """
         poller = select.poll()
         for sock in (self.client, self.upstream):
             poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
-        poller.poll()  # no timeout: returns with events only (EINTR is retried)
+        watch = self._watch
+        timeout_ms = None if watch is None else max(1, math.ceil(watch.timeout * 1000))
+        if not poller.poll(timeout_ms):  # EINTR is retried; empty only on the timeout
+            with self._lock:
+                self.idle = True
+            self.abort()
 
     def abort(self) -> None:
         """Shut both sockets down (both directions end soon); safe from any thread, any time."""

@@ -205,8 +205,8 @@ class Connection:
             if payload:
                 conn_up.sock.sendall(payload)  # what came with the header goes first
                 pair.to_target[0] += len(payload)
-            elif not services.config.idle_timeout:  # (that one needs both directions waiting)
-                pair.wait_for_data()  # until then one thread serves both sockets
+            else:
+                pair.wait_for_data()  # until the first byte one thread serves both sockets
             services.pool.submit(lambda: self._relay(pair, pair.backward, log))
         except (OSError, RuntimeError) as error:
             pair.close()

@@ -50,6 +50,12 @@ def start_pair(
     """A Pair with both directions running, as the daemon runs them; ``finished`` collects
     each direction's return value (True from the one that finished the pair)."""
     pair = Pair(daemon_client, daemon_upstream, idle_timeout)
+    threads, finished = run_directions(pair)
+    return pair, threads, finished
+
+
+def run_directions(pair: Pair) -> tuple[list[threading.Thread], list[bool]]:
+    """Start both directions of ``pair``, each on its own thread."""
     finished: list[bool] = []
     threads = [
         threading.Thread(target=lambda: finished.append(pair.forward())),
@@ -57,7 +63,7 @@ def start_pair(
     ]
     for thread in threads:
         thread.start()
-    return pair, threads, finished
+    return threads, finished
 
 
 def join_all(threads: list[threading.Thread], timeout: float = 10.0) -> None:
@@ -308,3 +314,20 @@ def test_wait_for_data_returns_on_either_side_or_abort(
     waiter.join(5)
     assert not waiter.is_alive()
     pair.close()
+
+
+def test_wait_for_data_ends_an_idle_pair_at_the_idle_timeout(
+    legs: tuple[socket.socket, ...],
+) -> None:
+    """With an idle timeout, the one waiting thread ends a pair that never sent a byte."""
+    client, daemon_client, daemon_upstream, _backend = legs
+    pair = Pair(daemon_client, daemon_upstream, idle_timeout=0.3)
+    started = time.monotonic()
+    pair.wait_for_data()
+    assert 0.25 <= time.monotonic() - started < 3
+    assert pair.idle
+    threads, finished = run_directions(pair)
+    join_all(threads)
+    assert sorted(finished) == [False, True]
+    client.settimeout(5)
+    assert client.recv(1) == b""  # the client sees the connection end
