@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any, NoReturn
 import click
 from click.core import ParameterSource
 
-from mmproxy import __version__, logs
+from mmproxy import __version__, logs, runtime
 from mmproxy.config import Config, FlagError, build_config
 from mmproxy.errors import ConfigError
 
@@ -329,13 +328,12 @@ def _start(**values: Any) -> None:
 
 
 def _log_start(logger: logging.Logger, config: Config) -> None:
-    gil_check = getattr(sys, "_is_gil_enabled", None)
     logger.info(
         "starting",
         extra={
             "version": __version__,
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "gil": bool(gil_check()) if gil_check is not None else True,
+            "python": runtime.interpreter(),
+            "gil": runtime.gil_enabled(),
             **config.summary(),
         },
     )
@@ -388,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     ``mmproxy routing ...`` and ``mmproxy demo`` are tools (:mod:`mmproxy.commands`);
     anything else is the daemon's command line.
     """
+    runtime.watch_gil()  # before the daemon's lazy imports, so that one that needs the GIL is named
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in SUBCOMMANDS:
         from mmproxy import commands  # the tools' imports cost the daemon nothing

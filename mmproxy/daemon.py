@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 
-from mmproxy import logs, notify, upstream
+from mmproxy import logs, notify, runtime, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
@@ -41,6 +41,7 @@ from mmproxy.metrics import (
     MetricsServer,
     PrometheusMetrics,
 )
+from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
@@ -121,6 +122,11 @@ def run(config: Config, log: logging.Logger) -> int:
         server = Server(config, log, sockets, capacity, allow_list, metrics, pipes)
         ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
     server.start()
+    # Every import the daemon makes has happened by now: the GIL is as it will stay.
+    gil_problem = runtime.gil_problem()
+    if gil_problem:
+        log.warning(f"free-threaded Python, but {gil_problem}; the relay is slower with the GIL")
+    ready["gil"] = runtime.gil_enabled()
     if metrics_server is not None:
         metrics_server.start()
         log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
@@ -226,6 +232,7 @@ class Server:
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
+        self._parking = ParkingLot(self._pool, config.idle_timeout)
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose),
@@ -233,6 +240,7 @@ class Server:
             self._tracker,
             metrics,
             pipes,
+            self._parking,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
@@ -240,6 +248,7 @@ class Server:
         self._full = Throttle(10.0)
 
     def start(self) -> None:
+        self._parking.start()
         for acceptor in self._acceptors:
             acceptor.start(self._config.protocol)
 
@@ -268,8 +277,7 @@ class Server:
         try:
             self._pool.submit(connection.serve)
         except (RuntimeError, OSError) as error:
-            self._tracker.remove(connection)
-            sock.close()
+            connection.discard()  # closes under the connection's lock, as abort() expects
             services.log.failure("no thread for the connection", error)
 
     def stop(self, cause: str) -> None:
@@ -290,6 +298,7 @@ class Server:
                 extra={"liveConnections": aborted},
             )
             self._tracker.wait_empty(AFTER_ABORT_WAIT)
+        self._parking.close()  # after the drain: parked connections are live ones
         self._pool.close(timeout=1.0)
         self._log.info("stopped")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import math
 import os
 import select
 import socket
@@ -297,9 +296,7 @@ class Pair:
             pump(src, dst, counter, self._watch, side, self._pipes)
             self._shutdown(dst, socket.SHUT_WR)  # relay the half-close
         except IdleTimeoutError:
-            with self._lock:
-                self.idle = True
-            self.abort()
+            self.expire()
         except OSError as error:
             with self._lock:
                 if self.error is None:
@@ -312,25 +309,18 @@ class Pair:
         self.close()
         return True
 
-    def wait_for_data(self) -> None:
-        """Block until either socket has data, an end or an error (or :meth:`abort` ran).
-
-        A connection that has sent nothing beyond its header needs one thread
-        for both sockets, not one per direction: an idle connection then costs
-        one thread instead of two.  Call it before :meth:`forward` and
-        :meth:`backward` start, from the thread that will run one of them.
-        With an idle timeout, a wait that outlasts it ends the pair as idle
-        (both directions then find their sockets shut down).
-        """
+    def input_waiting(self) -> bool:
+        """Whether either socket has data, an end or an error now (never blocks)."""
         poller = select.poll()
         for sock in (self.client, self.upstream):
             poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
-        watch = self._watch
-        timeout_ms = None if watch is None else max(1, math.ceil(watch.timeout * 1000))
-        if not poller.poll(timeout_ms):  # EINTR is retried; empty only on the timeout
-            with self._lock:
-                self.idle = True
-            self.abort()
+        return bool(poller.poll(0))
+
+    def expire(self) -> None:
+        """End the pair as idle (both directions then find their sockets shut down)."""
+        with self._lock:
+            self.idle = True
+        self.abort()
 
     def abort(self) -> None:
         """Shut both sockets down (both directions end soon); safe from any thread, any time."""

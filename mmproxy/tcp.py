@@ -5,6 +5,9 @@ with a deadline, connects upstream from the client's address, sends the
 bytes that arrived after the header, then becomes the client -> backend
 relay thread while a second worker relays backend -> client.  The thread
 that finishes last logs the outcome and releases the connection's slot.
+A connection with nothing to relay yet first waits in the parking lot
+(:mod:`mmproxy.parking`) without a thread of its own; the lot starts the
+relay on the pool when either side has something.
 
 Descriptor ownership: until the relay starts, the serving thread owns the
 client socket and closes it; from then on :class:`~mmproxy.relay.Pair` owns
@@ -26,6 +29,7 @@ from mmproxy import logs, upstream
 from mmproxy.config import Config, Endpoint, IPAddress
 from mmproxy.errors import HeaderError, Reason
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
+from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
@@ -68,6 +72,7 @@ class Services:
     tracker: Tracker
     metrics: Metrics = NO_METRICS
     pipes: PipeBudget = UNLIMITED
+    parking: ParkingLot | None = None  # None: relay at once, one thread per direction
 
 
 class Tracker:
@@ -205,20 +210,41 @@ class Connection:
             if payload:
                 conn_up.sock.sendall(payload)  # what came with the header goes first
                 pair.to_target[0] += len(payload)
-            else:
-                pair.wait_for_data()  # until the first byte one thread serves both sockets
-            services.pool.submit(lambda: self._relay(pair, pair.backward, log))
+            elif services.parking is not None and not pair.input_waiting():
+                # Nothing to relay yet: wait in the parking lot, holding no thread.
+                services.parking.park(
+                    pair,
+                    lambda: self._start_relay(pair, log),
+                    lambda error: self._relay_failed(pair, log, error),
+                )
+                return
         except (OSError, RuntimeError) as error:
-            pair.close()
-            log.failure("relay could not start", error)
-            metrics.closed(pair.to_target[0], pair.to_client[0])
-            services.tracker.remove(self)
+            self._relay_failed(pair, log, error)
+            return
+        self._start_relay(pair, log)
+
+    def _start_relay(self, pair: Pair, log: logs.ConnectionLog) -> None:
+        """Relay both ways: backward on another worker, forward on this thread."""
+        try:
+            self._services.pool.submit(lambda: self._relay(pair, pair.backward, log))
+        except (OSError, RuntimeError) as error:
+            self._relay_failed(pair, log, error)
             return
         self._relay(pair, pair.forward, log)
+
+    def _relay_failed(self, pair: Pair, log: logs.ConnectionLog, error: BaseException) -> None:
+        pair.close()
+        log.failure("relay could not start", error)
+        self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
+        self._services.tracker.remove(self)
 
     def _finish_unrelayed(self) -> None:
         self._close_client()
         self._services.tracker.remove(self)
+
+    def discard(self) -> None:
+        """Close and forget a connection that never got a thread to serve it."""
+        self._finish_unrelayed()
 
     def _relay(self, pair: Pair, direction: Callable[[], bool], log: logs.ConnectionLog) -> None:
         if not direction():
@@ -229,11 +255,13 @@ class Connection:
             "durationSeconds": round(pair.duration, 6),
         }
         error = pair.error
+        with self._lock:
+            aborted = self._aborted
         if pair.idle:
             timeout = self._services.config.idle_timeout
             detail = f"no data in either direction for {timeout:g}s"
             log.failure("idle timeout", detail, reason=IDLE_TIMEOUT, **fields)
-        elif error is not None and not (self._aborted and error.errno in PEER_GONE):
+        elif error is not None and not (aborted and error.errno in PEER_GONE):
             log.failure("connection ended with an error", error, **fields)
         else:
             log.state("connection closed", **fields)

@@ -275,7 +275,6 @@ class UdpServer:
         self._pool = WorkerPool()
         self._table = FlowTable(capacity)
         self.counters = Counters()  # events of the reply workers and the flows' totals
-        self._routes: dict[tuple[Sender, bytes], Route] = {}
         self._sockets = sockets
         self._dispatchers = [Dispatcher(sock, number, self) for number, sock in enumerate(sockets)]
         self._full = Throttle(10.0)
@@ -342,7 +341,7 @@ class UdpServer:
                     "--udp-header first: the flow's first datagram must carry the header",
                 )
             return True
-        route, consumed = self._route_of(datagram, sender)
+        route, consumed = self._route_of(datagram, sender, dispatcher.routes)
         key, client, target = route
         payload = datagram[consumed:]
         for _attempt in range(2):  # a flow may expire between the lookup and the send
@@ -357,19 +356,21 @@ class UdpServer:
                 return True
         raise DroppedError(NO_FLOW, "the datagram's flow closed while it was being delivered")
 
-    def _route_of(self, datagram: memoryview, sender: Sender) -> tuple[Route, int]:
+    def _route_of(
+        self, datagram: memoryview, sender: Sender, routes: dict[tuple[Sender, bytes], Route]
+    ) -> tuple[Route, int]:
         """The datagram's route and its header's length.
 
         A flow's datagrams all carry the same header bytes, so the route is
-        remembered by (sender, header bytes): the parse and its checks run
-        once per flow, not once per datagram.  (The allowed subnets are not
-        part of a route: they are checked for every datagram.)
+        remembered in ``routes`` by (sender, header bytes): the parse and its
+        checks run once per flow, not once per datagram.  (The allowed subnets
+        are not part of a route: they are checked for every datagram.)
         """
         end = -1
         if len(datagram) >= V2_FIXED_LENGTH and datagram[: len(V2_SIGNATURE)] == V2_SIGNATURE:
             end = V2_FIXED_LENGTH + int.from_bytes(datagram[14:16], "big")
             if end <= len(datagram):
-                route = self._routes.get((sender, bytes(datagram[:end])))
+                route = routes.get((sender, bytes(datagram[:end])))
                 if route is not None:
                     return route, end
         parsed = parse_complete(datagram)
@@ -385,9 +386,9 @@ class UdpServer:
                 "the header announces STREAM (TCP) on a UDP listener",
             )
         route = self._route(header.client, header.destination, sender)
-        if len(self._routes) >= ROUTE_CACHE:
-            self._routes.clear()  # rare: more live (sender, client) pairs than this
-        self._routes[(sender, bytes(datagram[: parsed.consumed]))] = route
+        if len(routes) >= ROUTE_CACHE:
+            routes.clear()  # rare: more live (sender, client) pairs than this
+        routes[(sender, bytes(datagram[: parsed.consumed]))] = route
         return route, parsed.consumed
 
     def _route(self, client: InetAddress | None, destination: object, sender: Sender) -> Route:
@@ -548,6 +549,8 @@ class UdpServer:
                 # An earlier datagram to the backend got "port unreachable" back.
                 self.counters.add(f"dropped.{SEND_FAILED}")
                 continue
+            # Without the flow's lock: a float attribute store is atomic with or without the
+            # GIL, and dispatchers only ever store "now" there too, so any order is right.
             flow.last_activity = time.monotonic()
             try:
                 flow.listener.sendto(data, flow.sender)
@@ -590,6 +593,9 @@ class Dispatcher(ListenerThread):
         # What this thread received, forwarded and dropped; only it writes here, and the
         # server reads the counts after joining it.
         self.counts: Counter[str] = Counter()
+        # Its cache of parsed headers (see UdpServer._route_of): one per thread, so that
+        # the check-then-clear needs no lock, with or without the GIL.
+        self.routes: dict[tuple[Sender, bytes], Route] = {}
 
     def _loop(self) -> None:
         buffer = bytearray(DATAGRAM_BUFFER)

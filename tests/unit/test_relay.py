@@ -294,40 +294,25 @@ def test_pipe_budget_is_taken_while_data_flows_and_given_back(
     assert pair.to_client == [4]
 
 
-@pytest.mark.parametrize("wake", ["client data", "backend data", "abort"])
-def test_wait_for_data_returns_on_either_side_or_abort(
-    legs: tuple[socket.socket, ...], wake: str
-) -> None:
-    """One thread waits on both sockets of an idle connection; any of these ends the wait."""
-    client, daemon_client, daemon_upstream, backend = legs
+def test_input_waiting_sees_data_from_either_side(legs: tuple[socket.socket, ...]) -> None:
+    _client, daemon_client, daemon_upstream, backend = legs
     pair = Pair(daemon_client, daemon_upstream)
-    waiter = threading.Thread(target=pair.wait_for_data)
-    waiter.start()
-    time.sleep(0.1)
-    assert waiter.is_alive(), "nothing happened yet: still waiting"
-    if wake == "client data":
-        client.sendall(b"x")
-    elif wake == "backend data":
-        backend.sendall(b"x")
-    else:
-        pair.abort()
-    waiter.join(5)
-    assert not waiter.is_alive()
+    assert not pair.input_waiting()
+    backend.sendall(b"x")
+    deadline = time.monotonic() + 5
+    while not pair.input_waiting() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.input_waiting()
     pair.close()
 
 
-def test_wait_for_data_ends_an_idle_pair_at_the_idle_timeout(
-    legs: tuple[socket.socket, ...],
-) -> None:
-    """With an idle timeout, the one waiting thread ends a pair that never sent a byte."""
+def test_an_expired_pair_ends_as_idle(legs: tuple[socket.socket, ...]) -> None:
     client, daemon_client, daemon_upstream, _backend = legs
-    pair = Pair(daemon_client, daemon_upstream, idle_timeout=0.3)
-    started = time.monotonic()
-    pair.wait_for_data()
-    assert 0.25 <= time.monotonic() - started < 3
-    assert pair.idle
+    pair = Pair(daemon_client, daemon_upstream, idle_timeout=30)
+    pair.expire()
     threads, finished = run_directions(pair)
     join_all(threads)
+    assert pair.idle
     assert sorted(finished) == [False, True]
     client.settimeout(5)
     assert client.recv(1) == b""  # the client sees the connection end

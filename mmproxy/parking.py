@@ -1,0 +1,185 @@
+"""Connections that have sent nothing yet wait here, many on one thread.
+
+A connection whose header arrived alone may stay silent for minutes (a pool of idle
+keep-alive connections, a client that connects ahead of need).  A thread per such connection
+costs memory: ~16 KiB on a GIL build, ~90 KiB or more on a free-threaded one, where each thread
+also owns allocator pages for everything it ever allocated.  So a connection without data is
+*parked*: its two sockets join one epoll set served by one thread, and the connection holds
+no thread until either socket has something to say (data, an end, an error, or a shutdown
+from :meth:`~mmproxy.relay.Pair.abort`).  Then its relay job goes to the worker pool and
+the connection is relayed as any other, one thread per direction.
+
+With an idle timeout, a connection parked for that long is marked idle and aborted, then
+handed over the same way, so that its relay threads report it and close it.  Every
+connection here has the same timeout, so parking order is deadline order: a FIFO queue, not a
+heap.
+
+Ownership: the lot never closes a connection's sockets.  It registers them, unregisters them
+before handing the connection over (so an fd is never in the set once the relay may close
+it), and owns only its epoll and eventfd descriptors.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mmproxy.pool import Job, WorkerPool
+from mmproxy.relay import Pair
+
+# Readable, ended (either way) or failed: any of them means the relay has work to do.
+EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
+BATCH = 256  # events taken per epoll_wait
+
+_log = logging.getLogger(__name__)
+
+OnFailure = Callable[[BaseException], None]
+
+
+@dataclass(eq=False)
+class _Spot:
+    pair: Pair
+    resume: Job
+    failed: OnFailure
+    deadline: float
+    fds: tuple[int, int] = field(default=(-1, -1))
+    left: bool = False  # handed over (or the lot closed): no longer ours
+
+
+class ParkingLot:
+    """One thread waiting on every parked connection's sockets."""
+
+    def __init__(self, pool: WorkerPool, idle_timeout: float = 0.0) -> None:
+        self._pool = pool
+        self._idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._by_fd: dict[int, _Spot] = {}
+        self._queue: collections.deque[_Spot] = collections.deque()  # parking (= deadline) order
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="mmproxy-parking", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def __len__(self) -> int:
+        """Connections parked now."""
+        with self._lock:
+            return len(self._by_fd) // 2
+
+    def park(self, pair: Pair, resume: Job, failed: OnFailure) -> None:
+        """Hold ``pair`` until either socket has something, then run ``resume`` on the pool.
+
+        ``failed`` runs instead (on the parking thread) with the error when the pool cannot
+        take the job.  Raises OSError when the sockets cannot be registered, and RuntimeError
+        once the lot is closing; the caller then still has the pair.
+        """
+        deadline = time.monotonic() + self._idle_timeout if self._idle_timeout > 0 else 0.0
+        spot = _Spot(pair, resume, failed, deadline)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the parking lot is closed")
+            client, upstream = pair.client.fileno(), pair.upstream.fileno()
+            self._epoll.register(client, EVENTS)
+            try:
+                self._epoll.register(upstream, EVENTS)
+            except OSError:
+                self._epoll.unregister(client)
+                raise
+            spot.fds = (client, upstream)
+            self._by_fd[client] = self._by_fd[upstream] = spot
+            first = not self._queue
+            if deadline:
+                self._queue.append(spot)
+        if first and deadline:
+            os.eventfd_write(self._wake, 1)  # the loop sleeps without a deadline: give it one
+
+    def close(self) -> None:
+        """Stop the thread; connections still parked are closed (their relays never ran).
+
+        The daemon calls this after its connections were drained or aborted, so normally
+        nothing is left.
+        """
+        with self._lock:
+            self._closing = True
+        os.eventfd_write(self._wake, 1)
+        self._thread.join()
+        with self._lock:
+            left = {id(spot): spot for spot in self._by_fd.values()}
+            for spot in left.values():
+                self._leave(spot)
+        for spot in left.values():
+            spot.pair.close()
+        self._epoll.close()
+        os.close(self._wake)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                timeout = self._next_timeout()
+            try:
+                events = self._epoll.poll(timeout, BATCH)
+            except OSError:  # EBADF cannot happen while we own it; EINTR is retried by Python
+                _log.exception("the parking lot's epoll failed")
+                return
+            ready: list[_Spot] = []
+            with self._lock:
+                for fd, _mask in events:
+                    if fd == self._wake:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(self._wake)
+                        continue
+                    spot = self._by_fd.get(fd)
+                    if spot is not None and not spot.left:
+                        self._leave(spot)
+                        ready.append(spot)
+                expired = self._expired(time.monotonic())
+            for spot in expired:
+                spot.pair.expire()  # idle: mark and shut down, so the relay ends at once
+            for spot in (*ready, *expired):
+                self._hand_over(spot)
+
+    def _next_timeout(self) -> float | None:
+        """Seconds until the earliest deadline (None: no deadline); under the lock."""
+        while self._queue and self._queue[0].left:
+            self._queue.popleft()
+        if not self._queue:
+            return None
+        return max(0.0, self._queue[0].deadline - time.monotonic())
+
+    def _expired(self, now: float) -> list[_Spot]:
+        """Spots past their deadline, taken out of the set; under the lock."""
+        expired = []
+        while self._queue and (self._queue[0].left or self._queue[0].deadline <= now):
+            spot = self._queue.popleft()
+            if not spot.left:
+                self._leave(spot)
+                expired.append(spot)
+        return expired
+
+    def _leave(self, spot: _Spot) -> None:
+        """Take ``spot`` out of the epoll set and the index; under the lock."""
+        spot.left = True
+        for fd in spot.fds:
+            self._by_fd.pop(fd, None)
+            with contextlib.suppress(OSError):  # already gone from the set: nothing to undo
+                self._epoll.unregister(fd)
+
+    def _hand_over(self, spot: _Spot) -> None:
+        try:
+            self._pool.submit(spot.resume)
+        except (RuntimeError, OSError) as error:
+            spot.failed(error)

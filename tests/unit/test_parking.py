@@ -1,0 +1,163 @@
+"""The parking lot: connections without data wait on one thread, leaving it with data."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mmproxy.parking import ParkingLot
+from mmproxy.pool import WorkerPool
+from mmproxy.relay import Pair
+
+Legs = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Rig:
+    """Connections, a pool and a lot; everything opened is closed at the end."""
+
+    def __init__(self, idle_timeout: float = 0.0) -> None:
+        self.pool = WorkerPool(idle_timeout=5)
+        self.lot = ParkingLot(self.pool, idle_timeout)
+        self.lot.start()
+        self.sockets: list[socket.socket] = []
+        self.resumed: list[Pair] = []
+        self.failures: list[BaseException] = []
+        self._changed = threading.Condition()
+
+    def legs(self) -> Legs:
+        client, daemon_client = tcp_pair()
+        daemon_upstream, backend = tcp_pair()
+        self.sockets += [client, daemon_client, daemon_upstream, backend]
+        return client, daemon_client, daemon_upstream, backend
+
+    def park(self, pair: Pair) -> None:
+        def resume() -> None:
+            with self._changed:
+                self.resumed.append(pair)
+                self._changed.notify_all()
+
+        self.lot.park(pair, resume, self.failures.append)
+
+    def wait_resumed(self, count: int, timeout: float = 5.0) -> list[Pair]:
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.resumed) >= count, timeout)
+            return list(self.resumed)
+
+    def close(self) -> None:
+        self.lot.close()
+        self.pool.close(timeout=5)
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    made = Rig()
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("wake", ["client data", "backend data", "client end", "abort"])
+def test_a_parked_pair_resumes_when_either_side_has_something(rig: Rig, wake: str) -> None:
+    client, daemon_client, daemon_upstream, backend = rig.legs()
+    pair = Pair(daemon_client, daemon_upstream)
+    rig.park(pair)
+    time.sleep(0.1)
+    assert rig.resumed == [], "nothing happened yet: still parked"
+    assert len(rig.lot) == 1
+    if wake == "client data":
+        client.sendall(b"x")
+    elif wake == "backend data":
+        backend.sendall(b"x")
+    elif wake == "client end":
+        client.shutdown(socket.SHUT_WR)
+    else:
+        pair.abort()
+    assert rig.wait_resumed(1) == [pair]
+    assert len(rig.lot) == 0
+    assert not pair.idle
+    assert daemon_client.fileno() != -1, "the lot never closes a connection's sockets"
+
+
+def test_parked_pairs_hold_no_thread_and_leave_one_by_one(rig: Rig) -> None:
+    parked = []
+    for _ in range(100):
+        client, daemon_client, daemon_upstream, _backend = rig.legs()
+        pair = Pair(daemon_client, daemon_upstream)
+        rig.park(pair)
+        parked.append((client, pair))
+    assert len(rig.lot) == 100
+    assert rig.pool.size == 0  # no worker exists: waiting costs no thread
+    for client, _pair in parked[::2]:
+        client.sendall(b"go")
+    resumed = rig.wait_resumed(50)
+    assert {id(pair) for pair in resumed} == {id(pair) for _client, pair in parked[::2]}
+    time.sleep(0.1)
+    assert len(rig.resumed) == 50, "only the pairs with data left"
+    assert len(rig.lot) == 50
+
+
+def test_an_idle_pair_is_expired_and_handed_over() -> None:
+    rig = Rig(idle_timeout=0.3)
+    try:
+        _client, daemon_client, daemon_upstream, _backend = rig.legs()
+        pair = Pair(daemon_client, daemon_upstream)
+        started = time.monotonic()
+        rig.park(pair)
+        # A pair parked later, with data before its deadline, is not expired.
+        client2, daemon_client2, daemon_upstream2, _backend2 = rig.legs()
+        busy = Pair(daemon_client2, daemon_upstream2)
+        rig.park(busy)
+        client2.sendall(b"x")
+        resumed = rig.wait_resumed(2)
+        assert resumed[0] is busy
+        assert resumed[1] is pair
+        assert 0.25 <= time.monotonic() - started < 3
+        assert pair.idle
+        assert not busy.idle
+        assert pair.input_waiting(), "the expired pair was shut down, so its relay ends at once"
+    finally:
+        rig.close()
+
+
+def test_a_pool_that_refuses_the_job_gets_the_failure_reported(rig: Rig) -> None:
+    client, daemon_client, daemon_upstream, _backend = rig.legs()
+    pair = Pair(daemon_client, daemon_upstream)
+    rig.park(pair)
+    rig.pool.close()
+    client.sendall(b"x")
+    deadline = time.monotonic() + 5
+    while not rig.failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [type(error).__name__ for error in rig.failures] == ["PoolClosedError"]
+    assert rig.resumed == []
+
+
+def test_closing_the_lot_closes_what_is_still_parked() -> None:
+    rig = Rig()
+    client, daemon_client, daemon_upstream, _backend = rig.legs()
+    pair = Pair(daemon_client, daemon_upstream)
+    rig.park(pair)
+    rig.lot.close()
+    assert daemon_client.fileno() == -1
+    assert daemon_upstream.fileno() == -1
+    client.settimeout(5)
+    assert client.recv(1) == b""
+    late = Pair(*tcp_pair())
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.lot.park(late, lambda: None, lambda _error: None)
+    late.close()  # refused: the caller still owns it
+    rig.pool.close()
+    for sock in rig.sockets:
+        sock.close()
