@@ -58,7 +58,7 @@ APT_TIMEOUT = 600
 BUILD_TIMEOUT = 3600
 
 
-class Unavailable(RuntimeError):
+class Unavailable(RuntimeError):  # noqa: N818 (the name says what the caller meets)
     """No free-threaded interpreter can be had here; the message says why in one line."""
 
 
@@ -142,8 +142,9 @@ def install_build_packages() -> None:
         ["apt-get", "install", "-y", "-qq", "--no-upgrade", *missing],
     ):
         try:
-            subprocess.run(command, check=True, capture_output=True, env=environment,
-                           timeout=APT_TIMEOUT)
+            subprocess.run(
+                command, check=True, capture_output=True, env=environment, timeout=APT_TIMEOUT
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             raise Unavailable(f"installing build packages failed: {' '.join(command)}") from exc
 
