@@ -82,8 +82,8 @@ def check_mmproxy(python: str, flag: str, run: Run = subprocess.run) -> None:
         raise InterpreterError(f"{flag}: {python} could not run: {error.strerror}") from None
     if result.returncode != 0:
         raise InterpreterError(
-            f"{flag}: {python} cannot import mmproxy ({_last_line(result.stderr)}); "
-            f"install this checkout into it: {python} -m pip install -e {REPO}"
+            f"{flag}: {python} cannot import mmproxy ({_last_line(result.stderr)}); it needs "
+            f"mmproxy's dependencies: make a venv of it and pip install -e {REPO} there"
         )
 
 

@@ -210,7 +210,7 @@ def memory_kib() -> int:
 
 
 def python_description(python: str) -> dict[str, Any]:
-    """Version, build and GIL status of an interpreter that runs mmproxy.
+    """Version, build (free-threaded or not, configure flags) and GIL status of an interpreter.
 
     The GIL status is read after importing mmproxy the way the harness runs it: on a
     free-threaded build, an imported extension module that does not declare itself safe
@@ -226,6 +226,7 @@ def python_description(python: str) -> dict[str, Any]:
         "print(sys.version.replace(chr(10), ' '))\n"
         "print(g() if g else True)\n"
         "print(bool(sysconfig.get_config_var('Py_GIL_DISABLED')))\n"
+        "print(sysconfig.get_config_var('CONFIG_ARGS') or '')\n"
     )
     try:
         result = subprocess.run(
@@ -244,6 +245,8 @@ def python_description(python: str) -> dict[str, Any]:
         "version": lines[0] if lines else "unknown",
         "gil_enabled": (lines[1] == "True") if len(lines) > 1 else None,
         "free_threaded_build": (lines[2] == "True") if len(lines) > 2 else None,
+        # how it was built: --enable-optimizations (PGO) and --with-lto show here
+        "configure": lines[3] if len(lines) > 3 else None,
     }
 
 

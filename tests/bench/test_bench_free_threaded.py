@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def test_an_interpreter_without_mmproxys_dependencies_is_refused_in_one_line(
     message = str(caught.value)
     assert message.startswith(f"--free-threaded: {bare} cannot import mmproxy (")
     assert "No module named 'click'" in message
-    assert f"-m pip install -e {interpreters.REPO}" in message
+    assert f"make a venv of it and pip install -e {interpreters.REPO} there" in message
     assert "\n" not in message
 
 
@@ -408,6 +409,7 @@ def test_the_machine_describes_each_mmproxy_interpreter() -> None:
         gil = getattr(sys, "_is_gil_enabled", lambda: True)()
         assert info[key]["gil_enabled"] is gil
         assert info[key]["free_threaded_build"] is (not gil)
+        assert info[key]["configure"] == (sysconfig.get_config_var("CONFIG_ARGS") or "")
     assert "python_mmproxy_ft" not in report.machine(plain)
 
 
