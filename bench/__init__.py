@@ -9,6 +9,8 @@ Modules, one job each:
 
 * ``settings``  the run's settings and targets, validated from the command line (``cli``)
 * ``build``     compiles ``loadgen.c`` into a cache outside the checkout
+* ``freethreaded`` builds a free-threaded CPython into that cache (``--free-threaded``)
+* ``interpreters`` checks that an interpreter can run mmproxy; the free-threaded one's venv
 * ``netns``     the private namespace: create, run inside, delete
 * ``procs``     the processes the harness starts, their /proc figures, and killing them
 * ``targets``   starting a proxy (mmproxy or a peer) and waiting until it accepts

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import build, chart, netns, report
+from bench import build, chart, interpreters, netns, report
 from bench.netns import Namespace, NamespaceError
 from bench.procs import Processes
 from bench.runner import Progress, Record, Runner
@@ -100,6 +100,17 @@ def parser() -> argparse.ArgumentParser:
         "--python", default=sys.executable, metavar="PATH", help="interpreter that runs mmproxy"
     )
     p.add_argument(
+        "--free-threaded",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help=(
+            "also measure mmproxy on a free-threaded CPython (target mmproxy-ft): PATH, or "
+            "without one a python3.13t built into the cache on first use"
+        ),
+    )
+    p.add_argument(
         "--header", choices=["v1", "v2"], default="v1", help="PROXY header the clients send"
     )
     p.add_argument(
@@ -147,12 +158,16 @@ def parse(argv: Sequence[str]) -> Settings:
     ]
     unique_names(targets)
     extra = {"note": args.note} if args.note else {}
+    free_threaded = args.free_threaded
+    if free_threaded:
+        free_threaded = check_python(free_threaded, "--free-threaded")
     return Settings(
         duration=args.duration,
         repeats=args.repeats,
         workloads=workloads,
         targets=tuple(targets),
         python=check_python(args.python),
+        free_threaded=free_threaded,
         header=args.header,
         idle_connections=args.idle_connections,
         limit_connections=args.limit_connections,
@@ -212,11 +227,24 @@ def _main(argv: Sequence[str]) -> int:
     except (build.BuildError, OSError) as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.free_threaded is not None:
+        try:
+            settings = settings.with_free_threaded(
+                interpreters.free_threaded(settings.free_threaded)
+            )
+        except interpreters.InterpreterError as error:
+            print(f"bench: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as error:  # the cache cannot be written, say
+            print(f"bench: error: --free-threaded: {error}", file=sys.stderr)
+            return EXIT_USAGE
 
     for name in netns.remove_stale():
         print(f"bench: deleted {name}, left by a run that was killed", file=sys.stderr)
     started = _now()
     info = report.machine(settings)
+    for warning in report.interpreter_warnings(settings, info):
+        print(f"bench: warning: {warning}", file=sys.stderr)
     logs = Path(tempfile.mkdtemp(prefix="mmproxy-bench-"))
     ns = Namespace()
     procs = Processes(logs)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.interpreters import mmproxy_env
 from bench.runner import Record
-from bench.settings import DIRECT, MMPROXY, Settings, Target
+from bench.settings import DIRECT, MMPROXY, MMPROXY_FT, Settings, Target
 from bench.stats import count, median, number, ratio, times
 from bench.workloads import BY_NAME, Metric, Workload
 
@@ -75,7 +76,11 @@ def summarise(settings: Settings, records: list[Record]) -> list[Row]:
 
 
 def table(settings: Settings, rows: list[Row]) -> str:
-    """The Markdown table: medians per target, then ratios to direct and to mmproxy."""
+    """The Markdown table: medians per target, then ratios to direct and to mmproxy.
+
+    Every target but direct and mmproxy gets a ratio to mmproxy: for a peer that is how it
+    compares, for ``mmproxy-ft`` it is the free-threaded interpreter against the GIL one.
+    """
     names = [target.name for target in settings.targets]
     proxies = [name for name in names if name != DIRECT]
     peers = [name for name in proxies if name != MMPROXY]
@@ -128,11 +133,18 @@ def footer(
         frozenset({"udp"}): "PROXY header v2 DGRAM (UDP)",
         frozenset({"tcp", "udp"}): f"PROXY header {settings.header} (TCP), v2 DGRAM (UDP)",
     }.get(frozenset(protocols), f"PROXY header {settings.header}")
+    mmproxies = [target.name for target in settings.targets if target.kind == MMPROXY]
+    if len(mmproxies) > 1:  # say which interpreter is which, and what the GIL was in each
+        pythons = ", ".join(
+            f"{name} on Python {_python_text(machine.get(python_key(name), {}))}"
+            for name in mmproxies
+        )
+    else:
+        pythons = f"mmproxy on Python {str(machine['python_mmproxy'].get('version')).split()[0]}"
     lines = [
         (
             f"Medians of {settings.repeats} repeat(s) of {settings.duration:g} s per workload; "
-            f"{headers}; mmproxy on Python "
-            f"{str(machine['python_mmproxy'].get('version')).split()[0]}."
+            f"{headers}; {pythons}."
         ),
         (
             f"Machine: {machine['cores']} cores ({machine['cpu_model']}), "
@@ -198,14 +210,32 @@ def memory_kib() -> int:
 
 
 def python_description(python: str) -> dict[str, Any]:
-    """Version and GIL status of the interpreter that runs mmproxy."""
+    """Version, build (free-threaded or not, configure flags) and GIL status of an interpreter.
+
+    The GIL status is read after importing mmproxy the way the harness runs it: on a
+    free-threaded build, an imported extension module that does not declare itself safe
+    without the GIL turns the GIL back on for the whole process.
+    """
     code = (
-        "import sys; g = getattr(sys, '_is_gil_enabled', None); "
-        "print(sys.version.replace(chr(10), ' ')); print(g() if g else True)"
+        "import sys, sysconfig\n"
+        "try:\n"
+        "    import mmproxy.cli\n"
+        "except Exception:\n"
+        "    pass\n"
+        "g = getattr(sys, '_is_gil_enabled', None)\n"
+        "print(sys.version.replace(chr(10), ' '))\n"
+        "print(g() if g else True)\n"
+        "print(bool(sysconfig.get_config_var('Py_GIL_DISABLED')))\n"
+        "print(sysconfig.get_config_var('CONFIG_ARGS') or '')\n"
     )
     try:
         result = subprocess.run(
-            [python, "-c", code], capture_output=True, text=True, check=False, timeout=30
+            [python, "-c", code],
+            env=mmproxy_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
         )
         lines = result.stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
@@ -214,7 +244,41 @@ def python_description(python: str) -> dict[str, Any]:
         "path": python,
         "version": lines[0] if lines else "unknown",
         "gil_enabled": (lines[1] == "True") if len(lines) > 1 else None,
+        "free_threaded_build": (lines[2] == "True") if len(lines) > 2 else None,
+        # how it was built: --enable-optimizations (PGO) and --with-lto show here
+        "configure": lines[3] if len(lines) > 3 else None,
     }
+
+
+def python_key(name: str) -> str:
+    """The machine description's key for an mmproxy target's interpreter: ``python_mmproxy``."""
+    return "python_" + name.replace("-", "_")
+
+
+def _python_text(description: dict[str, Any]) -> str:
+    """``3.13.5 (free-threaded, GIL off)``: a version and what the GIL was in it."""
+    version = str(description.get("version")).split()[0]
+    gil, build = description.get("gil_enabled"), description.get("free_threaded_build")
+    if gil is False:
+        return f"{version} (free-threaded, GIL off)"
+    if gil and build:
+        return f"{version} (free-threaded build, GIL on)"
+    return f"{version} (GIL)" if gil else version
+
+
+def interpreter_warnings(settings: Settings, machine: dict[str, Any]) -> list[str]:
+    """What makes a free-threaded target not what its name says: the GIL is on in it."""
+    found = []
+    for target in settings.targets:
+        if target.name != MMPROXY_FT:
+            continue
+        described = machine.get(python_key(target.name), {})
+        if described.get("gil_enabled") is not False:
+            found.append(
+                f"{MMPROXY_FT} runs on {settings.interpreter(target)}, where the GIL is on with "
+                "mmproxy imported: it is measured as it is"
+            )
+    return found
 
 
 def machine(settings: Settings) -> dict[str, Any]:
@@ -231,6 +295,11 @@ def machine(settings: Settings) -> dict[str, Any]:
         "kernel_version": uname.version,
         "python_harness": sys.version.replace("\n", " "),
         "python_mmproxy": python_description(settings.python),
+        **{
+            python_key(target.name): python_description(settings.interpreter(target))
+            for target in settings.targets
+            if target.kind == MMPROXY and target.name != MMPROXY
+        },
         "compiler": _first_line([*os.environ.get("CC", "cc").split(), "--version"]),
         "mmproxy_commit": (commit + (" (mmproxy/ modified)" if dirty else "")) or None,
         "loadavg_start": list(os.getloadavg()),
@@ -269,6 +338,7 @@ def document(
                 "kind": target.kind,
                 "template": target.template or None,
                 "flags": list(target.flags),
+                "python": target.python,
             }
             for target in settings.targets
         ],
@@ -303,7 +373,11 @@ def load(doc: dict[str, Any]) -> tuple[Settings, list[Record], dict[str, Any]]:
     saved = doc["settings"]
     targets = tuple(
         Target(
-            name=t["name"], kind=t["kind"], template=t["template"] or "", flags=tuple(t["flags"])
+            name=t["name"],
+            kind=t["kind"],
+            template=t["template"] or "",
+            flags=tuple(t["flags"]),
+            python=t.get("python"),
         )
         for t in doc["targets"]
     )

@@ -155,7 +155,7 @@ class Runner:
                     self.procs,
                     self.ns,
                     target,
-                    self.settings.python,
+                    self.settings.interpreter(target),
                     proxy_port,
                     backend_port,
                     nofile=nofile,

@@ -10,11 +10,12 @@ import os
 import re
 import shlex
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DIRECT = "direct"
 MMPROXY = "mmproxy"
+MMPROXY_FT = "mmproxy-ft"  # mmproxy on a free-threaded interpreter (--free-threaded)
 PLACEHOLDERS = frozenset({"listen", "target4", "target6", "protocol"})
 PROTOCOLS = ("tcp", "udp")
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -30,13 +31,16 @@ class Target:
 
     ``template`` is the peer's command line with ``{listen}``, ``{target4}`` and ``{target6}``
     placeholders, and optionally ``{protocol}`` (``tcp`` or ``udp``, the workload's); for
-    mmproxy ``flags`` are added after the harness's own.
+    mmproxy ``flags`` are added after the harness's own, and ``python`` is the interpreter that
+    runs it (None: the run's ``--python``).  Two targets of kind ``mmproxy`` run side by side
+    with ``--free-threaded``: ``mmproxy`` on ``--python`` and ``mmproxy-ft`` on its own one.
     """
 
     name: str
     kind: str  # "direct", "mmproxy" or "peer"
     template: str = ""
     flags: tuple[str, ...] = ()
+    python: str | None = None
 
     @property
     def is_proxy(self) -> bool:
@@ -63,7 +67,8 @@ class Settings:
     repeats: int = 3
     workloads: tuple[str, ...] = ()
     targets: tuple[Target, ...] = ()
-    python: str = ""
+    python: str = ""  # --python: the interpreter of an mmproxy target that names none
+    free_threaded: str | None = None  # --free-threaded: None not asked, "" provide one, or PATH
     header: str = "v1"  # the PROXY header version the load generator sends
     idle_connections: int = 2000
     limit_connections: int = 9000
@@ -77,6 +82,22 @@ class Settings:
     def proxies(self) -> tuple[Target, ...]:
         return tuple(target for target in self.targets if target.is_proxy)
 
+    def interpreter(self, target: Target) -> str:
+        """The interpreter that runs an mmproxy target: its own, else ``--python``."""
+        return target.python or self.python
+
+    def with_free_threaded(self, python: str) -> Settings:
+        """These settings plus ``mmproxy-ft`` on ``python``, right after ``mmproxy``.
+
+        It takes mmproxy's flags, so the two differ only in their interpreter.
+        """
+        targets = [target for target in self.targets if target.name != MMPROXY_FT]
+        names = [target.name for target in targets]
+        at = names.index(MMPROXY) + 1 if MMPROXY in names else len(targets)
+        flags = targets[at - 1].flags if MMPROXY in names else ()
+        targets.insert(at, Target(MMPROXY_FT, MMPROXY, flags=flags, python=python))
+        return replace(self, targets=tuple(targets))
+
 
 def parse_peer(text: str) -> Target:
     """``NAME=COMMAND TEMPLATE`` from ``--peer``."""
@@ -84,10 +105,10 @@ def parse_peer(text: str) -> Target:
     name = name.strip()
     if not sep or not template.strip():
         raise SettingsError(f"--peer: {text!r} is not NAME='COMMAND TEMPLATE'")
-    if not _PEER_NAME.fullmatch(name) or name in {DIRECT, MMPROXY}:
+    if not _PEER_NAME.fullmatch(name) or name in {DIRECT, MMPROXY, MMPROXY_FT}:
         raise SettingsError(
             f"--peer: {name!r} is not a usable name (letters, digits, '_.-'; "
-            f"not {DIRECT!r} or {MMPROXY!r})"
+            f"not {DIRECT!r}, {MMPROXY!r} or {MMPROXY_FT!r})"
         )
     try:
         fields = {
@@ -134,14 +155,14 @@ def parse_only(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in known if name in wanted)
 
 
-def check_python(path: str) -> str:
-    """The interpreter that runs mmproxy: an executable file, as an absolute path.
+def check_python(path: str, flag: str = "--python") -> str:
+    """An interpreter that runs mmproxy: an executable file, as an absolute path.
 
     Absolute because the children run from ``/``; symlinks are kept, since a virtual
     environment's interpreter is one and needs its own path to find its packages.
     """
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise SettingsError(f"--python: {path} is not an executable file")
+        raise SettingsError(f"{flag}: {path} is not an executable file")
     return os.path.abspath(path)
 
 

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.interpreters import mmproxy_env
 from bench.netns import Namespace
 from bench.procs import Processes
 from bench.settings import DIRECT, MMPROXY, Target
 
-REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0  # seconds a proxy or backend gets to start (a loaded CI box is slow)
 CLONE_NEWNET = 0x40000000
 
@@ -84,7 +84,10 @@ class Backend:
 
 
 class Proxy:
-    """A running proxy target: mmproxy or a peer, listening on 127.0.0.1:``port``."""
+    """A running proxy target: mmproxy or a peer, listening on 127.0.0.1:``port``.
+
+    ``python`` runs an mmproxy target (the run's choice for it: ``Settings.interpreter``).
+    """
 
     def __init__(
         self,
@@ -109,8 +112,7 @@ class Proxy:
         limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMPROXY_")}
         if target.kind == MMPROXY:
-            path = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
+            env = mmproxy_env()  # the same as interpreters.check_mmproxy tried
             argv = [
                 *limit,
                 *ns.prefix(),

@@ -166,7 +166,7 @@ def test_mmproxy_never_imports_bench(module: str) -> None:
         ("stats.py", {"bench.procs", "bench.netns", "bench.runner", "bench.cli", "subprocess"}),
         ("settings.py", {"bench.procs", "bench.netns", "bench.runner", "bench.cli", "subprocess"}),
         ("workloads.py", {"bench.netns", "bench.runner", "bench.cli", "subprocess"}),
-        # the layers: netns/procs < targets < runner < report < chart < cli
+        # the layers: netns/procs, interpreters < targets < runner < report < chart < cli
         ("netns.py", {"bench.targets", "bench.runner", "bench.report", "bench.cli"}),
         ("procs.py", {"bench.targets", "bench.runner", "bench.report", "bench.cli"}),
         ("targets.py", {"bench.runner", "bench.report", "bench.cli"}),
@@ -174,6 +174,12 @@ def test_mmproxy_never_imports_bench(module: str) -> None:
         ("report.py", {"bench.chart", "bench.cli"}),
         ("chart.py", {"bench.cli"}),
         ("build.py", {"bench.runner", "bench.report", "bench.cli"}),
+        # the interpreters: below the targets that run them, above nothing but the build cache
+        (
+            "freethreaded.py",
+            {"bench.interpreters", "bench.targets", "bench.runner", "bench.report", "bench.cli"},
+        ),
+        ("interpreters.py", {"bench.targets", "bench.runner", "bench.report", "bench.cli"}),
     ],
 )
 def test_bench_imports_flow_one_way(module: str, forbidden: set[str]) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import build, freethreaded, interpreters
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 TAG = "BENCH_TEST_TAG"  # every process the harness starts inherits it: how leftovers are found
 
@@ -186,6 +188,89 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert ("udp", "lost") in summary
 
     _assert_nothing_left(proc, tag)
+
+
+def _free_threaded_flag() -> tuple[str, str]:
+    """``--free-threaded`` when the cache holds a built interpreter whose venv is current for
+    this checkout (nothing to build or install: no network in a test), else ``--free-threaded=``
+    this interpreter, which runs the same plumbing on a GIL build.  The interpreter mmproxy-ft
+    will run on is the second item.
+    """
+    root = build.cache_dir() / "python-ft"
+    built = freethreaded.installed(root)
+    venv = root / "venv"
+    if (
+        built is not None
+        and interpreters.plan(venv, interpreters.stamp_for(built, ROOT)) == "reuse"
+    ):
+        return "--free-threaded", str(venv / "bin" / "python")
+    return f"--free-threaded={sys.executable}", sys.executable
+
+
+@pytest.mark.timeout(180)
+def test_a_run_with_free_threaded_measures_mmproxy_ft_beside_mmproxy(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    out = tmp_path / "results.json"
+    flag, python = _free_threaded_flag()
+    proc = _start(
+        tag,
+        *("--only", "pingpong", "--duration", "0.5", "--repeats", "1", "--json", str(out)),
+        flag,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    steps = [line.split(": ")[0] for line in stderr.splitlines() if line.startswith("[")]
+    assert steps == [
+        "[1/3] repeat 1/1 pingpong via direct",
+        "[2/3] repeat 1/1 pingpong via mmproxy",
+        "[3/3] repeat 1/1 pingpong via mmproxy-ft",
+    ]
+    doc = json.loads(out.read_text())
+    ft = doc["machine"]["python_mmproxy_ft"]
+    assert ft["path"] == python
+    # a GIL interpreter passed as PATH is measured, and the run says what it is
+    warned = "bench: warning: mmproxy-ft runs on" in stderr
+    assert warned == (ft["gil_enabled"] is not False)
+
+    lines = stdout.splitlines()
+    assert lines[0] == (
+        "| workload | figure | direct | mmproxy | mmproxy-ft "
+        "| mmproxy/direct | mmproxy-ft/direct | mmproxy-ft/mmproxy |"
+    )
+    rate = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert rate[1] == "msg/s"
+    assert "-" not in rate[2:], rate  # a median for each target, every ratio
+    assert all(cell.endswith("x") for cell in rate[5:]), rate
+    assert "mmproxy on Python " in stdout
+    assert ", mmproxy-ft on Python " in stdout
+
+    assert doc["errors"] == 0
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert targets["mmproxy-ft"]["kind"] == "mmproxy"
+    assert targets["mmproxy-ft"]["python"] == python
+    runs = {run["target"]: run for run in doc["runs"]}
+    assert runs["mmproxy-ft"]["proxy"]["ready"]["msg"] == "ready"
+    assert runs["mmproxy-ft"]["client"]["messages"] > 0
+    pingpong = doc["summary"][0]["targets"]["mmproxy-ft"]
+    assert pingpong["ratio_to_mmproxy"] is not None
+    _assert_nothing_left(proc, tag)
+
+    replay = subprocess.run(
+        [sys.executable, "-m", "bench", "--from-json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == stdout
 
 
 def _wait_for_proxy(tag: str, proc: subprocess.Popen[str], timeout: float) -> bool:
