@@ -537,7 +537,19 @@ def _encode_v1(header: ProxyHeader) -> bytes:
     ):
         raise ValueError("v1 only expresses TCP over IPv4 or IPv6")
     token = "TCP4" if header.family is Family.INET else "TCP6"
-    return f"PROXY {token} {src.host} {dst.host} {src.port} {dst.port}\r\n".encode("ascii")
+    source, destination = _v1_text(src.host), _v1_text(dst.host)
+    return f"PROXY {token} {source} {destination} {src.port} {dst.port}\r\n".encode("ascii")
+
+
+def _v1_text(host: IPAddress) -> str:
+    """The address as v1 writes it: RFC 5952, IPv4-mapped in mixed notation (``::ffff:192.0.2.1``).
+
+    ``str()`` alone writes mapped addresses in hex before Python 3.13 and mixed from 3.13 on;
+    the wire must not depend on the interpreter.
+    """
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return f"::ffff:{host.ipv4_mapped}"
+    return str(host)
 
 
 def _encode_v2(header: ProxyHeader) -> bytes:

@@ -330,7 +330,7 @@ V1_VALID: list[Valid] = [
         "v1-tcp6-mapped-v4",
         line("PROXY TCP6 ::ffff:192.0.2.1 ::ffff:198.51.100.7 56324 443"),
         v1_proxy("::ffff:c000:201", "::ffff:c633:6407", 56324, 443),
-        canonical=False,
+        canonical=True,  # the encoder writes mapped addresses in mixed notation (RFC 5952)
     ),
     ok(
         "v1-tcp6-compat-v4",
