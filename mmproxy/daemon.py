@@ -203,7 +203,7 @@ def check_transparent(config: Config) -> str | None:
     for family in sorted(families):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
-                upstream.set_transparent(probe)
+                upstream.set_transparent(probe, family)
         except PermissionError:
             return (
                 "cannot set IP_TRANSPARENT: mmproxy needs CAP_NET_ADMIN "

@@ -91,7 +91,7 @@ def open_listeners(config: Config, kind: int = socket.SOCK_STREAM) -> list[socke
             if config.listen.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if config.listen_transparent:
-                upstream.set_transparent(sock)
+                upstream.set_transparent(sock, config.listen.family)
             if kind == socket.SOCK_DGRAM:
                 _grow_receive_buffer(sock)
             sock.bind(address)

@@ -7,11 +7,21 @@ Starting two fresh threads per connection caps the connection rate well below
 what reusing them allows, so a worker that finishes waits a while
 (``idle_timeout``) for the next job before it exits.
 
-The bookkeeping is one counter under one lock, so it is correct without the
-GIL.  ``_idle`` counts workers that wait and have not been promised a job; a
-submitter that finds one decrements it *and* enqueues under the same lock, so
-a worker whose wait times out can tell, under that lock, whether a job was
-promised to it (the queue is not empty) before it retires.
+A job is handed to one idle worker directly: each idle worker waits on a
+queue of its own, and the submitter puts the job there.  No queue is shared by
+the waiting workers, so they never contend for one (on free-threaded CPython,
+a queue that many threads wait on had the submitters and the waiters spinning
+on its lock).  A worker's own queue, not a lock, because a ``threading.Lock``
+that must wait spins (``sched_yield``) before it sleeps on free-threaded
+CPython, which costs an idle worker CPU on every wait; a queue's ``get`` goes
+to sleep at once.  The idle workers form a stack: the one that finished last
+is reused first, while its memory is warm, and the ones at the bottom retire.
+
+The bookkeeping is one list and a few counters under one lock, so it is
+correct without the GIL.  A worker whose wait times out takes that lock and
+finds itself either still on the stack (nobody chose it: it retires) or gone
+(a submitter chose it meanwhile and put the job in its queue under that lock:
+it runs the job).
 """
 
 from __future__ import annotations
@@ -32,15 +42,18 @@ class PoolClosedError(RuntimeError):
     """Raised by :meth:`WorkerPool.submit` after :meth:`WorkerPool.close`."""
 
 
+# Where an idle worker waits: its own queue, which gets one job (or None: retire).
+_Slot = queue.SimpleQueue[Job | None]
+
+
 class WorkerPool:
     """Runs each submitted job at once on an idle worker or a new thread."""
 
     def __init__(self, name: str = "mmproxy-worker", idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
         self._name = name
         self._idle_timeout = idle_timeout
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0  # waiting workers not yet promised a job
+        self._waiting: list[_Slot] = []  # idle workers, most recently idle last
         self._threads: set[threading.Thread] = set()
         self._started = 0  # threads ever started, for names and for tests
         self._closed = False
@@ -56,9 +69,8 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 raise PoolClosedError("the worker pool is closed")
-            if self._idle:
-                self._idle -= 1
-                self._jobs.put(job)
+            if self._waiting:
+                self._waiting.pop().put(job)
                 return
             self._started += 1
             thread = threading.Thread(
@@ -73,6 +85,7 @@ class WorkerPool:
             raise
 
     def _work(self, job: Job | None) -> None:
+        slot: _Slot = queue.SimpleQueue()
         try:
             while job is not None:
                 try:
@@ -80,28 +93,27 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001 - a job's own bug must not kill the worker
                     _log.exception("a worker job failed")
                 job = None  # drop references to the finished job before waiting
-                job = self._next_job()
+                job = self._next_job(slot)
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
-    def _next_job(self) -> Job | None:
+    def _next_job(self, slot: _Slot) -> Job | None:
         """Wait for a job; None means retire (idle too long, or the pool closed)."""
         with self._lock:
             if self._closed:
                 return None
-            self._idle += 1
+            self._waiting.append(slot)
         try:
-            return self._jobs.get(timeout=self._idle_timeout)
+            return slot.get(timeout=self._idle_timeout)  # None when close() woke it
         except queue.Empty:
             with self._lock:
-                try:
-                    # A submitter may have promised us a job between the timeout
-                    # and taking the lock: it is in the queue now, so run it.
-                    return self._jobs.get_nowait()
-                except queue.Empty:
-                    self._idle -= 1
+                if slot in self._waiting:  # nobody chose this worker: retire
+                    self._waiting.remove(slot)
                     return None
+            # A submitter chose it between the timeout and the lock, and put the
+            # job in its queue under that lock: it is there now.
+            return slot.get_nowait()
 
     @property
     def size(self) -> int:
@@ -113,7 +125,7 @@ class WorkerPool:
     def idle(self) -> int:
         """Workers waiting for a job."""
         with self._lock:
-            return self._idle
+            return len(self._waiting)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new jobs, wake idle workers so they exit, join them for up to ``timeout``.
@@ -123,9 +135,9 @@ class WorkerPool:
         """
         with self._lock:
             self._closed = True
-            for _ in range(self._idle):
-                self._jobs.put(None)
-            self._idle = 0
+            for slot in self._waiting:
+                slot.put(None)
+            self._waiting.clear()
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout)

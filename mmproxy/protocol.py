@@ -97,6 +97,17 @@ class Transport(enum.IntEnum):
 _VALID_FAM_BYTES = frozenset({0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32})
 _ADDRESS_BLOCK_LENGTH = {Family.UNSPEC: 0, Family.INET: 12, Family.INET6: 36, Family.UNIX: 216}
 _IP_LENGTH = {Family.INET: 4, Family.INET6: 16}
+
+# The parse path looks these up by indexing tuples with the header's own numbers.  On
+# free-threaded CPython a dict or set lookup with non-str keys, and an IntEnum made from its
+# value, lock a shared object, and every connection's thread parses: lookups there serialised
+# the threads (measured with v1's protocol token: a quarter of the daemon's CPU went to it).
+_VALID_FAM_BYTE = tuple(byte in _VALID_FAM_BYTES for byte in range(256))
+_COMMAND_OF = (Command.LOCAL, Command.PROXY)
+_FAMILY_OF = (Family.UNSPEC, Family.INET, Family.INET6, Family.UNIX)
+_TRANSPORT_OF = (Transport.UNSPEC, Transport.STREAM, Transport.DGRAM)
+_BLOCK_LENGTH_OF = tuple(_ADDRESS_BLOCK_LENGTH[family] for family in _FAMILY_OF)
+_IP_LENGTH_OF = tuple(_IP_LENGTH.get(family, 0) for family in _FAMILY_OF)
 _T = TypeVar("_T")
 
 
@@ -242,7 +253,6 @@ _V1_IPV4_SO_FAR = re.compile(rb"[0-9.]{0,15}")
 _V1_IPV6_SO_FAR = re.compile(rb"[0-9A-Fa-f:.]{0,45}")
 _V1_PORT_SO_FAR = re.compile(rb"|0|[1-9][0-9]{0,4}")
 _V1_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_V1_FAMILIES = {b"TCP4": Family.INET, b"TCP6": Family.INET6}
 _V1_TOKENS = (b"TCP4", b"TCP6", b"UNKNOWN")
 _V1_FIELD_NAMES = ("source", "destination", "source port", "destination port")
 
@@ -304,8 +314,13 @@ def _check_v1(line: bytes, *, complete: bool) -> Family:
         if not any(t.startswith(token) for t in _V1_TOKENS):
             raise HeaderError(Reason.V1_BAD_PROTOCOL, f"unknown protocol {_show(token)}")
         return Family.UNSPEC
-    family = _V1_FAMILIES.get(token)
-    if family is None:
+    # Comparisons, not a dict lookup: on free-threaded CPython a lookup with bytes keys locks
+    # the dict, and every connection's thread parses here (measured: a quarter of the CPU).
+    if token == b"TCP4":
+        family = Family.INET
+    elif token == b"TCP6":
+        family = Family.INET6
+    else:
         raise HeaderError(Reason.V1_BAD_PROTOCOL, f"unknown protocol {_show(token)}")
     fields = rest.split(b" ") if space else []
     last = len(fields) if complete else len(fields) - 1  # fields[last] is still arriving
@@ -387,17 +402,17 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> NeedMore | Parsed:
             raise HeaderError(
                 Reason.V2_BAD_COMMAND, f"command {command} is neither LOCAL nor PROXY"
             )
-    if available > 13 and data[12] & 0x0F == Command.PROXY and data[13] not in _VALID_FAM_BYTES:
+    if available > 13 and data[12] & 0x0F == Command.PROXY and not _VALID_FAM_BYTE[data[13]]:
         raise HeaderError(Reason.V2_BAD_FAMILY, f"family/transport byte 0x{data[13]:02x}")
     if available < V2_FIXED_LENGTH:
         return NeedMore(V2_FIXED_LENGTH - available)
 
-    command = Command(data[12] & 0x0F)
+    command = _COMMAND_OF[data[12] & 0x0F]
     length = int.from_bytes(data[14:16], "big")
     total = V2_FIXED_LENGTH + length
     if command is Command.PROXY:
-        family = Family(data[13] >> 4)
-        block = _ADDRESS_BLOCK_LENGTH[family]
+        family = _FAMILY_OF[data[13] >> 4]
+        block = _BLOCK_LENGTH_OF[family]
         if length < block:
             # §2.2: checked before waiting for the body, which may never come.
             raise HeaderError(
@@ -426,8 +441,8 @@ def _local_v2(header: bytes) -> ProxyHeader:
     """
     fam = header[13]
     tlvs: tuple[Tlv, ...] = ()
-    if fam in _VALID_FAM_BYTES:
-        start = V2_FIXED_LENGTH + _ADDRESS_BLOCK_LENGTH[Family(fam >> 4)]
+    if _VALID_FAM_BYTE[fam]:
+        start = V2_FIXED_LENGTH + _BLOCK_LENGTH_OF[fam >> 4]
         if start <= len(header):
             try:
                 tlvs = _tlvs_v2(header, start)
@@ -438,12 +453,12 @@ def _local_v2(header: bytes) -> ProxyHeader:
 
 
 def _proxy_v2(header: bytes) -> ProxyHeader:
-    family, transport = Family(header[13] >> 4), Transport(header[13] & 0x0F)
+    family, transport = _FAMILY_OF[header[13] >> 4], _TRANSPORT_OF[header[13] & 0x0F]
     body = V2_FIXED_LENGTH
     source: Address | None = None
     destination: Address | None = None
-    if family in _IP_LENGTH:
-        size = _IP_LENGTH[family]
+    size = _IP_LENGTH_OF[family]
+    if size:
         ports = body + 2 * size
         source = InetAddress(
             ipaddress.ip_address(header[body : body + size]),
@@ -457,7 +472,7 @@ def _proxy_v2(header: bytes) -> ProxyHeader:
         middle = body + _UNIX_PATH_LENGTH
         source = UnixAddress(header[body:middle].split(b"\0", 1)[0])
         destination = UnixAddress(header[middle : middle + _UNIX_PATH_LENGTH].split(b"\0", 1)[0])
-    tlvs = _tlvs_v2(header, body + _ADDRESS_BLOCK_LENGTH[family])
+    tlvs = _tlvs_v2(header, body + _BLOCK_LENGTH_OF[family])
     return ProxyHeader(2, Command.PROXY, family, transport, source, destination, tlvs)
 
 

@@ -12,7 +12,9 @@ through Python.  The rules that make a relay correct:
 * Whoever finishes last closes both sockets; each direction closes its own
   pipe.  Shutdown from other threads (:meth:`Pair.abort`) and the final close
   are serialised by one lock, so a shutdown can never land on a descriptor
-  number that was closed and already reused by another connection.
+  number that was closed and already reused by another connection.  A
+  direction's own half-close needs no lock: nothing closes the sockets while
+  a direction still runs.
 * A direction holds no pipe until its first byte arrives (it waits with a
   one-byte ``MSG_PEEK``), so an idle connection costs 2 descriptors, not 6.
   Pipes come out of a budget (:class:`PipeBudget`) so that they can never
@@ -341,14 +343,20 @@ class Pair:
             self.upstream.close()
 
     def _shutdown(self, sock: socket.socket, how: int) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                sock.shutdown(how)
-            except OSError as error:
-                if error.errno != errno.ENOTCONN:
-                    raise
+        """Relay a half-close, from a direction's own thread.
+
+        Without the lock: the sockets are closed only by the direction that
+        finishes last, after this one has returned (or by others before either
+        direction started), so they are open for as long as a direction runs.
+        Only :meth:`abort`, which other threads call at any time, needs the lock
+        against :meth:`close`.  (Holding a lock across this system call made the
+        sibling direction spin for it, on free-threaded CPython.)
+        """
+        try:
+            sock.shutdown(how)
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                raise
 
     @property
     def duration(self) -> float:

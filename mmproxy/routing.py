@@ -116,7 +116,7 @@ def transparent_families() -> dict[str, str | None]:
     for name, family in (("IPv4", socket.AF_INET), ("IPv6", socket.AF_INET6)):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
-                upstream.set_transparent(probe)
+                upstream.set_transparent(probe, family)
         except PermissionError:
             result[name] = "needs CAP_NET_ADMIN (run as root or grant the capability)"
         except OSError as error:

@@ -233,8 +233,11 @@ _SSL_STRING_NAMES = {
 }
 
 
+_SSL_STRING_NAME_OF = tuple(_SSL_STRING_NAMES.get(code) for code in range(256))  # as _DECODER_OF
+
+
 def _decode_ssl_sub(code: int, value: bytes) -> Tlv:
-    name = _SSL_STRING_NAMES.get(code)
+    name = _SSL_STRING_NAME_OF[code]
     if name is None:
         return UnknownTlv(code, value)
     # The common name is UTF-8 (section 2.2.6); every other string is US-ASCII.
@@ -350,6 +353,11 @@ _DECODERS: dict[int, Callable[[bytes], Tlv]] = {
     PP2_TYPE_AZURE: AzureLinkId.decode,
     PP2_TYPE_GCP: GcpPscConnectionId.decode,
 }
+# The same, indexed by the type byte: every connection's thread decodes, and on free-threaded
+# CPython a lookup in a dict with int keys locks it (a tuple index does not).
+_DECODER_OF: tuple[Callable[[bytes], Tlv] | None, ...] = tuple(
+    _DECODERS.get(code) for code in range(256)
+)
 
 
 class RawTlv(NamedTuple):
@@ -396,7 +404,7 @@ def split_tlvs(data: bytes, base_offset: int = 0) -> list[RawTlv]:
 
 def decode_tlv(raw: RawTlv) -> Tlv:
     """Interpret one raw TLV.  Raises :class:`HeaderError` (``V2_BAD_TLV``) for a bad value."""
-    decoder = _DECODERS.get(raw.code)
+    decoder = _DECODER_OF[raw.code]
     if decoder is None:
         return UnknownTlv(raw.code, raw.value)
     try:

@@ -37,12 +37,14 @@ class Upstream:
     fallback: bool  # True when the client's port was taken and an ephemeral one was used
 
 
-def set_transparent(sock: socket.socket) -> None:
-    """Let ``sock`` bind to (or accept for) an address this host does not own.
+def set_transparent(sock: socket.socket, family: int) -> None:
+    """Let ``sock`` (of address ``family``) bind to or accept for an address this host does not own.
 
-    Needs CAP_NET_ADMIN; raises PermissionError otherwise.
+    Needs CAP_NET_ADMIN; raises PermissionError otherwise.  The caller says the family:
+    ``sock.family`` builds an enum member from a shared table, which locks on free-threaded
+    CPython, and this runs for every upstream connection.
     """
-    if sock.family == socket.AF_INET6:
+    if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
         sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
@@ -123,7 +125,7 @@ def _datagram(
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if host is not None:
-            set_transparent(sock)
+            set_transparent(sock, target.family)
             bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
             _step("bind", bind_to, sock.bind, bind_to)
         _step("connect", target, sock.connect, target.sockaddr)
@@ -146,7 +148,7 @@ def _connect(
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         _common_options(sock, mark)
-        set_transparent(sock)
+        set_transparent(sock, target.family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if port == 0:
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -118,3 +119,35 @@ def test_close_refuses_new_jobs_and_joins_idle_workers() -> None:
     assert pool.size == 0
     with pytest.raises(PoolClosedError):
         pool.submit(lambda: None)
+
+
+def test_the_worker_idle_last_is_reused_first() -> None:
+    """Idle workers form a stack: the warm one is reused, the ones at the bottom retire."""
+    pool = WorkerPool(idle_timeout=5.0)
+    names: list[str] = []
+    gates = [threading.Event() for _ in range(3)]
+
+    def hold(gate: threading.Event) -> None:
+        names.append(threading.current_thread().name)
+        gate.wait(5.0)
+
+    try:
+        for gate in gates:
+            pool.submit(functools.partial(hold, gate))
+        assert wait_until(lambda: len(names) == 3)
+        for count, gate in enumerate(gates, start=1):
+            gate.set()
+            assert wait_until(lambda count=count: pool.idle == count)
+        ran_on: list[str] = []
+        done = threading.Event()
+
+        def record() -> None:
+            ran_on.append(threading.current_thread().name)
+            done.set()
+
+        pool.submit(record)
+        assert done.wait(5.0)
+        assert ran_on == [names[2]]
+        assert pool.idle == 3
+    finally:
+        pool.close(timeout=5.0)
