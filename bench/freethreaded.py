@@ -12,7 +12,7 @@ or ``deb`` line), with the suite that carries python3.13 (``trixie``).  apt chec
 tarball's hash against the signed index, as it does for any package.
 
 Where it goes: ``$XDG_CACHE_HOME/mmproxy-bench/python-ft`` (else ``~/.cache/…``), outside the
-checkout; a finished install is reused, so only the first run pays for the build (about 6
+checkout; a finished install is reused, so only the first run pays for the build (about 3
 minutes on 2 cores).  Debian's own patches are not applied: this is the upstream interpreter,
 built plainly (no PGO or LTO).
 
@@ -128,9 +128,15 @@ def install_build_packages() -> None:
     """Installs what the compile needs from the system's own sources, if anything is missing."""
     missing = []
     for package in BUILD_PACKAGES:
-        query = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
-        )
+        try:
+            query = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Status}", package],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Unavailable(f"cannot ask dpkg which build packages are installed: {exc}") from exc
         if "install ok installed" not in query.stdout:
             missing.append(package)
     if not missing:
