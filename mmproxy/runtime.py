@@ -91,13 +91,16 @@ def _requested() -> str | None:
 
 def _foreign_extensions() -> list[str]:
     """Extension modules loaded from outside the standard library, by name."""
-    stdlib = Path(sysconfig.get_path("platstdlib")).resolve()
+    # "stdlib", not "platstdlib": in a virtual environment the latter is the venv's own lib.
+    stdlib = Path(sysconfig.get_path("stdlib")).resolve()
     found = []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if not path or not path.endswith(".so"):
             continue
-        if stdlib not in Path(path).resolve().parents:
+        where = Path(path).resolve()
+        third_party = {"site-packages", "dist-packages"} & set(where.parts)
+        if third_party or stdlib not in where.parents:
             found.append(name)
     return sorted(found)
 

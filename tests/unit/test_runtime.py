@@ -85,3 +85,9 @@ def test_no_problem_on_a_gil_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "free_threaded_build", lambda: False)
     monkeypatch.setattr(runtime, "gil_enabled", lambda: True)
     assert runtime.gil_problem() is None
+
+
+def test_the_standard_librarys_extensions_are_not_suspects() -> None:
+    import _socket  # an extension module of the standard library, in every build
+
+    assert _socket.__name__ not in runtime._foreign_extensions()
