@@ -9,14 +9,18 @@ no thread until either socket has something to say (data, an end, an error, or a
 from :meth:`~mmproxy.relay.Pair.abort`).  Then its relay job goes to the worker pool and
 the connection is relayed as any other, one thread per direction.
 
-With an idle timeout, a connection parked for that long is marked idle and aborted, then
-handed over the same way, so that its relay threads report it and close it.  Every
-connection here has the same timeout, so parking order is deadline order: a FIFO queue, not a
-heap.
+A connection whose header is still arriving waits here too, on its client socket alone,
+until more of it comes or its header deadline passes; then its serving job runs again.
 
-Ownership: the lot never closes a connection's sockets.  It registers them, unregisters them
-before handing the connection over (so an fd is never in the set once the relay may close
-it), and owns only its epoll and eventfd descriptors.
+With an idle timeout, a connection parked for that long is marked idle and aborted, then
+handed over the same way, so that its relay threads report it and close it.  Spots are queued
+by their timeout (the idle timeout, the header timeout): within one queue every spot has the
+same timeout, so parking order is deadline order and each queue is a FIFO, not a heap.
+
+Ownership: the lot never closes a connection's sockets while it runs.  It registers them,
+unregisters them before handing the connection over (so an fd is never in the set once the
+relay may close it), and owns only its epoll and eventfd descriptors.  Spots still parked
+when the lot closes are given back through their ``abandon`` callback.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import contextlib
 import logging
 import os
 import select
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mmproxy.pool import Job, WorkerPool
@@ -45,12 +50,17 @@ OnFailure = Callable[[BaseException], None]
 
 @dataclass(eq=False)
 class _Spot:
-    pair: Pair
     resume: Job
     failed: OnFailure
+    expire: Callable[[], None]  # runs (on the lot's thread) before resume when the time is up
+    abandon: Callable[[], None]  # runs when the lot closes with the spot still parked
     deadline: float
-    fds: tuple[int, int] = field(default=(-1, -1))
+    fds: tuple[int, ...] = field(default=())
     left: bool = False  # handed over (or the lot closed): no longer ours
+
+
+def _nothing() -> None:
+    """An expiry that needs no action: the resumed job sees its deadline has passed."""
 
 
 class ParkingLot:
@@ -61,7 +71,8 @@ class ParkingLot:
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
-        self._queue: collections.deque[_Spot] = collections.deque()  # parking (= deadline) order
+        self._parked = 0
+        self._queues: dict[float, collections.deque[_Spot]] = {}  # timeout -> spots, FIFO
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -74,37 +85,70 @@ class ParkingLot:
     def __len__(self) -> int:
         """Connections parked now."""
         with self._lock:
-            return len(self._by_fd) // 2
+            return self._parked
 
     def park(self, pair: Pair, resume: Job, failed: OnFailure) -> None:
         """Hold ``pair`` until either socket has something, then run ``resume`` on the pool.
 
         ``failed`` runs instead (on the parking thread) with the error when the pool cannot
-        take the job.  Raises OSError when the sockets cannot be registered, and RuntimeError
-        once the lot is closing; the caller then still has the pair.
+        take the job.  With an idle timeout, a pair parked that long is expired (marked idle
+        and shut down) and resumed.  Raises OSError when the sockets cannot be registered, and
+        RuntimeError once the lot is closing; the caller then still has the pair.
         """
-        deadline = time.monotonic() + self._idle_timeout if self._idle_timeout > 0 else 0.0
-        spot = _Spot(pair, resume, failed, deadline)
+        self.park_sockets(
+            (pair.client, pair.upstream),
+            resume,
+            failed,
+            timeout=self._idle_timeout,
+            expire=pair.expire,
+            abandon=pair.close,
+        )
+
+    def park_sockets(
+        self,
+        sockets: Sequence[socket.socket],
+        resume: Job,
+        failed: OnFailure,
+        *,
+        timeout: float,
+        expire: Callable[[], None] = _nothing,
+        abandon: Callable[[], None],
+    ) -> None:
+        """Hold ``sockets`` until one has something or ``timeout`` seconds pass (0: never).
+
+        Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
+        out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
+        the lot closes first.  Raises as :meth:`park` does.
+        """
+        deadline = time.monotonic() + timeout if timeout > 0 else 0.0
+        spot = _Spot(resume, failed, expire, abandon, deadline)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the parking lot is closed")
-            client, upstream = pair.client.fileno(), pair.upstream.fileno()
-            self._epoll.register(client, EVENTS)
+            fds: list[int] = []
             try:
-                self._epoll.register(upstream, EVENTS)
+                for sock in sockets:
+                    fd = sock.fileno()
+                    self._epoll.register(fd, EVENTS)
+                    fds.append(fd)
             except OSError:
-                self._epoll.unregister(client)
+                for fd in fds:
+                    self._epoll.unregister(fd)
                 raise
-            spot.fds = (client, upstream)
-            self._by_fd[client] = self._by_fd[upstream] = spot
-            first = not self._queue
+            spot.fds = tuple(fds)
+            for fd in fds:
+                self._by_fd[fd] = spot
+            self._parked += 1
+            first = False
             if deadline:
-                self._queue.append(spot)
-        if first and deadline:
-            os.eventfd_write(self._wake, 1)  # the loop sleeps without a deadline: give it one
+                queue = self._queues.setdefault(timeout, collections.deque())
+                first = not queue
+                queue.append(spot)
+        if first:
+            os.eventfd_write(self._wake, 1)  # the loop may sleep past this deadline: wake it
 
     def close(self) -> None:
-        """Stop the thread; connections still parked are closed (their relays never ran).
+        """Stop the thread; what is still parked is abandoned (its sockets closed by its owner).
 
         The daemon calls this after its connections were drained or aborted, so normally
         nothing is left.
@@ -118,7 +162,7 @@ class ParkingLot:
             for spot in left.values():
                 self._leave(spot)
         for spot in left.values():
-            spot.pair.close()
+            spot.abandon()
         self._epoll.close()
         os.close(self._wake)
 
@@ -148,31 +192,35 @@ class ParkingLot:
                         ready.append(spot)
                 expired = self._expired(time.monotonic())
             for spot in expired:
-                spot.pair.expire()  # idle: mark and shut down, so the relay ends at once
+                spot.expire()
             for spot in (*ready, *expired):
                 self._hand_over(spot)
 
     def _next_timeout(self) -> float | None:
         """Seconds until the earliest deadline (None: no deadline); under the lock."""
-        while self._queue and self._queue[0].left:
-            self._queue.popleft()
-        if not self._queue:
-            return None
-        return max(0.0, self._queue[0].deadline - time.monotonic())
+        earliest = None
+        for queue in self._queues.values():
+            while queue and queue[0].left:
+                queue.popleft()
+            if queue and (earliest is None or queue[0].deadline < earliest):
+                earliest = queue[0].deadline
+        return None if earliest is None else max(0.0, earliest - time.monotonic())
 
     def _expired(self, now: float) -> list[_Spot]:
         """Spots past their deadline, taken out of the set; under the lock."""
         expired = []
-        while self._queue and (self._queue[0].left or self._queue[0].deadline <= now):
-            spot = self._queue.popleft()
-            if not spot.left:
-                self._leave(spot)
-                expired.append(spot)
+        for queue in self._queues.values():
+            while queue and (queue[0].left or queue[0].deadline <= now):
+                spot = queue.popleft()
+                if not spot.left:
+                    self._leave(spot)
+                    expired.append(spot)
         return expired
 
     def _leave(self, spot: _Spot) -> None:
         """Take ``spot`` out of the epoll set and the index; under the lock."""
         spot.left = True
+        self._parked -= 1
         for fd in spot.fds:
             self._by_fd.pop(fd, None)
             with contextlib.suppress(OSError):  # already gone from the set: nothing to undo

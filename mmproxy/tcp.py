@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
+import select
 import socket
 import threading
 import time
@@ -133,6 +135,11 @@ class Connection:
         self._pair: Pair | None = None
         self._aborted = False
         self._closed = False
+        # The header read so far, and when it must be complete; serve() may run several times
+        # (one thread at a time: the parking lot hands it on) while the header trickles in.
+        self._buffer = bytearray()
+        self._started = 0.0
+        self._deadline = 0.0
 
     # -------------------------------------------------------------- stopping
 
@@ -155,14 +162,23 @@ class Connection:
     # -------------------------------------------------------------- serving
 
     def serve(self) -> None:
-        """The whole connection; runs on a pool worker and never raises."""
+        """The whole connection; runs on a pool worker and never raises.
+
+        A header that has not all arrived yet waits in the parking lot without a thread;
+        the lot runs this again when more of it comes, or when its deadline passes.
+        """
         services = self._services
         metrics = services.metrics
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            started = time.monotonic()
-            header, payload = self._read_header()
-            metrics.header_parsed(time.monotonic() - started)
+            if not self._started:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._started = time.monotonic()
+                self._deadline = self._started + services.config.header_timeout
+            found = self._read_header()
+            if found is None:
+                return  # parked until more of the header arrives
+            header, payload = found
+            metrics.header_parsed(time.monotonic() - self._started)
             conn_up = self._connect(header)
         except RefusedError as refusal:
             self._log.failure(refusal.message, refusal.detail, reason=refusal.reason)
@@ -270,30 +286,57 @@ class Connection:
 
     # -------------------------------------------------------------- header
 
-    def _read_header(self) -> tuple[ProxyHeader, bytes]:
-        """Read until a whole header is in; return it and the bytes that came after it."""
+    def _read_header(self) -> tuple[ProxyHeader, bytes] | None:
+        """The header and the bytes that came after it, or None when parked to wait for more.
+
+        Reads only what has arrived (the socket stays blocking for splice; each read is
+        ``MSG_DONTWAIT``).  Raises the refusals: a timeout, a peer that closed, a bad header.
+        """
         sock = self._sock
-        deadline = time.monotonic() + self._services.config.header_timeout
-        buffer = bytearray()
+        buffer = self._buffer
         while True:
             result = parse(buffer)
             if not isinstance(result, NeedMore):
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _header_timeout(len(buffer), self._services.config.header_timeout)
-            sock.settimeout(remaining)
+                return result.header, bytes(buffer[result.consumed :])
             try:
-                chunk = sock.recv(max(result.at_least, RECV_SIZE))
-            except TimeoutError:
-                raise _header_timeout(len(buffer), self._services.config.header_timeout) from None
+                chunk = sock.recv(max(result.at_least, RECV_SIZE), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.monotonic() >= self._deadline:
+                    timeout = self._services.config.header_timeout
+                    raise _header_timeout(len(buffer), timeout) from None
+                if self._wait_for_more():
+                    return None
+                continue
             if not chunk:
                 raise HeaderError(
                     Reason.INCOMPLETE, f"peer closed the connection after {len(buffer)} bytes"
                 )
             buffer += chunk
-        sock.settimeout(None)  # splice needs a blocking socket
-        return result.header, bytes(buffer[result.consumed :])
+
+    def _wait_for_more(self) -> bool:
+        """Wait for more of the header: True when parked (this thread is free to go)."""
+        parking = self._services.parking
+        remaining = self._deadline - time.monotonic()
+        if parking is None:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            poller.poll(max(1, math.ceil(remaining * 1000)))
+            return False
+        try:
+            parking.park_sockets(
+                (self._sock,),
+                self.serve,
+                self._resume_failed,
+                timeout=max(remaining, 0.001),
+                abandon=self._finish_unrelayed,
+            )
+        except RuntimeError as error:  # the lot is closed: the daemon is stopping
+            raise RefusedError(STOPPING, "daemon is stopping", str(error)) from error
+        return True
+
+    def _resume_failed(self, error: BaseException) -> None:
+        self._log.failure("connection failed before the relay started", error)
+        self._finish_unrelayed()
 
     # -------------------------------------------------------------- upstream
 

@@ -161,3 +161,47 @@ def test_closing_the_lot_closes_what_is_still_parked() -> None:
     rig.pool.close()
     for sock in rig.sockets:
         sock.close()
+
+
+def test_one_socket_waits_until_data_or_its_own_deadline() -> None:
+    """How a header still arriving waits: its client socket alone, with the header's deadline
+    (a queue of its own beside the idle timeout's)."""
+    rig = Rig(idle_timeout=30)
+    try:
+        quiet, quiet_daemon = tcp_pair()
+        talks, talks_daemon = tcp_pair()
+        rig.sockets += [quiet, quiet_daemon, talks, talks_daemon]
+        events: list[str] = []
+        done = threading.Semaphore(0)
+
+        def park(name: str, sock: socket.socket) -> None:
+            def resume() -> None:
+                events.append(f"resume {name}")
+                done.release()
+
+            rig.lot.park_sockets(
+                (sock,),
+                resume,
+                rig.failures.append,
+                timeout=0.3,
+                expire=lambda: events.append(f"expire {name}"),
+                abandon=lambda: events.append(f"abandon {name}"),
+            )
+
+        started = time.monotonic()
+        park("quiet", quiet_daemon)
+        park("talks", talks_daemon)
+        talks.sendall(b"PROXY")
+        assert done.acquire(timeout=5)
+        assert done.acquire(timeout=5)
+        assert events == ["resume talks", "expire quiet", "resume quiet"]
+        assert 0.25 <= time.monotonic() - started < 3
+        assert len(rig.lot) == 0
+        park("late", quiet_daemon)  # parked when the lot closes: given back to its owner
+        rig.lot.close()
+        assert events[-1] == "abandon late"
+        assert quiet_daemon.fileno() != -1, "abandoning is the owner's business"
+    finally:
+        rig.pool.close()
+        for sock in rig.sockets:
+            sock.close()
