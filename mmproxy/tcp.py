@@ -5,14 +5,16 @@ with a deadline, connects upstream from the client's address, sends the
 bytes that arrived after the header, then becomes the client -> backend
 relay thread while a second worker relays backend -> client.  The thread
 that finishes last logs the outcome and releases the connection's slot.
-A connection with nothing to relay yet first waits in the parking lot
-(:mod:`mmproxy.parking`) without a thread of its own; the lot starts the
-relay on the pool when either side has something.
+A header still arriving, and a connection with nothing to relay yet, wait
+in the parking lot (:mod:`mmproxy.parking`) without a thread of their own;
+the lot runs the next step on the pool when a socket has something.
 
-Descriptor ownership: until the relay starts, the serving thread owns the
-client socket and closes it; from then on :class:`~mmproxy.relay.Pair` owns
-both sockets.  :meth:`Connection.abort` (graceful stop) only ever shuts
-sockets down, under the same lock as the close, never closes them.
+Descriptor ownership: until the relay starts, the connection owns the
+client socket (whichever thread runs :meth:`Connection.serve`, or the lot
+giving it back at close) and closes it; from then on
+:class:`~mmproxy.relay.Pair` owns both sockets.  :meth:`Connection.abort`
+(graceful stop) only ever shuts sockets down, under the same lock as the
+close, never closes them.
 """
 
 from __future__ import annotations
@@ -186,20 +188,20 @@ class Connection:
                 metrics.upstream_failed()
             else:
                 metrics.header_error(refusal.reason)
-            self._finish_unrelayed()
+            self.discard()
             return
         except HeaderError as error:
             self._log.failure("invalid PROXY header", error)
             metrics.header_error(error.reason)
-            self._finish_unrelayed()
+            self.discard()
             return
         except OSError as error:
             self._log.failure("connection failed before the relay started", error)
             metrics.header_error(READ_ERROR)
-            self._finish_unrelayed()
+            self.discard()
             return
         except BaseException:
-            self._finish_unrelayed()
+            self.discard()
             raise
         pair = Pair(self._sock, conn_up.sock, services.config.idle_timeout, services.pipes)
         with self._lock:
@@ -254,13 +256,10 @@ class Connection:
         self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
         self._services.tracker.remove(self)
 
-    def _finish_unrelayed(self) -> None:
+    def discard(self) -> None:
+        """Close and forget a connection whose relay never started."""
         self._close_client()
         self._services.tracker.remove(self)
-
-    def discard(self) -> None:
-        """Close and forget a connection that never got a thread to serve it."""
-        self._finish_unrelayed()
 
     def _relay(self, pair: Pair, direction: Callable[[], bool], log: logs.ConnectionLog) -> None:
         if not direction():
@@ -328,7 +327,7 @@ class Connection:
                 self.serve,
                 self._resume_failed,
                 timeout=max(remaining, 0.001),
-                abandon=self._finish_unrelayed,
+                abandon=self.discard,
             )
         except RuntimeError as error:  # the lot is closed: the daemon is stopping
             raise RefusedError(STOPPING, "daemon is stopping", str(error)) from error
@@ -336,7 +335,7 @@ class Connection:
 
     def _resume_failed(self, error: BaseException) -> None:
         self._log.failure("connection failed before the relay started", error)
-        self._finish_unrelayed()
+        self.discard()
 
     # -------------------------------------------------------------- upstream
 
