@@ -124,16 +124,17 @@ def test_close_refuses_new_jobs_and_joins_idle_workers() -> None:
 def test_the_worker_idle_last_is_reused_first() -> None:
     """Idle workers form a stack: the warm one is reused, the ones at the bottom retire."""
     pool = WorkerPool(idle_timeout=5.0)
-    names: list[str] = []
+    # Which worker holds which gate: the three jobs may start in any order.
+    names: dict[int, str] = {}
     gates = [threading.Event() for _ in range(3)]
 
-    def hold(gate: threading.Event) -> None:
-        names.append(threading.current_thread().name)
-        gate.wait(5.0)
+    def hold(index: int) -> None:
+        names[index] = threading.current_thread().name
+        gates[index].wait(5.0)
 
     try:
-        for gate in gates:
-            pool.submit(functools.partial(hold, gate))
+        for index in range(len(gates)):
+            pool.submit(functools.partial(hold, index))
         assert wait_until(lambda: len(names) == 3)
         for count, gate in enumerate(gates, start=1):
             gate.set()
@@ -148,6 +149,7 @@ def test_the_worker_idle_last_is_reused_first() -> None:
         pool.submit(record)
         assert done.wait(5.0)
         assert ran_on == [names[2]]
-        assert pool.idle == 3
+        # record() signals before its worker is back on the stack.
+        assert wait_until(lambda: pool.idle == 3)
     finally:
         pool.close(timeout=5.0)
