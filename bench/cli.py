@@ -198,16 +198,20 @@ def _now() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (0 ok, 1 a measurement failed, 2 usage, 130)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    # SIGINT too, explicitly: a background job of a shell script starts with SIGINT ignored,
+    # and Python then leaves it ignored, so Ctrl-C or kill -INT would not stop the run.
+    previous = {
+        signum: signal.signal(signum, _interrupt)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped, namespace deleted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -88,7 +88,11 @@ def run(out: TextIO | None = None, err: TextIO | None = None) -> int:
     except OSError as error:
         print(f"mmproxy demo: cannot make a network namespace: {error.strerror or error}", file=err)
         return EXIT_FAILED
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT explicitly too: started as a background job of a script, the demo would
+    # inherit SIGINT ignored, and Python leaves it so.
+    previous = {
+        signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     demo = Demo(out)
     try:
         return EXIT_OK if demo.run() else EXIT_FAILED
@@ -101,7 +105,8 @@ def run(out: TextIO | None = None, err: TextIO | None = None) -> int:
         return EXIT_FAILED
     finally:
         demo.close()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -44,8 +44,10 @@ def _tagged_processes(tag: str) -> list[tuple[int, str]]:
 def _start(tag: str, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMPROXY_")}
     env[TAG] = tag
+    # Started the way a background job of a shell script is: SIGINT ignored (inherited across
+    # exec).  Ctrl-C and kill -INT must stop the run all the same.
     return subprocess.Popen(
-        [sys.executable, "-m", "bench", *args],
+        ["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m", "bench", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

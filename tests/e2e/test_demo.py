@@ -18,6 +18,9 @@ from pathlib import Path
 from netns import Deadline
 
 DEMO = [sys.executable, "-m", "mmproxy", "demo"]
+# The demo as a background job of a shell script starts it: SIGINT ignored (inherited across
+# exec).  Ctrl-C and kill -INT must stop it all the same.
+DEMO_IN_BACKGROUND = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *DEMO]
 CLIENTS = ["198.51.100.7:40001", "203.0.113.25:40002", "[2001:db8::7]:40003",
            "[2001:db8:cafe::25]:40004"]  # fmt: skip
 
@@ -77,7 +80,7 @@ def test_demo_shows_every_client_and_cleans_up() -> None:
 
 def _start_and_wait_for_pid() -> tuple[subprocess.Popen[str], int, list[str]]:
     proc = subprocess.Popen(
-        DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+        DEMO_IN_BACKGROUND, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
