@@ -68,6 +68,7 @@ def render(settings: Settings, rows: list[Row], path: Path) -> bool:
         f"mmproxy bench: {settings.repeats} x {settings.duration:g} s, medians",
         fontsize=10,
         loc="left",
+        pad=20,  # the legend sits between the title and the bars
     )
     ax.legend(
         loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(proxies), fontsize=8, frameon=False
