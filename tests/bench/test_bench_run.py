@@ -56,8 +56,22 @@ def _start(tag: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _assert_nothing_left(proc: subprocess.Popen[str], tag: str) -> None:
-    name = f"mmproxy-bench-{proc.pid}"
+def _run_ok(tag: str, *args: str) -> tuple[int, str, str]:
+    """Run the harness to the end; (pid, stdout, stderr) of a run that succeeded, no traceback."""
+    proc = _start(tag, *args)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    return proc.pid, stdout, stderr
+
+
+def _assert_nothing_left(pid: int, tag: str) -> None:
+    name = f"mmproxy-bench-{pid}"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert name not in listed.stdout
     assert not Path("/run/netns", name).exists()
@@ -69,20 +83,12 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     tag = uuid.uuid4().hex
     out = tmp_path / "results.json"
     png = tmp_path / "chart.png"
-    proc = _start(
+    pid, stdout, stderr = _run_ok(
         tag,
         *("--only", "pingpong,idle,udp", "--duration", "0.5", "--repeats", "1"),
         *("--idle-connections", "40", "--json", str(out), "--png", str(png)),
         *("--note", "harness test"),
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr
 
     # the progress lines: one per measurement, each with its first figure
     steps = [line for line in stderr.splitlines() if line.startswith("[")]
@@ -189,7 +195,7 @@ def test_tiny_run_prints_the_table_and_writes_json_and_chart_line(tmp_path: Path
     assert ("idle", "rss_kib_per_conn") in summary
     assert ("udp", "lost") in summary
 
-    _assert_nothing_left(proc, tag)
+    _assert_nothing_left(pid, tag)
 
 
 def _free_threaded_flag() -> tuple[str, str]:
@@ -214,19 +220,11 @@ def test_a_run_with_free_threaded_measures_mmproxy_ft_beside_mmproxy(tmp_path: P
     tag = uuid.uuid4().hex
     out = tmp_path / "results.json"
     flag, python = _free_threaded_flag()
-    proc = _start(
+    pid, stdout, stderr = _run_ok(
         tag,
         *("--only", "pingpong", "--duration", "0.5", "--repeats", "1", "--json", str(out)),
         flag,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr
     steps = [line.split(": ")[0] for line in stderr.splitlines() if line.startswith("[")]
     assert steps == [
         "[1/3] repeat 1/1 pingpong via direct",
@@ -261,7 +259,7 @@ def test_a_run_with_free_threaded_measures_mmproxy_ft_beside_mmproxy(tmp_path: P
     assert runs["mmproxy-ft"]["client"]["messages"] > 0
     pingpong = doc["summary"][0]["targets"]["mmproxy-ft"]
     assert pingpong["ratio_to_mmproxy"] is not None
-    _assert_nothing_left(proc, tag)
+    _assert_nothing_left(pid, tag)
 
     replay = subprocess.run(
         [sys.executable, "-m", "bench", "--from-json", str(out)],
@@ -303,4 +301,4 @@ def test_interrupted_run_stops_everything_and_deletes_the_namespace(signum: int)
     assert proc.returncode == 130, stderr
     assert "bench: interrupted; every process stopped, namespace deleted" in stderr
     assert "Traceback" not in stderr
-    _assert_nothing_left(proc, tag)
+    _assert_nothing_left(proc.pid, tag)
