@@ -121,6 +121,18 @@ def test_close_refuses_new_jobs_and_joins_idle_workers() -> None:
         pool.submit(lambda: None)
 
 
+def test_close_while_workers_are_going_idle_leaves_none_waiting() -> None:
+    """A worker that joins the idle stack just after close() emptied it must still retire."""
+    for _ in range(20):
+        pool = WorkerPool(idle_timeout=60.0)
+        for _ in range(8):
+            pool.submit(lambda: time.sleep(0.001))
+        time.sleep(0.001)  # close while some jobs end and their workers go idle
+        pool.close(timeout=5.0)
+        assert pool.size == 0
+        assert pool.idle == 0
+
+
 def test_the_worker_idle_last_is_reused_first() -> None:
     """Idle workers form a stack: the warm one is reused, the ones at the bottom retire."""
     pool = WorkerPool(idle_timeout=5.0)
