@@ -13,9 +13,11 @@ A connection whose header is still arriving waits here too, on its client socket
 until more of it comes or its header deadline passes; then its serving job runs again.
 
 With an idle timeout, a connection parked for that long is marked idle and aborted, then
-handed over the same way, so that its relay threads report it and close it.  Spots are queued
-by their timeout (the idle timeout, the header timeout): within one queue every spot has the
-same timeout, so parking order is deadline order and each queue is a FIFO, not a heap.
+handed over the same way, so that its relay threads report it and close it.  Deadlines (the
+idle timeout's, each header's own) wait in one heap.  A spot handed over leaves its entry
+behind, dropped when it reaches the top; once such entries outnumber the live ones the heap is
+rebuilt, so its size follows what is parked now, not what passed through during a long
+timeout.
 
 Ownership: the lot never closes a connection's sockets while it runs.  It registers them,
 unregisters them before handing the connection over (so an fd is never in the set once the
@@ -25,8 +27,9 @@ when the lot closes are given back through their ``abandon`` callback.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import select
@@ -72,7 +75,9 @@ class ParkingLot:
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
         self._parked = 0
-        self._queues: dict[float, collections.deque[_Spot]] = {}  # timeout -> spots, FIFO
+        self._timed = 0  # parked spots with a deadline
+        self._deadlines: list[tuple[float, int, _Spot]] = []  # heap; the int breaks ties
+        self._order = itertools.count()
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -139,12 +144,12 @@ class ParkingLot:
             for fd in fds:
                 self._by_fd[fd] = spot
             self._parked += 1
-            first = False
+            earliest = False
             if deadline:
-                queue = self._queues.setdefault(timeout, collections.deque())
-                first = not queue
-                queue.append(spot)
-        if first:
+                self._timed += 1
+                heapq.heappush(self._deadlines, (deadline, next(self._order), spot))
+                earliest = self._deadlines[0][2] is spot
+        if earliest:
             os.eventfd_write(self._wake, 1)  # the loop may sleep past this deadline: wake it
 
     def close(self) -> None:
@@ -198,29 +203,32 @@ class ParkingLot:
 
     def _next_timeout(self) -> float | None:
         """Seconds until the earliest deadline (None: no deadline); under the lock."""
-        earliest = None
-        for queue in self._queues.values():
-            while queue and queue[0].left:
-                queue.popleft()
-            if queue and (earliest is None or queue[0].deadline < earliest):
-                earliest = queue[0].deadline
-        return None if earliest is None else max(0.0, earliest - time.monotonic())
+        heap = self._deadlines
+        while heap and heap[0][2].left:
+            heapq.heappop(heap)
+        return max(0.0, heap[0][0] - time.monotonic()) if heap else None
 
     def _expired(self, now: float) -> list[_Spot]:
         """Spots past their deadline, taken out of the set; under the lock."""
         expired = []
-        for queue in self._queues.values():
-            while queue and (queue[0].left or queue[0].deadline <= now):
-                spot = queue.popleft()
-                if not spot.left:
-                    self._leave(spot)
-                    expired.append(spot)
+        heap = self._deadlines
+        while heap and (heap[0][2].left or heap[0][0] <= now):
+            spot = heapq.heappop(heap)[2]
+            if not spot.left:
+                self._leave(spot)
+                expired.append(spot)
         return expired
 
     def _leave(self, spot: _Spot) -> None:
         """Take ``spot`` out of the epoll set and the index; under the lock."""
         spot.left = True
         self._parked -= 1
+        if spot.deadline:
+            self._timed -= 1
+            heap = self._deadlines
+            if len(heap) > 2 * self._timed + 64:  # mostly entries of spots gone: rebuild
+                heap[:] = [entry for entry in heap if not entry[2].left]
+                heapq.heapify(heap)
         for fd in spot.fds:
             self._by_fd.pop(fd, None)
             with contextlib.suppress(OSError):  # already gone from the set: nothing to undo

@@ -165,7 +165,7 @@ def test_closing_the_lot_closes_what_is_still_parked() -> None:
 
 def test_one_socket_waits_until_data_or_its_own_deadline() -> None:
     """How a header still arriving waits: its client socket alone, with the header's deadline
-    (a queue of its own beside the idle timeout's)."""
+    (beside the idle timeout's, in the same heap)."""
     rig = Rig(idle_timeout=30)
     try:
         quiet, quiet_daemon = tcp_pair()
@@ -205,3 +205,49 @@ def test_one_socket_waits_until_data_or_its_own_deadline() -> None:
         rig.pool.close()
         for sock in rig.sockets:
             sock.close()
+
+
+def test_deadlines_expire_in_order_whatever_order_they_were_parked_in() -> None:
+    """Each header brings its own time left: a later, shorter deadline expires first."""
+    rig = Rig()
+    try:
+        expired: list[str] = []
+        done = threading.Semaphore(0)
+        for name, timeout in (("long", 0.6), ("short", 0.1), ("middle", 0.3)):
+            ours, theirs = tcp_pair()
+            rig.sockets += [ours, theirs]
+            rig.lot.park_sockets(
+                (theirs,),
+                done.release,
+                rig.failures.append,
+                timeout=timeout,
+                expire=lambda name=name: expired.append(name),
+                abandon=lambda: None,
+            )
+        for _ in range(3):
+            assert done.acquire(timeout=5)
+        assert expired == ["short", "middle", "long"]
+    finally:
+        rig.close()
+
+
+def test_the_deadline_heap_follows_what_is_parked_not_what_passed_through() -> None:
+    """Spots that leave early (their data came) leave a heap entry behind until it is dropped;
+    with a long timeout and one spot that stays, thousands of short visits must not pile up."""
+    rig = Rig(idle_timeout=3600)
+    try:
+        stays = Pair(*tcp_pair())
+        rig.sockets += [stays.client, stays.upstream]
+        rig.park(stays)
+        for visit in range(2000):
+            client, daemon_client, daemon_upstream, _backend = rig.legs()
+            rig.park(Pair(daemon_client, daemon_upstream))
+            client.sendall(b"x")
+            assert len(rig.wait_resumed(visit + 1)) == visit + 1
+            for sock in rig.sockets[-4:]:
+                sock.close()
+            del rig.sockets[-4:]
+        assert len(rig.lot) == 1
+        assert len(rig.lot._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
+    finally:
+        rig.close()
