@@ -176,6 +176,10 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("idle-timeout", "idle_timeout", _Seconds(), 0.0,
           "Seconds a relayed connection may pass no data in either direction before it is "
           "closed (0: never)", _env("IDLE_TIMEOUT"), go=False),
+    _Flag("relay", "relay", click.STRING, "splice",
+          "How established TCP connections are relayed: splice (threads, zero copy), sockmap "
+          "(inside the kernel, needs CAP_BPF and Linux 5.13+), auto (sockmap when it works)",
+          _env("RELAY"), go=False, metavar="splice|sockmap|auto"),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),
     _Flag("metrics", "metrics", click.STRING, None,

@@ -23,10 +23,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
 LogFormat = Literal["json", "text"]
 UdpHeader = Literal["every", "first"]
+Relay = Literal["splice", "sockmap", "auto"]
 
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp")
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
 UDP_HEADER_MODES: tuple[UdpHeader, ...] = ("every", "first")
+RELAYS: tuple[Relay, ...] = ("splice", "sockmap", "auto")
 MAX_LISTENERS = 1024
 MAX_MARK = 2**32 - 1  # SO_MARK is a u32
 MAX_VERBOSE = 2
@@ -203,6 +205,7 @@ class Config:
     metrics: Endpoint | None = None  # where to serve Prometheus metrics; None: off
     routing_check: bool = True  # warn at start-up about missing policy routing
     idle_timeout: float = 0.0  # seconds with no data either way before closing; 0: off
+    relay: Relay = "splice"  # how established TCP pairs are relayed (sockmap: in the kernel)
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -234,6 +237,7 @@ class Config:
             "metrics": None if self.metrics is None else str(self.metrics),
             "routingCheck": self.routing_check,
             "idleTimeout": self.idle_timeout,
+            "relay": self.relay,
         }
 
 
@@ -259,6 +263,7 @@ def build_config(
     metrics: str | None = None,
     no_routing_check: bool = False,
     idle_timeout: float = 0.0,
+    relay: str = "splice",
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
@@ -266,7 +271,7 @@ def build_config(
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
     ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``, ``--metrics``,
-    ``--idle-timeout``).  Checks run in flag order, so the first bad flag is
+    ``--idle-timeout``, ``--relay``).  Checks run in flag order, so the first bad flag is
     the one reported.  The allowed-subnets file is read here; an empty
     ``allowed_subnets`` (or None) allows every peer.
     """
@@ -298,6 +303,8 @@ def build_config(
     if metrics:
         metrics_ep = parse_endpoint(metrics, flag="--metrics", allow_port_zero=True)
     _check_seconds("--idle-timeout", idle_timeout, MAX_IDLE_TIMEOUT, zero_ok=True)
+    if relay not in RELAYS:
+        raise FlagError("--relay", f'"{relay}" is not a relay; use splice, sockmap or auto')
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -319,6 +326,7 @@ def build_config(
         metrics=metrics_ep,
         routing_check=not no_routing_check,
         idle_timeout=float(idle_timeout),
+        relay=relay,
     )
 
 

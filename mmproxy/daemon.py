@@ -44,6 +44,7 @@ from mmproxy.metrics import (
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
+from mmproxy.sockmap import KernelRelay, Unavailable
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 
@@ -61,6 +62,8 @@ PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
+# Pairs the kernel relay's maps hold at most (2 entries each); more go to splice, counted.
+MAX_KERNEL_PAIRS = 65536
 AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -81,10 +84,22 @@ def run(config: Config, log: logging.Logger) -> int:
 
         for missing in routing.startup_problems(config.mark, routed_families(config)):
             log.warning(f"{missing} (see: mmproxy routing check)")
+    room = limit - FDS_RESERVED - config.listeners
+    pipe_fds = room // PIPE_SHARE
+    capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+    kernel: KernelRelay | None = None
+    if config.protocol == "tcp":
+        try:
+            kernel = choose_relay(config, capacity, log)
+        except Unavailable as error:
+            log.error(f"--relay sockmap: cannot relay in the kernel: {error}")
+            return EXIT_FAILURE
     kind = socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
     try:
         sockets = open_listeners(config, kind)
     except OSError as error:
+        if kernel is not None:
+            kernel.close()
         log.error(
             f"cannot listen on {config.listen}: {error.strerror or error}",
             extra={logs.LISTEN_ADR: str(config.listen)},
@@ -99,10 +114,11 @@ def run(config: Config, log: logging.Logger) -> int:
         except OSError as error:
             for sock in sockets:
                 sock.close()
+            if kernel is not None:
+                kernel.close()
             log.error(f"cannot serve metrics on {config.metrics}: {error.strerror or error}")
             return EXIT_FAILURE
         metrics = prometheus
-    room = limit - FDS_RESERVED - config.listeners
     allow_list = AllowListHolder(config.allow_list)  # what SIGHUP replaces
     server: Server | UdpServer
     if config.protocol == "udp":
@@ -116,11 +132,10 @@ def run(config: Config, log: logging.Logger) -> int:
                 extra=ready,
             )
     else:
-        pipe_fds = room // PIPE_SHARE
-        capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
         pipes = PipeBudget(max(1, pipe_fds // 2))
-        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes)
+        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes, kernel)
         ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
+        ready["relay"] = "splice" if kernel is None else "sockmap"
     server.start()
     # Every import the daemon makes has happened by now: the GIL is as it will stay.
     gil_problem = runtime.gil_problem()
@@ -139,6 +154,31 @@ def run(config: Config, log: logging.Logger) -> int:
         if metrics_server is not None:
             metrics_server.close()
     return EXIT_OK
+
+
+def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRelay | None:
+    """The kernel relay for ``--relay sockmap|auto`` when it works here; one log line says which.
+
+    Raises Unavailable for ``sockmap`` when it cannot work (start-up then stops).
+    """
+    if config.relay == "splice":
+        log.info("relay: splice", extra={"relay": "splice", "reason": "--relay splice"})
+        return None
+    try:
+        kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
+    except Unavailable as error:
+        if config.relay == "sockmap":
+            raise
+        log.info(
+            "relay: splice (the kernel relay is not available here)",
+            extra={"relay": "splice", "reason": str(error)},
+        )
+        return None
+    log.info(
+        "relay: sockmap (established connections are relayed inside the kernel)",
+        extra={"relay": "sockmap", "reason": f"--relay {config.relay}", "kernelPairs": kernel.capacity},
+    )
+    return kernel
 
 
 def wait_for_stop(log: logging.Logger, allow_list: AllowListHolder) -> str:
@@ -226,8 +266,10 @@ class Server:
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
         pipes: PipeBudget = UNLIMITED,
+        kernel: KernelRelay | None = None,
     ) -> None:
         self._config = config
+        self._kernel = kernel
         self._log = log
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
@@ -241,6 +283,7 @@ class Server:
             metrics,
             pipes,
             self._parking,
+            kernel,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
@@ -300,6 +343,8 @@ class Server:
             self._tracker.wait_empty(AFTER_ABORT_WAIT)
         self._parking.close()  # after the drain: parked connections are live ones
         self._pool.close(timeout=1.0)
+        if self._kernel is not None:
+            self._kernel.close()
         self._log.info("stopped")
 
     def _drain(self, timeout: float) -> bool:

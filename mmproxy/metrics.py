@@ -90,6 +90,9 @@ class Metrics:
     def closed(self, to_target: int, to_client: int) -> None:
         """A relayed connection ended after moving these many bytes each way."""
 
+    def kernel_relay(self, fallback: str | None) -> None:
+        """``--relay sockmap``: a pair went to the kernel (None), or stayed with splice and why."""
+
     def udp_flow_opened(self) -> None:
         """A UDP flow (client address and port) got its upstream socket."""
 
@@ -160,6 +163,19 @@ class PrometheusMetrics(Metrics):
             registry=r,
             buckets=HEADER_BUCKETS,
         )
+        self._kernel_relayed = Counter(
+            "kernel_relayed",
+            "Connections relayed inside the kernel (--relay sockmap)",
+            namespace=ns,
+            registry=r,
+        )
+        self._kernel_fallbacks = Counter(
+            "kernel_relay_fallbacks",
+            "Connections the kernel relay did not take (relayed with splice), by reason",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
         self._udp_flows_opened = Counter(
             "udp_flows_opened", "UDP flows opened", namespace=ns, registry=r
         )
@@ -212,6 +228,12 @@ class PrometheusMetrics(Metrics):
         self._active.dec()
         self._bytes_to_target.inc(to_target)
         self._bytes_to_client.inc(to_client)
+
+    def kernel_relay(self, fallback: str | None) -> None:
+        if fallback is None:
+            self._kernel_relayed.inc()
+        else:
+            self._kernel_fallbacks.labels(fallback).inc()
 
     def udp_flow_opened(self) -> None:
         self._udp_flows_opened.inc()

@@ -269,6 +269,7 @@ class Pair:
         self.to_client = [0]
         self.error: OSError | None = None  # the first error either direction saw
         self.idle = False  # True when the idle timeout ended the pair
+        self.aborted = False  # True once abort() shut the sockets down
         self._watch: IdleWatch | None = None
         if idle_timeout > 0:
             self._watch = IdleWatch(idle_timeout)
@@ -329,6 +330,7 @@ class Pair:
         with self._lock:
             if self._closed:
                 return
+            self.aborted = True
             for sock in (self.client, self.upstream):
                 with contextlib.suppress(OSError):  # not connected any more: nothing to wake
                     sock.shutdown(socket.SHUT_RDWR)

@@ -37,6 +37,7 @@ from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
+from mmproxy.sockmap import KernelPair, KernelRelay
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.
@@ -77,6 +78,7 @@ class Services:
     metrics: Metrics = NO_METRICS
     pipes: PipeBudget = UNLIMITED
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
+    kernel: KernelRelay | None = None  # --relay sockmap: established pairs go to the kernel
 
 
 class Tracker:
@@ -243,12 +245,43 @@ class Connection:
 
     def _start_relay(self, pair: Pair, log: logs.ConnectionLog) -> None:
         """Relay both ways: backward on another worker, forward on this thread."""
+        if self._kernel_relay(pair, log):
+            return
         try:
             self._services.pool.submit(lambda: self._relay(pair, pair.backward, log))
         except (OSError, RuntimeError) as error:
             self._relay_failed(pair, log, error)
             return
         self._relay(pair, pair.forward, log)
+
+    # ------------------------------------------------- --relay sockmap (mmproxy.sockmap)
+
+    def _kernel_relay(self, pair: Pair, log: logs.ConnectionLog) -> bool:
+        """Hand the pair to the kernel; False when it stays with the splice relay."""
+        services = self._services
+        if services.kernel is None or services.parking is None:
+            return False
+        kernel_pair = KernelPair(
+            services.kernel,
+            pair,
+            services.parking,
+            lambda: self._report(pair, log),
+            services.config.idle_timeout,
+        )
+        try:
+            fallback = kernel_pair.start()
+        except OSError as error:  # a socket failed while its queue was drained
+            pair.error = error
+            pair.close()
+            self._report(pair, log)
+            return True
+        services.metrics.kernel_relay(fallback)
+        if fallback is not None:
+            log.notice(f"kernel relay not used ({fallback}): relaying with splice")
+            return False
+        return True
+
+    # ------------------------------------------------- ends
 
     def _relay_failed(self, pair: Pair, log: logs.ConnectionLog, error: BaseException) -> None:
         pair.close()
@@ -262,8 +295,11 @@ class Connection:
         self._services.tracker.remove(self)
 
     def _relay(self, pair: Pair, direction: Callable[[], bool], log: logs.ConnectionLog) -> None:
-        if not direction():
-            return  # the sibling direction is still running; it reports
+        if direction():  # False: the sibling direction is still running; it reports
+            self._report(pair, log)
+
+    def _report(self, pair: Pair, log: logs.ConnectionLog) -> None:
+        """Log and count the outcome of a closed pair, and let the connection go."""
         fields = {
             "bytesToTarget": pair.to_target[0],
             "bytesToClient": pair.to_client[0],

@@ -56,11 +56,18 @@ def closed_port(net: Net) -> int:
 
 
 @pytest.fixture
-def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDaemon]:
+def relay() -> str:
+    """The ``--relay`` daemons get; modules that import ``daemon_runner.each_relay`` run both."""
+    return "splice"
+
+
+@pytest.fixture
+def mmproxy(net: Net, backend4: Backend, backend6: Backend, relay: str) -> Iterator[StartDaemon]:
     """Start mmproxy in the namespace: ``mmproxy(*extra_flags, listeners=N, ...)``.
 
     Defaults: listen on 127.0.0.1 with a kernel-chosen port, the two backends as ``-4``/``-6``,
-    ``-v 2``, a 2 s header timeout, a 3 s drain timeout, JSON logs.
+    ``-v 2``, a 2 s header timeout, a 3 s drain timeout, JSON logs, ``--relay`` from the
+    ``relay`` fixture.
     """
     started: list[Daemon] = []
 
@@ -85,6 +92,7 @@ def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDae
             *("--drain-timeout", str(drain_timeout)),
             *("--log-format", "json"),
             *(("-listeners", str(listeners)) if listeners != 1 else ()),
+            *("--relay", relay),
             *extra,
         ]
         daemon = Daemon(ns or net.ns, flags, listeners=listeners, nofile=nofile)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 from netns import Deadline, NetNamespace
 
 LogLine = dict[str, Any]
@@ -26,6 +27,14 @@ HEADER_TIMEOUT = 2.0
 # Seconds live connections get after SIGTERM, unless a test says otherwise: short, so that a
 # connection a test left open cannot hold up teardown.
 DRAIN_TIMEOUT = 3.0
+# The relays every promise of the TCP suites is checked with (``--relay``).
+RELAYS = ("splice", "sockmap")
+
+
+@pytest.fixture(params=RELAYS, name="relay")
+def each_relay(request: pytest.FixtureRequest) -> str:
+    """Import into a test module to run its daemons once per relay (the ``relay`` fixture)."""
+    return str(request.param)
 
 
 class Daemon:

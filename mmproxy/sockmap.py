@@ -1,0 +1,443 @@
+"""The kernel relay (``--relay sockmap``): an established pair forwarded inside the kernel.
+
+Both sockets of a pair go into BPF SOCKHASH maps whose SK_SKB stream-verdict program
+(:mod:`mmproxy.bpf`) sends every segment arriving on one socket out of the other.  No thread
+wakes per message; the pair's ends, errors and idle time are watched by the parking lot's
+epoll, and the pair holds no thread between those events.
+
+How a pair is handed over (:meth:`KernelPair.start`), and why in this order:
+
+1. **Drain in user space.**  Each socket is read (``MSG_DONTWAIT``) until it has nothing
+   queued, and what was read is sent on.  A segment partly consumed by ``recv`` (the PROXY
+   header read, payload left in the same skb) must never reach the verdict: with a verdict
+   program alone it is redirected *whole*, header bytes included; with a stream parser
+   in front (strparser) it was lost on this kernel.  A socket read until EAGAIN holds no
+   partly consumed skb; what arrives afterwards arrives whole.  That makes the plain stream
+   verdict (``BPF_SK_SKB_STREAM_VERDICT`` without a parser) correct, and it is the simplest
+   attach type: one program run per skb, no message framing.
+2. **Insert into the target map, then the verdict map.**  The redirect looks its partner
+   up in ``targets`` (keyed by cookie, see :mod:`mmproxy.bpf`), a map with no program.
+   Sockets join ``verdicts`` (the map that carries the program) only once both are in
+   ``targets``: had one map served both, the first socket inserted would run the verdict
+   while its partner was not yet there, and a segment arriving in that window would miss.
+3. **Kick.**  Segments that arrived between the drain and the insertion wait in the
+   receive queue; the verdict only runs on the next arrival.  Setting ``SO_RCVLOWAT``
+   makes TCP signal "data ready" at once, which runs the verdict on them.
+
+A FIN is not redirected: the end of one direction is seen as ``EPOLLRDHUP`` and relayed
+with ``shutdown(SHUT_WR)`` only after everything the kernel took from that socket has been
+written to the partner (``TCP_INFO`` and ``SIOCOUTQ`` say how much that is), so the FIN
+goes out behind the data.  The same counters give the byte counts at the end.
+
+After insertion nothing in user space may read these sockets (a blocking ``recv`` would
+sleep forever: the data never reaches the receive queue); ends are watched with
+``EPOLLRDHUP``, never with ``recv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import termios
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mmproxy import bpf
+from mmproxy.parking import ParkingLot
+from mmproxy.relay import Pair
+
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+SIOCINQ = termios.FIONREAD
+SIOCOUTQ = termios.TIOCOUTQ
+
+# struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
+_TCP_INFO_SIZE = 136
+_STATE, _LAST_DATA_SENT, _LAST_DATA_RECV, _BYTES_ACKED, _BYTES_RECEIVED = 0, 44, 52, 120, 128
+
+DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
+DRAIN_BUFFER = 256 * 1024
+# How often a direction whose end arrived looks at whether its partner has written
+# everything yet (doubling from the first to the last).
+FLUSH_POLL = (0.001, 0.05)
+
+# Why a pair was not handed to the kernel (the splice relay then takes it).
+FALLBACK_INSERT = "insert_failed"  # the map is full, or the kernel refused (ENOMEM, ...)
+FALLBACK_BUSY = "busy"  # data kept coming while draining: never a quiet moment to hand over
+# A side already sent its FIN: sockmap takes only ESTABLISHED sockets (EOPNOTSUPP otherwise),
+# and what is left is one direction, which splice relays as well.
+FALLBACK_ENDED = "ended"
+
+_WATCH = select.POLLIN | select.POLLRDHUP | select.POLLPRI
+
+
+class Unavailable(Exception):
+    """The kernel relay cannot work here; ``str()`` says why in one line."""
+
+
+def cookie(sock: socket.socket) -> bytes:
+    """The socket's cookie (``SO_COOKIE``): the key the program looks sockets up by."""
+    return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCounters:
+    """What ``TCP_INFO`` and ``SIOCOUTQ`` say about one socket."""
+
+    state: int
+    last_data_sent: int  # milliseconds ago
+    last_data_recv: int
+    bytes_acked: int  # sequence space: counts a SYN or FIN too
+    bytes_received: int
+    outq: int  # written but not acknowledged yet
+
+    @property
+    def taken_in(self) -> int:
+        """Bytes written into this socket so far (acknowledged or queued), plus SYN/FIN."""
+        return self.bytes_acked + self.outq
+
+
+def counters(sock: socket.socket) -> TcpCounters:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return TcpCounters(
+        raw[_STATE],
+        struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
+        struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
+        struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
+        struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
+        outq,
+    )
+
+
+def _inq(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
+
+
+def _revents(sock: socket.socket) -> int:
+    poller = select.poll()
+    poller.register(sock, _WATCH)
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
+
+
+class KernelRelay:
+    """The daemon's two maps and the verdict program; one per daemon.
+
+    ``capacity`` pairs fit (two sockets each); a pair that finds no room is relayed by
+    splice instead.  :meth:`open` raises :class:`Unavailable` when the kernel, the
+    privileges or a sandbox do not allow it.
+    """
+
+    def __init__(self, targets: int, verdicts: int, program: int, capacity: int) -> None:
+        self._targets = targets
+        self._verdicts = verdicts
+        self._program = program
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._held = 0
+        self._closed = False
+
+    @classmethod
+    def open(cls, capacity: int) -> KernelRelay:
+        fds: list[int] = []
+        try:
+            targets = bpf.create_sockhash(2 * capacity)
+            fds.append(targets)
+            verdicts = bpf.create_sockhash(2 * capacity)
+            fds.append(verdicts)
+            program = bpf.load_program(bpf.redirect_program(targets))
+            fds.append(program)
+            bpf.attach(verdicts, program, bpf.BPF_SK_SKB_STREAM_VERDICT)
+        except bpf.BpfError as error:
+            for fd in fds:
+                os.close(fd)
+            raise Unavailable(_explain(error)) from error
+        return cls(targets, verdicts, program, capacity)
+
+    def close(self) -> None:
+        """Close the maps and the program (the daemon does, after every pair has finished)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for fd in (self._verdicts, self._targets, self._program):
+            os.close(fd)
+
+    @property
+    def held(self) -> int:
+        """Pairs in the kernel now."""
+        with self._lock:
+            return self._held
+
+    def insert(self, a: socket.socket, b: socket.socket) -> None:
+        """Make each of ``a`` and ``b`` redirect to the other; raises OSError, inserting nothing."""
+        with self._lock:
+            if self._closed or self._held >= self.capacity:
+                raise OSError(errno.E2BIG, "the socket map is full")
+            self._held += 1
+        keys = (cookie(a), cookie(b))
+        done: list[tuple[int, bytes]] = []
+        try:
+            for table, key, sock in (
+                (self._targets, keys[0], b),
+                (self._targets, keys[1], a),
+                (self._verdicts, keys[0], a),
+                (self._verdicts, keys[1], b),
+            ):
+                bpf.update(table, key, sock.fileno())
+                done.append((table, key))
+        except BaseException:
+            for table, key in reversed(done):
+                with contextlib.suppress(OSError):
+                    bpf.delete(table, key)
+            self._release()
+            raise
+
+    def remove(self, a: socket.socket, b: socket.socket) -> None:
+        """Take the pair out of both maps: verdicts first, so nothing is redirected to a gap."""
+        for table in (self._verdicts, self._targets):
+            for sock in (a, b):
+                with contextlib.suppress(OSError):  # a closed or reset socket left on its own
+                    bpf.delete(table, cookie(sock))
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+
+def _explain(error: bpf.BpfError) -> str:
+    code = error.errno
+    if code in (errno.EPERM, errno.EACCES):
+        return f"{error.strerror} (needs CAP_BPF and CAP_NET_ADMIN, and bpf(2) not blocked by seccomp)"
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return f"{error.strerror} (the kernel lacks SOCKHASH/SK_SKB verdict support; needs 5.13+)"
+    return str(error.strerror or error)
+
+
+class KernelPair:
+    """One established pair relayed by the kernel, from hand-over to close.
+
+    ``done`` runs once, after the pair is out of the maps and closed; the pair's byte
+    counters, ``error`` and ``idle`` then hold the outcome.  Between events nothing runs:
+    the sockets wait in ``parking``, and each event runs :meth:`_step` on the pool.
+    """
+
+    def __init__(
+        self,
+        kernel: KernelRelay,
+        pair: Pair,
+        parking: ParkingLot,
+        done: Callable[[], None],
+        idle_timeout: float = 0.0,
+    ) -> None:
+        self._kernel = kernel
+        self._pair = pair
+        self._parking = parking
+        self._done = done
+        self._idle_timeout = idle_timeout
+        self._socks = (pair.client, pair.upstream)
+        self._counts = (pair.to_target, pair.to_client)  # by the socket read from
+        self._ended = [False, False]  # a direction's end relayed (by its source side)
+        self._fin = [False, False]  # its source's FIN is in bytes_received
+        self._consumed = [0, 0]  # bytes user space read from each socket
+        self._base = [0, 0]  # taken_in of each socket at insertion
+        self._user_sent = [0, 0]  # counters at insertion: what user space wrote
+        self._flush_wait = FLUSH_POLL[0]
+        self._finished = False
+
+    # ------------------------------------------------------------ hand-over
+
+    def start(self) -> str | None:
+        """Drain, insert, kick, watch.  None: the kernel has the pair (``done`` will run).
+
+        Otherwise the fallback reason: the pair was not inserted, and the caller relays
+        it with splice as usual (nothing was lost; what was drained was sent on and
+        counted, and a side that ended was half-closed).  Raises OSError when a socket
+        failed while draining; the pair is then the caller's to end.
+        """
+        if not self._drain():
+            return FALLBACK_BUSY
+        snapshot = [self._snapshot(sock) for sock in self._socks]
+        if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
+            return FALLBACK_ENDED
+        try:
+            self._kernel.insert(*self._socks)
+        except OSError:
+            return FALLBACK_INSERT
+        for side, sock in enumerate(self._socks):
+            received, inq, fin = snapshot[side]
+            self._consumed[side] = received - inq - fin
+            self._fin[side] = bool(fin)
+            self._base[side] = counters(sock).taken_in
+            self._user_sent[side] = self._counts[1 - side][0]
+            with contextlib.suppress(OSError):
+                if not os.environ.get("NOKICK"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
+        self._step()
+        return None
+
+    def _drain(self) -> bool:
+        """Read both sockets until nothing is queued, sending it on; False if it never stops."""
+        buffer = bytearray(DRAIN_BUFFER)
+        view = memoryview(buffer)
+        budget = DRAIN_LIMIT
+        quiet = [False, False]
+        while not all(quiet):
+            for side, src in enumerate(self._socks):
+                if quiet[side]:
+                    continue
+                dst = self._socks[1 - side]
+                try:
+                    size = src.recv_into(buffer, DRAIN_BUFFER, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    quiet[side] = True
+                    continue
+                if not size:
+                    quiet[side] = self._ended[side] = True
+                    _half_close(dst)
+                    continue
+                dst.sendall(view[:size])
+                self._counts[side][0] += size
+                budget -= size
+                # The other side may have data again by now: it is looked at once more.
+                quiet[1 - side] = self._ended[1 - side]
+            if budget <= 0:
+                return False
+        return True
+
+    @staticmethod
+    def _snapshot(sock: socket.socket) -> tuple[int, int, int]:
+        """(bytes received, bytes still queued, 1 if a FIN is among them), read consistently."""
+        while True:
+            before = counters(sock).bytes_received
+            inq = _inq(sock)
+            fin = 1 if _revents(sock) & select.POLLRDHUP else 0
+            if counters(sock).bytes_received == before:
+                return before, inq, fin
+
+    # ------------------------------------------------------------ watching
+
+    def _step(self) -> None:
+        """Look at both sockets and act; then wait in the parking lot for the next event."""
+        try:
+            if self._advance():
+                self._finish()
+                return
+            self._park()
+        except OSError as error:
+            self._fail(error)
+        except BaseException:
+            self._fail(None)
+            raise
+
+    def _advance(self) -> bool:
+        """Relay whatever ended and can be relayed now; True when the pair is over."""
+        if self._pair.aborted:  # shut down from outside (stop, idle): nothing more will flow
+            return True
+        wait = False
+        for side, sock in enumerate(self._socks):
+            events = _revents(sock)
+            if events & select.POLLERR:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code))
+            # POLLHUP alone is an end too: the FIN came after ours (then RDHUP is set as well).
+            if self._ended[side] or not events & (select.POLLRDHUP | select.POLLHUP):
+                continue
+            self._fin[side] = True
+            if not self._flushed(side):
+                wait = True
+                continue
+            self._ended[side] = True
+            _half_close(self._socks[1 - side])
+        if wait:
+            return False
+        if all(self._ended):
+            return True
+        if self._idle_timeout > 0 and self._idle_for() >= self._idle_timeout:
+            self._pair.expire()
+            return True
+        return False
+
+    def _moved(self, side: int) -> int:
+        """Bytes the kernel took from socket ``side`` (for its partner)."""
+        received = counters(self._socks[side]).bytes_received - (1 if self._fin[side] else 0)
+        return max(0, received - self._consumed[side])
+
+    def _flushed(self, side: int) -> bool:
+        """Whether the partner has taken in all the kernel took from socket ``side``."""
+        partner = 1 - side
+        written = counters(self._socks[partner]).taken_in - self._base[partner]
+        return written >= self._moved(side)
+
+    def _idle_for(self) -> float:
+        """Seconds since either socket last received or sent data."""
+        last = min(
+            min(info.last_data_recv, info.last_data_sent)
+            for info in (counters(sock) for sock in self._socks)
+        )
+        return last / 1000.0
+
+    def _park(self) -> None:
+        flushing = any(
+            self._fin[side] and not self._ended[side] for side in range(2)
+        )
+        if flushing:
+            timeout = self._flush_wait
+            self._flush_wait = min(self._flush_wait * 2, FLUSH_POLL[1])
+        elif self._idle_timeout > 0:
+            timeout = max(self._idle_timeout - self._idle_for(), 0.001)
+        else:
+            timeout = 0.0
+        # A side whose end was seen stays readable (level-triggered): it is no longer
+        # watched, or the lot would hand the pair over again at once.  Errors and a
+        # shutdown both ways still show on the other side.
+        watched = tuple(sock for side, sock in enumerate(self._socks) if not self._fin[side])
+        try:
+            self._parking.park_sockets(
+                watched, self._step, self._fail, timeout=timeout, abandon=self._abandon
+            )
+        except RuntimeError:  # the lot is closed: the daemon is stopping
+            self._pair.abort()
+            self._finish()
+
+    # ------------------------------------------------------------ the end
+
+    def _abandon(self) -> None:
+        self._pair.abort()
+        self._finish()
+
+    def _fail(self, error: BaseException | None) -> None:
+        pair = self._pair
+        if isinstance(error, OSError) and pair.error is None:
+            pair.error = error
+        pair.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Count, take the pair out of the maps, close it, report; once."""
+        if self._finished:
+            return
+        self._finished = True
+        for side in range(2):
+            with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
+                self._counts[side][0] = self._user_sent[1 - side] + self._moved(side)
+        self._kernel.remove(*self._socks)
+        self._pair.close()
+        self._done()
+
+
+def _half_close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise
