@@ -250,6 +250,7 @@ class KernelPair:
         self._consumed = [0, 0]  # bytes user space read from each socket
         self._base = [0, 0]  # taken_in of each socket at insertion
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
+        self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._flush_wait = FLUSH_POLL[0]
         self._finished = False
 
@@ -268,16 +269,16 @@ class KernelPair:
         snapshot = [self._snapshot(sock) for sock in self._socks]
         if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
             return FALLBACK_ENDED
+        for side, sock in enumerate(self._socks):  # before insertion: the kernel moves at once
+            received, inq, _fin = snapshot[side]
+            self._consumed[side] = received - inq
+            self._base[side] = counters(sock).taken_in
+            self._user_sent[side] = self._counts[1 - side][0]
         try:
             self._kernel.insert(*self._socks)
         except OSError:
             return FALLBACK_INSERT
-        for side, sock in enumerate(self._socks):
-            received, inq, fin = snapshot[side]
-            self._consumed[side] = received - inq - fin
-            self._fin[side] = bool(fin)
-            self._base[side] = counters(sock).taken_in
-            self._user_sent[side] = self._counts[1 - side][0]
+        for sock in self._socks:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
         self._step()
@@ -356,12 +357,16 @@ class KernelPair:
                 wait = True
                 continue
             self._ended[side] = True
+            self._final[side] = self._moved(side)
             _half_close(self._socks[1 - side])
         if wait:
             return False
         if all(self._ended):
             return True
         if self._idle_timeout > 0 and self._idle_for() >= self._idle_timeout:
+            for side in range(2):  # counted before expire() sends FINs
+                if self._final[side] is None:
+                    self._final[side] = self._moved(side)
             self._pair.expire()
             return True
         return False
@@ -376,6 +381,22 @@ class KernelPair:
         partner = 1 - side
         written = counters(self._socks[partner]).taken_in - self._base[partner]
         return written >= self._moved(side)
+
+    def _final_count(self, side: int) -> int:
+        """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
+
+        Unknown FINs (an abort sends ours, a peer may answer with its own) each add one to
+        the sequence counters: the lower of what the source received and what the partner
+        took in, less the FIN an abort sent, is the count.
+        """
+        final = self._final[side]
+        if final is not None:
+            return final
+        partner = 1 - side
+        written = counters(self._socks[partner]).taken_in - self._base[partner]
+        if self._pair.aborted:
+            written -= 1
+        return max(0, min(self._moved(side), written))
 
     def _idle_for(self) -> float:
         """Seconds since either socket last received or sent data."""
@@ -428,7 +449,7 @@ class KernelPair:
         self._finished = True
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
-                self._counts[side][0] = self._user_sent[1 - side] + self._moved(side)
+                self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
         self._kernel.remove(*self._socks)
         self._pair.close()
         self._done()

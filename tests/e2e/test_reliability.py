@@ -406,7 +406,10 @@ def test_backend_reset_mid_transfer_ends_promptly_without_leaks(
 
 
 def test_backend_that_never_reads_gets_backpressure_not_buffering(
-    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+    net: Net,
+    mmproxy: StartDaemon,
+    backend4: Backend,
+    addresses: ClientAddresses,
 ) -> None:
     """A client pushing at a backend that does not read is stopped by TCP flow control: mmproxy
     holds at most a pipe's worth, its memory stays flat, and when the backend reads at last
