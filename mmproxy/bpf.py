@@ -188,7 +188,9 @@ class BpfError(OSError):
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     number = _SYSCALL_NUMBERS.get(platform.machine())
     if number is None:
-        raise BpfError(errno.ENOSYS, f"bpf(2): no system call number known for {platform.machine()}")
+        raise BpfError(
+            errno.ENOSYS, f"bpf(2): no system call number known for {platform.machine()}"
+        )
     result = int(_libc.syscall(number, cmd, attr, ATTR_SIZE))
     if result < 0:
         code = ctypes.get_errno()
@@ -203,7 +205,9 @@ def _attr(data: bytes) -> ctypes.Array[ctypes.c_char]:
 def create_sockhash(max_entries: int, key_size: int = 8) -> int:
     """A SOCKHASH map (values are socket fds); returns its descriptor (close-on-exec)."""
     name = b"mmproxy_pairs".ljust(16, b"\0")
-    data = struct.pack("<IIIIIII16s", BPF_MAP_TYPE_SOCKHASH, key_size, 4, max_entries, 0, 0, 0, name)
+    data = struct.pack(
+        "<IIIIIII16s", BPF_MAP_TYPE_SOCKHASH, key_size, 4, max_entries, 0, 0, 0, name
+    )
     return _bpf(BPF_MAP_CREATE, _attr(data), "create the socket map")
 
 
@@ -265,7 +269,8 @@ def load_program(program: list[Insn], prog_type: int = BPF_PROG_TYPE_SK_SKB) -> 
         return attempt(1, log_buf)
     except BpfError as error:
         raise BpfError(
-            error.errno, f"{error.strerror}; verifier: {log_buf.value.decode(errors='replace').strip()}"
+            error.errno,
+            f"{error.strerror}; verifier: {log_buf.value.decode(errors='replace').strip()}",
         ) from None
 
 

@@ -44,7 +44,7 @@ from mmproxy.metrics import (
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
-from mmproxy.sockmap import KernelRelay, Unavailable
+from mmproxy.sockmap import KernelRelay, UnavailableError
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 
@@ -91,7 +91,7 @@ def run(config: Config, log: logging.Logger) -> int:
     if config.protocol == "tcp":
         try:
             kernel = choose_relay(config, capacity, log)
-        except Unavailable as error:
+        except UnavailableError as error:
             log.error(f"--relay sockmap: cannot relay in the kernel: {error}")
             return EXIT_FAILURE
     kind = socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
@@ -159,14 +159,14 @@ def run(config: Config, log: logging.Logger) -> int:
 def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRelay | None:
     """The kernel relay for ``--relay sockmap|auto`` when it works here; one log line says which.
 
-    Raises Unavailable for ``sockmap`` when it cannot work (start-up then stops).
+    Raises UnavailableError for ``sockmap`` when it cannot work (start-up then stops).
     """
     if config.relay == "splice":
         log.info("relay: splice", extra={"relay": "splice", "reason": "--relay splice"})
         return None
     try:
         kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
-    except Unavailable as error:
+    except UnavailableError as error:
         if config.relay == "sockmap":
             raise
         log.info(
@@ -176,7 +176,11 @@ def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRe
         return None
     log.info(
         "relay: sockmap (established connections are relayed inside the kernel)",
-        extra={"relay": "sockmap", "reason": f"--relay {config.relay}", "kernelPairs": kernel.capacity},
+        extra={
+            "relay": "sockmap",
+            "reason": f"--relay {config.relay}",
+            "kernelPairs": kernel.capacity,
+        },
     )
     return kernel
 

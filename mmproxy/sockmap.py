@@ -45,7 +45,6 @@ import socket
 import struct
 import termios
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +76,7 @@ FALLBACK_ENDED = "ended"
 _WATCH = select.POLLIN | select.POLLRDHUP | select.POLLPRI
 
 
-class Unavailable(Exception):
+class UnavailableError(Exception):
     """The kernel relay cannot work here; ``str()`` says why in one line."""
 
 
@@ -131,7 +130,7 @@ class KernelRelay:
     """The daemon's two maps and the verdict program; one per daemon.
 
     ``capacity`` pairs fit (two sockets each); a pair that finds no room is relayed by
-    splice instead.  :meth:`open` raises :class:`Unavailable` when the kernel, the
+    splice instead.  :meth:`open` raises :class:`UnavailableError` when the kernel, the
     privileges or a sandbox do not allow it.
     """
 
@@ -158,7 +157,7 @@ class KernelRelay:
         except bpf.BpfError as error:
             for fd in fds:
                 os.close(fd)
-            raise Unavailable(_explain(error)) from error
+            raise UnavailableError(_explain(error)) from error
         return cls(targets, verdicts, program, capacity)
 
     def close(self) -> None:
@@ -216,7 +215,9 @@ class KernelRelay:
 def _explain(error: bpf.BpfError) -> str:
     code = error.errno
     if code in (errno.EPERM, errno.EACCES):
-        return f"{error.strerror} (needs CAP_BPF and CAP_NET_ADMIN, and bpf(2) not blocked by seccomp)"
+        return (
+            f"{error.strerror} (needs CAP_BPF and CAP_NET_ADMIN, and bpf(2) not blocked by seccomp)"
+        )
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return f"{error.strerror} (the kernel lacks SOCKHASH/SK_SKB verdict support; needs 5.13+)"
     return str(error.strerror or error)
@@ -407,9 +408,7 @@ class KernelPair:
         return last / 1000.0
 
     def _park(self) -> None:
-        flushing = any(
-            self._fin[side] and not self._ended[side] for side in range(2)
-        )
+        flushing = any(self._fin[side] and not self._ended[side] for side in range(2))
         if flushing:
             timeout = self._flush_wait
             self._flush_wait = min(self._flush_wait * 2, FLUSH_POLL[1])

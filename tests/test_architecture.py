@@ -65,6 +65,11 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         ("relay.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.pool"}),
         ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
         ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
+        # The kernel relay: below tcp (which hands it pairs), beside splice's relay.
+        (
+            "sockmap.py",
+            {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"},
+        ),
         (
             "udp.py",
             {
@@ -133,6 +138,13 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
 )
 def test_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
     assert not _imports(module) & forbidden
+
+
+def test_bpf_is_stdlib_only() -> None:
+    """The BPF assembler and bpf(2) wrapper: ctypes and the stdlib, nothing of mmproxy."""
+    for name in _imports("bpf.py"):
+        top = name.split(".")[0]
+        assert top in sys.stdlib_module_names or top == "__future__", f"bpf.py imports {name}"
 
 
 def test_notify_is_stdlib_only() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_runner import DRAIN_TIMEOUT, HEADER_TIMEOUT, Daemon
+from daemon_runner import DRAIN_TIMEOUT, HEADER_TIMEOUT, RELAYS, Daemon
 from interop import (
     BACKEND_PORT,
     CLIENT_CN,
@@ -91,8 +91,11 @@ def server_directory(workdir: Path, name: str) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=RELAYS)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """The whole stack, once per relay (``--relay``): every interop test runs on both."""
     tools = require("haproxy", "nginx", "curl", "openssl")
     workdir = tmp_path_factory.mktemp("interop")
     with topology(str(os.getpid())) as topo:
@@ -123,6 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     *("--header-timeout", str(HEADER_TIMEOUT)),
                     *("--drain-timeout", str(DRAIN_TIMEOUT)),
                     *("--log-format", "json"),
+                    *("--relay", request.param),
                 ],
             )
             try:

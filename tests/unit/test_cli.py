@@ -167,6 +167,7 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "connectTimeout": 5.0,
         "drainTimeout": 30.0,
         "idleTimeout": 0.0,
+        "relay": "splice",
         "logFormat": "json",
         "udpHeader": "every",
         "maxUdpFlows": 0,

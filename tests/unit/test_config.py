@@ -295,6 +295,8 @@ def test_missing_allowed_subnets_file(tmp_path: Path) -> None:
         ({"udp_header": "First"}, "--udp-header"),
         ({"max_udp_flows": -1}, "--max-udp-flows"),
         ({"max_udp_flows": (1 << 20) + 1}, "--max-udp-flows"),
+        ({"relay": "ebpf"}, "--relay"),
+        ({"relay": "Sockmap"}, "--relay"),
     ],
 )
 def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str) -> None:
@@ -321,6 +323,8 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"drain_timeout": 86400.0},
         {"idle_timeout": 0.0},
         {"idle_timeout": 0.5},
+        {"relay": "sockmap"},
+        {"relay": "auto"},
         {"idle_timeout": 7 * 86400.0},
         {"listen": "127.0.0.1:0"},
         {"dynamic_destination": True, "listen_transparent": True},
@@ -384,6 +388,7 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "metrics": "127.0.0.1:9100",
         "routingCheck": False,
         "idleTimeout": 600.0,
+        "relay": "splice",
     }
 
 
