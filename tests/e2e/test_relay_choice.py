@@ -1,0 +1,97 @@
+"""--relay: which relay runs, said once at start-up; a sockmap that cannot work refuses to start.
+
+Without CAP_BPF (and CAP_SYS_ADMIN, which implies it) bpf(2) refuses the maps, as it does under
+a container's seccomp profile; ``capsh --drop`` takes them from a root process and keeps
+CAP_NET_ADMIN for IP_TRANSPARENT.  The relays' promises are the TCP suites' job, run on both.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+
+from daemon_runner import Daemon, LogLine, StartDaemon
+from netns import Backend, ClientAddresses, Deadline, Net, recv_to_eof
+from test_reliability import connect, v1_header
+
+NO_BPF = "cap_bpf,cap_sys_admin,cap_perfmon"
+
+
+def relay_lines(daemon: Daemon) -> list[LogLine]:
+    daemon.wait_for(lambda line: line.get("msg") == "ready")
+    return [line for line in daemon.logs if str(line.get("msg", "")).startswith("relay: ")]
+
+
+def test_auto_picks_the_kernel_relay_here_and_says_so(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    daemon = mmproxy("--relay", "auto")
+    (line,) = relay_lines(daemon)
+    assert line["relay"] == "sockmap"
+    assert line["reason"] == "--relay auto"
+    (ready,) = daemon.wait_for(lambda line: line.get("msg") == "ready")
+    assert ready["relay"] == "sockmap"
+    with connect(net, daemon) as sock:
+        sock.sendall(v1_header(addresses.v4()) + b"ping")
+        sock.shutdown(1)
+        assert recv_to_eof(sock, Deadline(10)) == b"ping"
+
+
+def test_splice_says_so_too(mmproxy: StartDaemon) -> None:
+    (line,) = relay_lines(mmproxy())
+    assert (line["relay"], line["reason"]) == ("splice", "--relay splice")
+
+
+def run_without_bpf(net: Net, backend4: Backend, relay: str) -> subprocess.Popen[str]:
+    argv = [
+        *(sys.executable, "-m", "mmproxy", "-l", "127.0.0.1:0", "-4", backend4.target()),
+        *("--relay", relay, "--log-format", "json", "--no-routing-check"),
+    ]
+    return subprocess.Popen(
+        [
+            *("ip", "netns", "exec", net.ns.name, "capsh", f"--drop={NO_BPF}", "--"),
+            *("-c", f"exec {shlex.join(argv)}"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sockmap_that_cannot_work_stops_start_up_with_one_line(net: Net, backend4: Backend) -> None:
+    proc = run_without_bpf(net, backend4, "sockmap")
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    errors = [json.loads(line) for line in stdout.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1, stdout
+    assert errors[0]["msg"].startswith("--relay sockmap: cannot relay in the kernel: ")
+    assert "CAP_BPF" in errors[0]["msg"]
+    assert "listening" not in stdout
+
+
+def test_auto_without_bpf_runs_splice_and_says_why(net: Net, backend4: Backend) -> None:
+    proc = run_without_bpf(net, backend4, "auto")
+    try:
+        assert proc.stdout is not None
+        lines: list[LogLine] = []
+        deadline = Deadline(30)
+        while not deadline.expired() and not any(line.get("msg") == "ready" for line in lines):
+            text = proc.stdout.readline()
+            if not text:
+                break
+            lines.append(json.loads(text))
+        relay = [line for line in lines if str(line.get("msg", "")).startswith("relay: ")]
+        assert len(relay) == 1, lines
+        assert relay[0]["relay"] == "splice"
+        assert "CAP_BPF" in relay[0]["reason"]
+        assert lines[-1]["msg"] == "ready"
+        assert lines[-1]["relay"] == "splice"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
