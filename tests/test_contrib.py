@@ -84,6 +84,27 @@ def test_verify_catches_mistakes(tmp_path: Path, change: tuple[str, str], compla
     assert any(complaint in line for line in about_our_unit(result)), result.stderr
 
 
+KERNEL_RELAY_LINES = (
+    "AmbientCapabilities=CAP_BPF",
+    "CapabilityBoundingSet=CAP_BPF",
+    "SystemCallFilter=bpf",
+)
+
+
+def test_unit_opted_in_to_the_kernel_relay_verifies(tmp_path: Path) -> None:
+    """Uncommenting the sockmap lines gives a valid unit with CAP_BPF and bpf(2) added."""
+    text = unit_for_this_environment()
+    for line in KERNEL_RELAY_LINES:
+        assert f"#{line}\n" in text
+        text = text.replace(f"#{line}\n", f"{line}\n")
+    result = verify(text, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert about_our_unit(result) == [], result.stderr
+    unit = directives(text)
+    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN", "CAP_BPF"]
+    assert unit["SystemCallFilter"] == ["@system-service", "bpf"]
+
+
 def directives(text: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for line in text.splitlines():
