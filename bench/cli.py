@@ -31,6 +31,7 @@ from bench.runner import Progress, Record, Runner
 from bench.settings import (
     DIRECT,
     MMPROXY,
+    MMPROXY_SOCKMAP,
     Settings,
     SettingsError,
     Target,
@@ -111,6 +112,11 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--sockmap",
+        action="store_true",
+        help="also measure mmproxy with --relay sockmap (target mmproxy-sockmap)",
+    )
+    p.add_argument(
         "--header", choices=["v1", "v2"], default="v1", help="PROXY header the clients send"
     )
     p.add_argument(
@@ -151,11 +157,11 @@ def parse(argv: Sequence[str]) -> Settings:
         raise SettingsError(str(error)) from None
     workloads = parse_only(args.only, NAMES) if args.only is not None else NAMES
     peers = [parse_peer(text) for text in args.peer]
-    targets = [
-        Target(DIRECT, DIRECT),
-        Target(MMPROXY, MMPROXY, flags=parse_flags(args.mmproxy_flags, "--mmproxy-flags")),
-        *peers,
-    ]
+    flags = parse_flags(args.mmproxy_flags, "--mmproxy-flags")
+    targets = [Target(DIRECT, DIRECT), Target(MMPROXY, MMPROXY, flags=flags)]
+    if args.sockmap:
+        targets.append(Target(MMPROXY_SOCKMAP, MMPROXY, flags=(*flags, "--relay", "sockmap")))
+    targets += peers
     unique_names(targets)
     extra = {"note": args.note} if args.note else {}
     free_threaded = args.free_threaded

@@ -16,6 +16,7 @@ from pathlib import Path
 DIRECT = "direct"
 MMPROXY = "mmproxy"
 MMPROXY_FT = "mmproxy-ft"  # mmproxy on a free-threaded interpreter (--free-threaded)
+MMPROXY_SOCKMAP = "mmproxy-sockmap"  # mmproxy with the kernel relay (--sockmap)
 PLACEHOLDERS = frozenset({"listen", "target4", "target6", "protocol"})
 PROTOCOLS = ("tcp", "udp")
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -105,10 +106,10 @@ def parse_peer(text: str) -> Target:
     name = name.strip()
     if not sep or not template.strip():
         raise SettingsError(f"--peer: {text!r} is not NAME='COMMAND TEMPLATE'")
-    if not _PEER_NAME.fullmatch(name) or name in {DIRECT, MMPROXY, MMPROXY_FT}:
+    if not _PEER_NAME.fullmatch(name) or name in {DIRECT, MMPROXY, MMPROXY_FT, MMPROXY_SOCKMAP}:
         raise SettingsError(
             f"--peer: {name!r} is not a usable name (letters, digits, '_.-'; "
-            f"not {DIRECT!r}, {MMPROXY!r} or {MMPROXY_FT!r})"
+            f"not {DIRECT!r}, {MMPROXY!r}, {MMPROXY_FT!r} or {MMPROXY_SOCKMAP!r})"
         )
     try:
         fields = {

@@ -248,6 +248,13 @@ def test_bad_peers_are_refused_in_one_line(text: str, complaint: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+def test_sockmap_adds_the_kernel_relay_beside_mmproxy() -> None:
+    settings = cli.parse(["--sockmap", "--mmproxy-flags", "-v 0", "--peer", "p=/bin/p {listen}"])
+    assert [t.name for t in settings.targets] == [DIRECT, MMPROXY, "mmproxy-sockmap", "p"]
+    sockmap = settings.targets[2]
+    assert (sockmap.kind, sockmap.flags) == (MMPROXY, ("-v", "0", "--relay", "sockmap"))
+
+
 def test_defaults_and_flags() -> None:
     settings = cli.parse([])
     assert settings.duration == 3.0
