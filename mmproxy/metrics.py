@@ -58,6 +58,8 @@ HEADER_REASONS = (
 TO_TARGET = "to_target"
 TO_CLIENT = "to_client"
 DIRECTIONS = (TO_TARGET, TO_CLIENT)
+# Why the kernel relay did not take a pair (mmproxy.sockmap's FALLBACK_* values).
+KERNEL_FALLBACK_REASONS = ("insert_failed", "busy", "ended")
 
 # Seconds from accept to a complete header: a local load balancer sends it at
 # once (well under a millisecond); slow or split headers take longer.
@@ -195,6 +197,8 @@ class PrometheusMetrics(Metrics):
             registry=r,
         )
         # Every label value exists from the start, at 0, so rate() works from the first scrape.
+        for reason in KERNEL_FALLBACK_REASONS:
+            self._kernel_fallbacks.labels(reason)
         self._refused = {reason: refused.labels(reason) for reason in REFUSED_REASONS}
         self._header_errors = {reason: header_errors.labels(reason) for reason in HEADER_REASONS}
         self._bytes_to_target = relayed_bytes.labels(TO_TARGET)

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from mmproxy import bpf
+from mmproxy import bpf, sockmap
+from mmproxy.metrics import KERNEL_FALLBACK_REASONS
 
 
 def test_instruction_encoding_matches_struct_bpf_insn() -> None:
@@ -45,6 +46,12 @@ def test_redirect_program_shape() -> None:
     # A miss (SK_DROP from the helper) becomes SK_PASS just before the exit.
     assert program[-2] == bpf.mov64_imm(bpf.R0, bpf.SK_PASS)
     assert program[-3] == bpf.jne_imm(bpf.R0, bpf.SK_DROP, 1)
+
+
+def test_every_fallback_reason_is_a_metrics_label() -> None:
+    assert {sockmap.FALLBACK_INSERT, sockmap.FALLBACK_BUSY, sockmap.FALLBACK_ENDED} == set(
+        KERNEL_FALLBACK_REASONS
+    )
 
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="bpf(2) needs root (CI runs as root)")
