@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 
 from daemon_runner import Daemon, LogLine, StartDaemon
 from netns import Backend, ClientAddresses, Deadline, Net, recv_to_eof
-from test_reliability import connect, v1_header
+from test_reliability import Usage, connect, open_echoed, v1_header
 
 NO_BPF = "cap_bpf,cap_sys_admin,cap_perfmon"
 
@@ -95,3 +96,22 @@ def test_auto_without_bpf_runs_splice_and_says_why(net: Net, backend4: Backend) 
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_established_kernel_pairs_hold_no_thread(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """40 pairs that exchanged a message and stay open, in the kernel: threads stay few."""
+    daemon = mmproxy("--relay", "sockmap", verbose=0)
+    baseline = Usage.of(daemon).threads
+    open_socks: list[socket.socket] = []
+    try:
+        open_echoed(net, daemon, addresses, 40, open_socks)
+        usage = Usage.of(daemon)
+        print(
+            f"FIGURE sockmap: threads with 40 established pairs: {usage.threads} ({baseline} idle)"
+        )
+        assert usage.threads < baseline + 20  # splice would hold 80 while they relay
+    finally:
+        for sock in open_socks:
+            sock.close()

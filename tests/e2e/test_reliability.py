@@ -610,20 +610,27 @@ def test_sigterm_during_100_transfers_completes_them_all(
     figure("SIGTERM during 100 transfers: exit after the signal", f"{took:.2f}s")
 
 
+def open_echoed(
+    net: Net, daemon: Daemon, addresses: ClientAddresses, count: int, into: list[socket.socket]
+) -> None:
+    """Open ``count`` connections into ``into``, each of which got one byte echoed."""
+    for _ in range(count):
+        sock = connect(net, daemon)
+        into.append(sock)
+        sock.sendall(v1_header(addresses.v4()) + b"x")
+        sock.settimeout(10)
+        assert sock.recv(1) == b"x"
+
+
 def test_second_sigterm_stops_at_once(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
     """With a 60 s drain and 20 connections that will not finish, the first SIGTERM waits; the
     second ends the wait: every client is closed and mmproxy exits 0 within seconds."""
     daemon = mmproxy(drain_timeout=60, verbose=0)
-    clients = []
+    clients: list[socket.socket] = []
     try:
-        for _ in range(20):
-            sock = connect(net, daemon)
-            clients.append(sock)
-            sock.sendall(v1_header(addresses.v4()) + b"x")
-            sock.settimeout(10)
-            assert sock.recv(1) == b"x"
+        open_echoed(net, daemon, addresses, 20, clients)
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(1.0) is None  # draining: it waits for the 20
         daemon.signal(signal.SIGTERM)
