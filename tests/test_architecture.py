@@ -28,7 +28,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "mmproxy"
 BENCH = PACKAGE.parent / "bench"
 
-SANS_IO = ["protocol.py", "tlv.py", "crc32c.py", "errors.py"]
+SANS_IO = [
+    "protocol.py",
+    "protocol_v1.py",
+    "protocol_v2.py",
+    "header.py",
+    "tlv.py",
+    "crc32c.py",
+    "errors.py",
+]
 IO_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "ssl", "os", "subprocess"}
 
 
