@@ -12,7 +12,7 @@ import pytest
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import Pair
-from mmproxy.sockmap import FALLBACK_ENDED, KernelPair, KernelRelay
+from mmproxy.sockmap import FALLBACK_ENDED, FALLBACK_INSERT, KernelPair, KernelRelay
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bpf(2) needs root (CI runs as root)")
 
@@ -46,13 +46,16 @@ class Rig:
         self.daemon_upstream, self.backend = tcp_pair()
         self.pair = Pair(self.daemon_client, self.daemon_upstream)
         self.done = threading.Event()
+        self.in_kernel = False
 
-    def hand_over(self) -> str | None:
-        return KernelPair(self.kernel, self.pair, self.lot, self.done.set).start()
+    def hand_over(self, kernel: KernelRelay | None = None) -> str | None:
+        fallback = KernelPair(kernel or self.kernel, self.pair, self.lot, self.done.set).start()
+        self.in_kernel = fallback is None
+        return fallback
 
     def close(self) -> None:
         self.pair.abort()
-        if not self.done.wait(10):
+        if not (self.in_kernel and self.done.wait(10)):  # a pair left to splice is ours
             self.pair.close()
         for sock in (self.client, self.backend):
             sock.close()
@@ -118,6 +121,7 @@ def test_data_queued_before_insertion_is_not_stranded(rig: Rig) -> None:
             return quiet
 
     assert LateArrival(rig.kernel, rig.pair, rig.lot, rig.done.set).start() is None
+    rig.in_kernel = True
     rig.backend.settimeout(10)
     assert rig.backend.recv(4) == b"late"
 
@@ -139,3 +143,26 @@ def test_reset_ends_the_pair_with_the_error(rig: Rig) -> None:
     assert rig.done.wait(10)
     assert isinstance(rig.pair.error, ConnectionResetError)
     assert rig.kernel.held == 0
+
+
+def test_a_full_map_leaves_the_pair_to_splice_with_nothing_lost(rig: Rig) -> None:
+    """Insertion fails (the map holds one pair): nothing was inserted, what was drained went on."""
+    first = Rig()
+    try:
+        small = KernelRelay.open(1)
+        try:
+            assert first.hand_over(small) is None
+            rig.client.sendall(b"drained")
+            wait_queued(rig.daemon_client, 7)
+            assert rig.hand_over(small) == FALLBACK_INSERT
+            assert small.held == 1
+            rig.backend.settimeout(10)
+            assert rig.backend.recv(7) == b"drained"
+            assert rig.pair.to_target[0] == 7
+            first.pair.abort()
+            assert first.done.wait(10)
+            assert small.held == 0
+        finally:
+            small.close()
+    finally:
+        first.close()
