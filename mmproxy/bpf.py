@@ -12,7 +12,9 @@ for a segment arriving on socket A finds B and vice versa.  That sidesteps the a
 encodings of ``__sk_buff`` for sk_skb programs (``remote_port`` is a u32 with the port,
 network order, in its *upper* 16 bits; IPv4-mapped peers appear in the IPv6 fields), which
 a wrong guess turns into a lookup miss.  A miss returns SK_PASS: the data stays queued on
-the socket that received it, where the relay sees it as readable, instead of being dropped.
+the socket that received it instead of being dropped.  An empty skb (a FIN alone) is dropped:
+redirected or passed, it made the psock report EPIPE on a healthy connection, and TCP has
+already recorded the FIN, which the relay sees as EPOLLRDHUP.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ def exit_insn() -> Insn:
 
 def redirect_program(map_fd: int) -> list[Insn]:
     """The SK_SKB verdict: send each segment out of the socket stored under this one's cookie.
+
+    Empty skbs are dropped first (see the module's docstring).
 
     ``bpf_sk_redirect_hash`` returns SK_PASS when the key was found (the skb then goes
     to that socket's send side) and SK_DROP on a miss, which we turn into SK_PASS so that
