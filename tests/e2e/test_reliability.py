@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_runner import Daemon, LogLine, StartDaemon, each_relay
+from daemon_runner import (
+    Daemon,
+    LogLine,
+    StartDaemon,
+    each_relay,  # noqa: F401 - every daemon here runs once per --relay
+)
 from netns import (
     Backend,
     BackendConnection,
@@ -45,9 +50,6 @@ from netns import (
 
 MIB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-# Every test that starts a daemon runs once per relay (--relay splice, --relay sockmap).
-__all__ = ["each_relay"]
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -26,7 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from daemon_runner import HEADER_TIMEOUT, Daemon, LogLine, StartDaemon, each_relay
+from daemon_runner import (
+    HEADER_TIMEOUT,
+    Daemon,
+    LogLine,
+    StartDaemon,
+    each_relay,  # noqa: F401 - every daemon here runs once per --relay
+)
 from netns import (
     Backend,
     BackendConnection,
@@ -48,9 +54,6 @@ from mmproxy.protocol import InetAddress, ProxyHeader, encode
 from mmproxy.tlv import Alpn, Authority, Crc32c, Noop, UniqueId
 
 MIB = 1 << 20
-
-# Every test that starts a daemon runs once per relay (--relay splice, --relay sockmap).
-__all__ = ["each_relay"]
 
 
 # ----------------------------------------------------------------------------- helpers
