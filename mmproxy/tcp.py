@@ -8,6 +8,9 @@ that finishes last logs the outcome and releases the connection's slot.
 A header still arriving, and a connection with nothing to relay yet, wait
 in the parking lot (:mod:`mmproxy.parking`) without a thread of their own;
 the lot runs the next step on the pool when a socket has something.
+With ``--relay sockmap`` the relay's start hands the pair to the kernel instead
+(:meth:`Connection._kernel_relay`, the one place :mod:`mmproxy.sockmap` joins), which
+reports through the same :meth:`Connection._report`.
 
 Descriptor ownership: until the relay starts, the connection owns the
 client socket (whichever thread runs :meth:`Connection.serve`, or the lot
