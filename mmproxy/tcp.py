@@ -40,7 +40,7 @@ from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
-from mmproxy.sockmap import KernelPair, KernelRelay
+from mmproxy.sockmap import FALLBACK_ENDED, KernelPair, KernelRelay
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.
@@ -279,8 +279,9 @@ class Connection:
             self._report(pair, log)
             return True
         services.metrics.kernel_relay(fallback)
-        if fallback is not None:
-            log.notice(f"kernel relay not used ({fallback}): relaying with splice")
+        if fallback is not None:  # a side that already ended is ordinary: only at -v 2
+            say = log.state if fallback == FALLBACK_ENDED else log.notice
+            say(f"kernel relay not used ({fallback}): relaying with splice")
             return False
         return True
 
