@@ -45,6 +45,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,10 +62,14 @@ _TCP_INFO_SIZE = 136
 _STATE, _LAST_DATA_SENT, _LAST_DATA_RECV, _BYTES_ACKED, _BYTES_RECEIVED = 0, 44, 52, 120, 128
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
-DRAIN_BUFFER = 256 * 1024
+DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
 # How often a direction whose end arrived looks at whether its partner has written
 # everything yet (doubling from the first to the last).
 FLUSH_POLL = (0.001, 0.05)
+# The kernel writes redirected data from a work queue, usually within microseconds: a
+# direction whose end just arrived looks this many times, this far apart, on its pool
+# thread before it parks (the lot's epoll cannot wait less than a millisecond).
+FLUSH_SPIN = (8, 0.00005)
 
 # Why a pair was not handed to the kernel (the splice relay then takes it).
 FALLBACK_INSERT = "insert_failed"  # the map is full, or the kernel refused (ENOMEM, ...)
@@ -287,8 +292,6 @@ class KernelPair:
 
     def _drain(self) -> bool:
         """Read both sockets until nothing is queued, sending it on; False if it never stops."""
-        buffer = bytearray(DRAIN_BUFFER)
-        view = memoryview(buffer)
         budget = DRAIN_LIMIT
         quiet = [False, False]
         while not all(quiet):
@@ -296,18 +299,18 @@ class KernelPair:
                 if quiet[side]:
                     continue
                 dst = self._socks[1 - side]
-                try:
-                    size = src.recv_into(buffer, DRAIN_BUFFER, socket.MSG_DONTWAIT)
+                try:  # usually EAGAIN at once: no buffer is kept for it
+                    data = src.recv(DRAIN_CHUNK, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     quiet[side] = True
                     continue
-                if not size:
+                if not data:
                     quiet[side] = self._ended[side] = True
                     _half_close(dst)
                     continue
-                dst.sendall(view[:size])
-                self._counts[side][0] += size
-                budget -= size
+                dst.sendall(data)
+                self._counts[side][0] += len(data)
+                budget -= len(data)
                 # The other side may have data again by now: it is looked at once more.
                 quiet[1 - side] = self._ended[1 - side]
             if budget <= 0:
@@ -379,6 +382,14 @@ class KernelPair:
 
     def _flushed(self, side: int) -> bool:
         """Whether the partner has taken in all the kernel took from socket ``side``."""
+        tries, pause = FLUSH_SPIN
+        for _ in range(tries):
+            if self._flushed_now(side):
+                return True
+            time.sleep(pause)
+        return self._flushed_now(side)
+
+    def _flushed_now(self, side: int) -> bool:
         partner = 1 - side
         written = counters(self._socks[partner]).taken_in - self._base[partner]
         return written >= self._moved(side)
