@@ -1,0 +1,236 @@
+"""UDP flows: what one flow holds, the cap on how many are open, and the reply side.
+
+A flow is one client behind one balancer: an upstream socket bound (``IP_TRANSPARENT``) to
+the client's address and connected to the target.  No flow has a thread: its dispatcher
+sends on the socket, and a :class:`Replies` loop (the dispatcher's own, or one reply thread
+per dispatcher on a free-threaded build) reads the backend's answers and sends each, without
+a header, to the balancer through the listening socket the flow's datagrams came in on.
+
+Ownership, with no lock per datagram: the dispatcher alone sends on a flow and decides when
+it has been idle long enough; it then forgets the flow (no send can follow) and asks the
+flow's :class:`Replies` to retire it.  The reply loop alone reads the socket and closes it,
+after taking it out of its epoll set, so a descriptor is never used once closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from mmproxy import logs
+from mmproxy.config import Endpoint, IPAddress
+from mmproxy.eventloop import EventLoop
+from mmproxy.metrics import TO_CLIENT, Metrics
+
+# Room for the largest datagram (65,507 payload bytes over IPv4, 65,527 over IPv6), so
+# nothing is ever truncated.
+DATAGRAM_BUFFER = 65536
+REPLY_BATCH = 64  # replies read from one flow per turn before the loop serves the others
+
+# Log ``reason`` codes (and counter names) for dropped datagrams that are not header errors.
+NOT_ALLOWED = "not_allowed"
+WRONG_VERSION = "wrong_version"
+WRONG_TRANSPORT = "wrong_transport"
+BAD_DESTINATION = "bad_destination"
+UPSTREAM_FAILED = "upstream_failed"
+NO_FLOW = "no_flow"
+FLOW_LIMIT = "flow_limit"
+SEND_FAILED = "send_failed"
+REPLY_FAILED = "reply_failed"
+RECEIVE_BUFFER_FULL = "receive_buffer_full"  # the kernel dropped it: the listener's queue was full
+
+Sender = tuple[Any, ...]  # an address as recvfrom returns it: (host, port[, flowinfo, scope])
+FlowKey = tuple[Sender, tuple[str, int] | None, Endpoint]
+# A datagram's flow key, the address to impersonate (None: none) and the target.
+Route = tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]
+
+
+class DroppedError(Exception):
+    """This datagram is dropped; ``reason`` is the log code and counter name."""
+
+    def __init__(self, reason: str, message: str, detail: str = "") -> None:
+        super().__init__(f"{message}: {detail}" if detail else message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail
+
+
+class Flow:
+    """One client behind one balancer: its upstream socket and what moved through it."""
+
+    __slots__ = (
+        "bytes_to_client",
+        "bytes_to_target",
+        "datagrams_to_client",
+        "datagrams_to_target",
+        "headers",
+        "key",
+        "last_in",
+        "last_out",
+        "listener",
+        "log",
+        "replies",
+        "sender",
+        "sock",
+        "started",
+    )
+
+    def __init__(
+        self,
+        key: FlowKey,
+        sock: socket.socket,
+        listener: socket.socket,
+        sender: Sender,
+        log: logs.ConnectionLog,
+        replies: Replies,
+        now: float,
+    ) -> None:
+        self.key = key
+        self.sock = sock
+        self.listener = listener
+        self.sender = sender
+        self.log = log
+        self.replies = replies
+        self.started = now
+        # Each written by one thread only: last_in and the to-target counts by the dispatcher,
+        # last_out and the to-client counts by the reply loop.  A float or int store cannot
+        # tear, so the dispatcher reads last_out without a lock.
+        self.last_in = now
+        self.last_out = now
+        self.datagrams_to_target = 0
+        self.bytes_to_target = 0
+        self.datagrams_to_client = 0
+        self.bytes_to_client = 0
+        # The route cache's keys that lead here (the dispatcher's; see Dispatcher.routes).
+        self.headers: list[tuple[Sender, bytes]] = []
+
+    @property
+    def last_activity(self) -> float:
+        return max(self.last_in, self.last_out)
+
+
+class FlowBudget:
+    """``--max-udp-flows``: flows open at once across every dispatcher.
+
+    Taken when a flow opens and given back when it closes, never per datagram.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Condition(threading.Lock())
+        self._open = 0
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._open >= self.capacity:
+                return False
+            self._open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if not self._open:
+                self._lock.notify_all()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._open
+
+
+class Replies:
+    """The reply side of a set of flows: backend -> balancer, on one event loop.
+
+    Also where flows end: :meth:`retire` (called on the loop) closes the socket and logs the
+    flow's totals.  Counts are the loop thread's alone; read them after it has stopped.
+    """
+
+    def __init__(self, loop: EventLoop, budget: FlowBudget, metrics: Metrics) -> None:
+        self.loop = loop
+        self._budget = budget
+        self._metrics = metrics
+        self._buffer = bytearray(DATAGRAM_BUFFER)
+        self._view = memoryview(self._buffer)
+        self.counts: Counter[str] = Counter()
+        self._flows: set[Flow] = set()  # open flows served here
+
+    def add(self, flow: Flow) -> None:
+        """Serve ``flow``'s replies; on the loop."""
+        self._flows.add(flow)
+        self.loop.add_reader(flow.sock.fileno(), lambda: self._readable(flow))
+
+    def retire(self, flow: Flow, reason: str) -> None:
+        """Close ``flow`` (its dispatcher has forgotten it); on the loop."""
+        if flow not in self._flows:
+            return
+        self._flows.discard(flow)
+        self.loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        self._budget.give_back()
+        self.counts["flowsClosed"] += 1
+        self.counts["replies"] += flow.datagrams_to_client
+        self._metrics.udp_flow_closed()
+        flow.log.state(
+            "flow closed",
+            closeReason=reason,
+            datagramsToTarget=flow.datagrams_to_target,
+            datagramsToClient=flow.datagrams_to_client,
+            bytesToTarget=flow.bytes_to_target,
+            bytesToClient=flow.bytes_to_client,
+            durationSeconds=round(time.monotonic() - flow.started, 6),
+        )
+
+    def retire_all(self, reason: str) -> None:
+        """Close every flow still here; once the loop has stopped."""
+        for flow in list(self._flows):
+            self.retire(flow, reason)
+
+    def _readable(self, flow: Flow) -> None:
+        """Send what the backend has queued (a bounded batch) to the balancer."""
+        recv_into, sendto = flow.sock.recv_into, flow.listener.sendto
+        buffer, view, sender = self._buffer, self._view, flow.sender
+        sent = 0
+        for _ in range(REPLY_BATCH):
+            try:
+                size = recv_into(buffer, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                # An earlier datagram to the backend got "port unreachable" back.
+                self.counts[f"dropped.{SEND_FAILED}"] += 1
+                continue
+            except OSError as error:
+                flow.log.drop("cannot read a reply from the target", error)
+                break
+            try:
+                sendto(view[:size], sender)
+            except OSError as error:
+                self.counts[f"dropped.{REPLY_FAILED}"] += 1
+                self._metrics.udp_dropped(REPLY_FAILED)
+                flow.log.drop("cannot send a reply to the load balancer", error)
+                continue
+            sent += 1
+            flow.bytes_to_client += size
+        if sent:
+            flow.datagrams_to_client += sent
+            flow.last_out = self.loop.now
+            self._metrics.udp_datagrams(TO_CLIENT, sent)
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped at ``sock`` (receive queue full), or None if unknown."""
+    with contextlib.suppress(OSError):
+        info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, MEMINFO_SIZE)
+        if len(info) >= MEMINFO_SIZE:
+            return int.from_bytes(info[4 * MEMINFO_DROPS : 4 * MEMINFO_DROPS + 4], sys.byteorder)
+    return None
+
+
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS in linux/sock_diag.h
+MEMINFO_SIZE = 4 * (MEMINFO_DROPS + 1)
