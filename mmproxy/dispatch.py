@@ -21,13 +21,11 @@ falls due, and a flow that moved meanwhile goes back with its new deadline.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import logging
 import math
 import socket
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,33 +80,19 @@ class Shared:
 
 
 class Dispatcher(ListenerThread):
-    """Serves one listening UDP socket on its event loop: datagrams in, flows, expiry.
-
-    With ``reply_thread`` its flows' replies are read on a second loop and thread (a
-    free-threaded build runs both at once); without, on the same loop.
-    """
+    """Serves one listening UDP socket on its event loop: datagrams in, flows, their replies
+    (:class:`~mmproxy.flows.Replies`, on the same loop), expiry."""
 
     THREAD_NAME = "mmproxy-udp"
 
-    def __init__(
-        self, sock: socket.socket, number: int, shared: Shared, *, reply_thread: bool
-    ) -> None:
+    def __init__(self, sock: socket.socket, number: int, shared: Shared) -> None:
         super().__init__(sock, number, shared.log)
         self._shared = shared
         self._first_only = shared.config.udp_header == "first"
         close_after = shared.config.close_after
         self._close_after = float(close_after) if close_after else math.inf
         self.loop = EventLoop()
-        self.replies = Replies(
-            EventLoop() if reply_thread else self.loop, shared.budget, shared.metrics
-        )
-        self._reply_thread = (
-            threading.Thread(
-                target=self.replies.loop.run, name=f"mmproxy-udp-replies-{number}", daemon=True
-            )
-            if reply_thread
-            else None
-        )
+        self.replies = Replies(self.loop, shared.budget, shared.metrics)
         self.flows: dict[FlowKey, Flow] = {}
         self.routes: dict[tuple[Sender, bytes], Flow] = {}  # the route cache (see above)
         self._latest: dict[Sender, Flow] = {}  # --udp-header first: each sender's latest flow
@@ -129,28 +113,16 @@ class Dispatcher(ListenerThread):
 
     # ------------------------------------------------------------------ the thread
 
-    def start(self, protocol: str) -> None:
-        if self._reply_thread is not None:
-            self._reply_thread.start()
-        super().start(protocol)
-
     def _loop(self) -> None:
         self.loop.run()
 
     def stop(self) -> None:
-        """Stop reading, then close every flow; returns once both loops have ended."""
+        """Stop reading, then close every flow; returns once the loop has ended."""
         self.stopping.set()
         self.loop.stop()
         if self._thread.ident is not None:  # started
             self._thread.join()
-        if self._reply_thread is not None:
-            self.replies.loop.stop()
-            if self._reply_thread.ident is not None:
-                self._reply_thread.join()
-        # Both loops have ended: this thread owns the flows now.  First what was queued
-        # (flows to serve, idle ones to retire), then the rest.
-        self.loop.run_pending()
-        self.replies.loop.run_pending()
+        # The loop has ended: this thread owns the flows now.
         self._check_drops()
         self.flows.clear()
         self.routes.clear()
@@ -160,8 +132,6 @@ class Dispatcher(ListenerThread):
         self.counts["received"] += self._received
         self.counts["forwarded"] += self._forwarded
         self.loop.close()
-        if self._reply_thread is not None:
-            self.replies.loop.close()
 
     # ------------------------------------------------------------------ datagrams in
 
@@ -302,7 +272,7 @@ class Dispatcher(ListenerThread):
         self.flows[key] = flow
         if not math.isinf(self._close_after):
             heapq.heappush(self._deadlines, (now + self._close_after, next(self._order), flow))
-        self._on_replies(lambda: self.replies.add(flow))
+        self.replies.add(flow)
         self.counts["flowsOpened"] += 1
         shared.metrics.udp_flow_opened()
         if conn_up.fallback:
@@ -318,13 +288,6 @@ class Dispatcher(ListenerThread):
                 extra={"maxUdpFlows": self._shared.budget.capacity, "suppressed": suppressed},
             )
         raise DroppedError(FLOW_LIMIT, "UDP flow limit reached")
-
-    def _on_replies(self, call: Callable[[], None]) -> None:
-        """Run ``call`` on the reply loop: now if it is this one, else queued there."""
-        if self.replies.loop is self.loop:
-            call()
-        else:
-            self.replies.loop.call_soon(call)
 
     def _forget(self, flow: Flow) -> None:
         """No datagram goes to ``flow`` from now on (it is about to be retired)."""
@@ -350,7 +313,7 @@ class Dispatcher(ListenerThread):
                 continue
             heapq.heappop(heap)
             self._forget(flow)
-            self._on_replies(functools.partial(self.replies.retire, flow, "idle"))
+            self.replies.retire(flow, "idle")
         if now >= self._next_check:
             self._check_drops()
             self._next_check = now + DROP_CHECK

@@ -1,13 +1,13 @@
-"""One thread serving many sockets: epoll, calls from other threads, and a timer.
+"""One thread serving many sockets: epoll, a handler per descriptor, and a timer.
 
 The UDP data path runs on these loops instead of a thread per flow.  A loop calls a
 descriptor's handler when it is readable (level-triggered, so a handler may read a bounded
-batch and leave the rest for the next turn), runs the calls other threads queued for it, and
-asks its ``timer`` hook for the next deadline.
+batch and leave the rest for the next turn), then asks its ``timer`` hook for the next
+deadline.
 
-Ownership: only the loop's own thread touches the handler table and the epoll set once the
-loop runs; other threads reach it through :meth:`call_soon`.  After :meth:`run` returns, the
-thread that joined it owns everything again, and :meth:`run_pending` runs what was queued too late.
+Ownership: only the loop's own thread touches the handler table and the epoll set while the
+loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
+thread that joined it owns everything.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import contextlib
 import logging
 import os
 import select
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 Handler = Callable[[], None]
@@ -42,16 +40,14 @@ class EventLoop:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._handlers: dict[int, Handler] = {}
-        self._calls: deque[Handler] = deque()  # append and popleft are atomic
         self._stopping = False
-        self._owner: int | None = None  # the running thread's ident
         self.timer: Timer = _no_timer
         # The time of the current turn, read once after each wait: handlers stamp activity
         # with it instead of reading the clock per datagram.
         self.now = time.monotonic()
 
     def add_reader(self, fd: int, handler: Handler) -> None:
-        """Call ``handler`` whenever ``fd`` is readable; on the loop's thread, or before it runs."""
+        """Call ``handler`` whenever ``fd`` is readable; on the loop's thread."""
         self._handlers[fd] = handler
         self._epoll.register(fd, select.EPOLLIN)
 
@@ -61,12 +57,6 @@ class EventLoop:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
 
-    def call_soon(self, call: Handler) -> None:
-        """Run ``call`` on the loop's thread, after the handlers of the current turn."""
-        self._calls.append(call)
-        if self._owner != threading.get_ident():
-            os.eventfd_write(self._wake, 1)
-
     def stop(self) -> None:
         """Make :meth:`run` return after its current turn (from any thread)."""
         self._stopping = True
@@ -74,22 +64,10 @@ class EventLoop:
 
     def run(self) -> None:
         """Serve until :meth:`stop`."""
-        self._owner = threading.get_ident()
-        try:
-            self._serve()
-        finally:
-            self._owner = None
-
-    def _serve(self) -> None:
-        epoll, handlers, calls, wake = self._epoll, self._handlers, self._calls, self._wake
+        epoll, handlers, wake = self._epoll, self._handlers, self._wake
         deadline: float | None = None
         while not self._stopping:
-            if calls:
-                timeout: float | None = 0.0
-            elif deadline is None:
-                timeout = None
-            else:
-                timeout = max(0.0, deadline - time.monotonic())
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             events = epoll.poll(timeout, BATCH)
             self.now = time.monotonic()
             for fd, _mask in events:
@@ -104,22 +82,11 @@ class EventLoop:
                     handler()
                 except Exception:  # noqa: BLE001 - one socket's bug must not stop the loop
                     _log.exception("an event handler failed")
-            self.run_pending()
             try:
                 deadline = self.timer(self.now)
             except Exception:  # noqa: BLE001 - as above
                 _log.exception("a loop timer failed")
                 deadline = None
-
-    def run_pending(self) -> None:
-        """Run the queued calls (the loop's thread, or the one that joined it after it ended)."""
-        calls = self._calls
-        while calls:
-            call = calls.popleft()
-            try:
-                call()
-            except Exception:  # noqa: BLE001 - a call's bug must not stop the loop
-                _log.exception("a loop call failed")
 
     def close(self) -> None:
         """Release the epoll and eventfd descriptors; after :meth:`run` has returned."""

@@ -1,15 +1,14 @@
 """UDP flows: what one flow holds, the cap on how many are open, and the reply side.
 
 A flow is one client behind one balancer: an upstream socket bound (``IP_TRANSPARENT``) to
-the client's address and connected to the target.  No flow has a thread: its dispatcher
-sends on the socket, and a :class:`Replies` loop (the dispatcher's own, or one reply thread
-per dispatcher on a free-threaded build) reads the backend's answers and sends each, without
-a header, to the balancer through the listening socket the flow's datagrams came in on.
+the client's address and connected to the target.  No flow has a thread: the dispatcher that
+opened it sends on the socket, and the same dispatcher's event loop reads the backend's
+answers (:class:`Replies`) and sends each, without a header, to the balancer through the
+listening socket the flow's datagrams came in on.
 
-Ownership, with no lock per datagram: the dispatcher alone sends on a flow and decides when
-it has been idle long enough; it then forgets the flow (no send can follow) and asks the
-flow's :class:`Replies` to retire it.  The reply loop alone reads the socket and closes it,
-after taking it out of its epoll set, so a descriptor is never used once closed.
+Ownership, with no lock per datagram: one loop thread does everything to a flow, and
+:meth:`Replies.retire` is its one place of closing: it takes the socket out of the epoll
+set, then closes it, after the dispatcher has forgotten the flow (no send can follow).
 """
 
 from __future__ import annotations
@@ -97,9 +96,7 @@ class Flow:
         self.log = log
         self.replies = replies
         self.started = now
-        # Each written by one thread only: last_in and the to-target counts by the dispatcher,
-        # last_out and the to-client counts by the reply loop.  A float or int store cannot
-        # tear, so the dispatcher reads last_out without a lock.
+        # Activity each way, stamped with the loop's time of the turn.
         self.last_in = now
         self.last_out = now
         self.datagrams_to_target = 0
@@ -117,12 +114,13 @@ class Flow:
 class FlowBudget:
     """``--max-udp-flows``: flows open at once across every dispatcher.
 
-    Taken when a flow opens and given back when it closes, never per datagram.
+    Taken when a flow opens and given back when it closes, never per datagram; the lock is
+    for ``-listeners N`` (one loop thread per listener).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._lock = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._open = 0
 
     def take(self) -> bool:
@@ -135,8 +133,6 @@ class FlowBudget:
     def give_back(self) -> None:
         with self._lock:
             self._open -= 1
-            if not self._open:
-                self._lock.notify_all()
 
     def __len__(self) -> int:
         with self._lock:
@@ -144,10 +140,10 @@ class FlowBudget:
 
 
 class Replies:
-    """The reply side of a set of flows: backend -> balancer, on one event loop.
+    """The reply side of one dispatcher's flows: backend -> balancer, on its event loop.
 
-    Also where flows end: :meth:`retire` (called on the loop) closes the socket and logs the
-    flow's totals.  Counts are the loop thread's alone; read them after it has stopped.
+    Also where flows end: :meth:`retire` closes the socket and logs the flow's totals.
+    Counts are the loop thread's alone; read them after it has stopped.
     """
 
     def __init__(self, loop: EventLoop, budget: FlowBudget, metrics: Metrics) -> None:

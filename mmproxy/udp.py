@@ -7,10 +7,10 @@ with ``IP_TRANSPARENT`` to the client's address and connected to the backend
 (:mod:`mmproxy.flows`); the backend's replies go, without a header, to the balancer through
 the listening socket the flow's datagrams came in on.
 
-Threads: each listening socket has a dispatcher on an event loop of its own
-(:mod:`mmproxy.dispatch`), which also serves its flows' replies; on a free-threaded build the
-replies get a second loop and thread per dispatcher, so both directions run at once.  So a
-server has one or two threads per listener, however many flows are open.
+Threads: each listening socket has a dispatcher on an event loop and thread of its own
+(:mod:`mmproxy.dispatch`), which also serves its flows' replies: a server has one thread per
+listener, however many flows are open.  ``-listeners N`` spreads the balancers' ports over N
+sockets (``SO_REUSEPORT``), so N threads; on a free-threaded build they run in parallel.
 
 ``--udp-header first`` (Cloudflare Spectrum): only the first datagram of a flow carries a
 header.  A datagram that does not start with the v2 signature belongs to the flow most
@@ -28,7 +28,7 @@ import logging
 import socket
 from collections import Counter
 
-from mmproxy import logs, runtime, upstream
+from mmproxy import logs, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint
 from mmproxy.dispatch import Dispatcher, Shared
@@ -71,11 +71,7 @@ class UdpServer:
         capacity: int,
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
-        *,
-        reply_threads: bool | None = None,
     ) -> None:
-        """``reply_threads``: a second thread per dispatcher for the replies (default: only
-        when the GIL is off, where the two directions then run in parallel)."""
         self._config = config
         self.log = log
         self._budget = FlowBudget(capacity)
@@ -91,11 +87,8 @@ class UdpServer:
             full=Throttle(10.0),
             dropping=Throttle(10.0),
         )
-        if reply_threads is None:
-            reply_threads = not runtime.gil_enabled()
         self._dispatchers = [
-            Dispatcher(sock, number, shared, reply_thread=reply_threads)
-            for number, sock in enumerate(sockets)
+            Dispatcher(sock, number, shared) for number, sock in enumerate(sockets)
         ]
 
     @property

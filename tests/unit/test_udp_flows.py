@@ -61,7 +61,6 @@ class Rig:
             [self.listener],
             flags.get("max_udp_flows") or 64,
             AllowListHolder(AllowList.everyone()),
-            reply_threads=False,
         )
         self.dispatcher: Dispatcher = self.server._dispatchers[0]
         self.balancers: list[socket.socket] = []
@@ -205,74 +204,59 @@ def test_kernel_drops_are_read_from_the_socket() -> None:
 # ----------------------------------------------------------------------------- the event loop
 
 
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    made = EventLoop()
-    thread = threading.Thread(target=made.run)
-    thread.start()
-    yield made
-    made.stop()
-    thread.join(5)
-    made.close()
-
-
-def test_loop_runs_handlers_and_calls_from_other_threads(loop: EventLoop) -> None:
+def test_loop_runs_handlers_on_its_thread_until_stopped() -> None:
+    loop = EventLoop()
     read, write = os.pipe()
-    seen: list[tuple[str, int]] = []
+    seen: list[int] = []
     done = threading.Event()
 
     def readable() -> None:
-        seen.append(("read", threading.get_ident()))
+        seen.append(threading.get_ident())
         os.read(read, 10)
         done.set()
 
-    def register() -> None:
-        seen.append(("call", threading.get_ident()))
-        loop.add_reader(read, readable)
-
+    loop.add_reader(read, readable)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
     try:
-        loop.call_soon(register)
         os.write(write, b"x")
         assert done.wait(5)
-        assert [what for what, _ in seen] == ["call", "read"]
-        assert seen[0][1] == seen[1][1] != threading.get_ident()
     finally:
-        finished = threading.Event()
-        loop.call_soon(lambda: (loop.remove_reader(read), finished.set()))
-        assert finished.wait(5)
+        loop.stop()
+        thread.join(5)
+        loop.close()
         os.close(read)
         os.close(write)
+    assert not thread.is_alive()
+    assert seen == [thread.ident]
 
 
 def test_loop_timer_gets_its_deadline() -> None:
-    made = EventLoop()
+    """The timer runs after every turn; the deadline it returns ends the next wait."""
+    loop = EventLoop()
+    read, write = os.pipe()
     fired = threading.Event()
     calls: list[float] = []
 
     def timer(now: float) -> float | None:
         calls.append(now)
-        if len(calls) == 2:
+        if len(calls) == 3:
             fired.set()
             return None
         return now + 0.01
 
-    made.timer = timer
-    thread = threading.Thread(target=made.run)
+    loop.timer = timer
+    loop.add_reader(read, lambda: os.read(read, 10) and None)
+    thread = threading.Thread(target=loop.run)
     thread.start()
-    made.call_soon(lambda: None)  # one turn, then the timer's deadline wakes the next
-    assert fired.wait(5)
-    made.stop()
-    thread.join(5)
-    made.close()
+    try:
+        os.write(write, b"x")  # the first turn: nothing else would end the first wait
+        assert fired.wait(5)
+    finally:
+        loop.stop()
+        thread.join(5)
+        loop.close()
+        os.close(read)
+        os.close(write)
     assert calls[1] >= calls[0] + 0.01
-
-
-def test_loop_calls_queued_after_it_stopped_run_in_the_joining_thread() -> None:
-    made = EventLoop()
-    made.stop()
-    made.run()  # returns at once
-    ran: list[int] = []
-    made.call_soon(lambda: ran.append(threading.get_ident()))
-    made.run_pending()
-    made.close()
-    assert ran == [threading.get_ident()]
+    assert calls[2] >= calls[1] + 0.01
