@@ -7,11 +7,12 @@ tests call its handlers and its timer with a clock they choose, so nothing waits
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -204,23 +205,18 @@ def test_kernel_drops_are_read_from_the_socket() -> None:
 # ----------------------------------------------------------------------------- the event loop
 
 
-def test_loop_runs_handlers_on_its_thread_until_stopped() -> None:
-    loop = EventLoop()
+@contextlib.contextmanager
+def running(
+    loop: EventLoop, handler: Callable[[int], None]
+) -> Iterator[tuple[int, threading.Thread]]:
+    """``loop`` on a thread of its own, with ``handler(fd)`` on a pipe's read end; yields the
+    write end and the thread, and stops and closes everything after."""
     read, write = os.pipe()
-    seen: list[int] = []
-    done = threading.Event()
-
-    def readable() -> None:
-        seen.append(threading.get_ident())
-        os.read(read, 10)
-        done.set()
-
-    loop.add_reader(read, readable)
+    loop.add_reader(read, lambda: handler(read))
     thread = threading.Thread(target=loop.run)
     thread.start()
     try:
-        os.write(write, b"x")
-        assert done.wait(5)
+        yield write, thread
     finally:
         loop.stop()
         thread.join(5)
@@ -228,13 +224,26 @@ def test_loop_runs_handlers_on_its_thread_until_stopped() -> None:
         os.close(read)
         os.close(write)
     assert not thread.is_alive()
+
+
+def test_loop_runs_handlers_on_its_thread_until_stopped() -> None:
+    seen: list[int] = []
+    done = threading.Event()
+
+    def readable(fd: int) -> None:
+        seen.append(threading.get_ident())
+        os.read(fd, 10)
+        done.set()
+
+    with running(EventLoop(), readable) as (write, thread):
+        os.write(write, b"x")
+        assert done.wait(5)
     assert seen == [thread.ident]
 
 
 def test_loop_timer_gets_its_deadline() -> None:
     """The timer runs after every turn; the deadline it returns ends the next wait."""
     loop = EventLoop()
-    read, write = os.pipe()
     fired = threading.Event()
     calls: list[float] = []
 
@@ -245,18 +254,12 @@ def test_loop_timer_gets_its_deadline() -> None:
             return None
         return now + 0.01
 
+    def drain(fd: int) -> None:
+        os.read(fd, 10)
+
     loop.timer = timer
-    loop.add_reader(read, lambda: os.read(read, 10) and None)
-    thread = threading.Thread(target=loop.run)
-    thread.start()
-    try:
+    with running(loop, drain) as (write, _thread):
         os.write(write, b"x")  # the first turn: nothing else would end the first wait
         assert fired.wait(5)
-    finally:
-        loop.stop()
-        thread.join(5)
-        loop.close()
-        os.close(read)
-        os.close(write)
     assert calls[1] >= calls[0] + 0.01
     assert calls[2] >= calls[1] + 0.01
