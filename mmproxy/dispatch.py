@@ -2,9 +2,11 @@
 
 Each listening socket (``-listeners N`` of them, on one port with ``SO_REUSEPORT``) has one
 dispatcher, and each dispatcher runs on an event loop of its own: it drains the socket in
-bounded batches, checks each sender against the allowed subnets, and sends the payload on
-the datagram's flow.  A balancer's address and port always hash to the same socket, so a
-flow's datagrams all reach the same dispatcher and its tables need no lock.
+bounded batches, checks each sender against the allowed subnets, and queues the payload for
+the datagram's flow; at the end of the batch each flow's payloads go out in order, a run of
+equal sizes in one system call (:func:`~mmproxy.flows.send_datagrams`).  A balancer's
+address and port always hash to the same socket, so a flow's datagrams all reach the same
+dispatcher and its tables need no lock.
 
 The route cache maps (sender, header bytes) to an open flow, so a flow's later datagrams
 skip the parse: it is filled only once the flow exists, with a few headers per flow of at
@@ -51,6 +53,7 @@ from mmproxy.flows import (
     Route,
     Sender,
     kernel_drops,
+    send_datagrams,
 )
 from mmproxy.listener import RESOURCE_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import TO_TARGET, Metrics
@@ -95,6 +98,7 @@ class Dispatcher(ListenerThread):
         self.replies = Replies(self.loop, shared.budget, shared.metrics)
         self.flows: dict[FlowKey, Flow] = {}
         self.routes: dict[tuple[Sender, bytes], Flow] = {}  # the route cache (see above)
+        self._pending: dict[Flow, list[bytes]] = {}  # payloads of this batch, per flow
         self._latest: dict[Sender, Flow] = {}  # --udp-header first: each sender's latest flow
         self._deadlines: list[tuple[float, int, Flow]] = []  # heap; the int breaks ties
         self._order = itertools.count()
@@ -148,6 +152,7 @@ class Dispatcher(ListenerThread):
                     break
                 continue  # e.g. ECONNREFUSED from an ICMP error about an earlier reply
             handle(size, sender)
+        self._flush()
         if self._forwarded != self._reported:
             self._shared.metrics.udp_datagrams(TO_TARGET, self._forwarded - self._reported)
             self._reported = self._forwarded
@@ -164,39 +169,51 @@ class Dispatcher(ListenerThread):
             if end <= size:
                 flow = self.routes.get((sender, bytes(self._view[:end])))
                 if flow is not None and (end < size or not self._first_only):
-                    self._send(flow, end, size, sender)
+                    self._queue(flow, bytes(self._view[end:size]))
                     if self._first_only:
                         self._latest[sender] = flow
                     return
         try:
-            forwarded = self._admit(size, sender)
+            self._admit(size, sender)
         except DroppedError as drop:
             self._dropped(drop.reason, drop.message, drop.detail, sender)
         except HeaderError as error:
             self._dropped(error.reason.value, "invalid PROXY header", error, sender)
+
+    def _queue(self, flow: Flow, payload: bytes) -> None:
+        """Send ``payload`` on ``flow`` at the end of this batch (see :meth:`_flush`)."""
+        batch = self._pending.get(flow)
+        if batch is None:
+            self._pending[flow] = [payload]
         else:
-            if forwarded:
-                self._forwarded += 1
+            batch.append(payload)
 
-    def _send(self, flow: Flow, start: int, end: int, sender: Sender) -> None:
-        try:
-            flow.sock.send(self._view[start:end])
-        except OSError as error:
-            # ECONNREFUSED: an earlier datagram found no backend listening (ICMP).
-            self._dropped(
-                SEND_FAILED, "cannot send the datagram to the target", error.strerror or "", sender
-            )
-            return
-        flow.last_in = self.loop.now
-        flow.datagrams_to_target += 1
-        flow.bytes_to_target += end - start
-        self._forwarded += 1
+    def _flush(self) -> None:
+        """Send the batch's payloads, each flow's in order, runs of one size in one call."""
+        now = self.loop.now
+        for flow, payloads in self._pending.items():
+            failed, failed_bytes, error = send_datagrams(flow.sock, payloads)
+            if failed:
+                # ECONNREFUSED: an earlier datagram found no backend listening (ICMP).
+                self._dropped(
+                    SEND_FAILED,
+                    "cannot send the datagram to the target",
+                    error.strerror if error is not None and error.strerror else "",
+                    flow.sender,
+                    failed,
+                )
+            sent = len(payloads) - failed
+            if sent:
+                flow.last_in = now
+                flow.datagrams_to_target += sent
+                flow.bytes_to_target += sum(map(len, payloads)) - failed_bytes
+                self._forwarded += sent
+        self._pending.clear()
 
-    def _admit(self, size: int, sender: Sender) -> bool:
-        """The slow path: parse, find or open the flow, cache its header, send.
+    def _admit(self, size: int, sender: Sender) -> None:
+        """The slow path: parse, find or open the flow, cache its header, queue the payload.
 
-        False for a header-only announcement (``--udp-header first``); raises DroppedError
-        and HeaderError.
+        Raises DroppedError and HeaderError.
         """
         view = self._view[:size]
         if self._first_only and not (
@@ -209,8 +226,8 @@ class Dispatcher(ListenerThread):
                     "datagram without a PROXY header and no flow from its sender",
                     "--udp-header first: the flow's first datagram must carry the header",
                 )
-            self._send_or_raise(flow, view)
-            return True
+            self._queue(flow, bytes(view))
+            return
         route, consumed = self._shared.route_of(view, sender)
         flow = self.flows.get(route[0]) or self._open(route, sender)
         if consumed <= CACHED_HEADER and len(flow.headers) < HEADERS_PER_FLOW:
@@ -222,20 +239,8 @@ class Dispatcher(ListenerThread):
             self._latest[sender] = flow
             if consumed == size:  # a header-only datagram announces the flow
                 flow.last_in = self.loop.now
-                return False
-        self._send_or_raise(flow, view[consumed:])
-        return True
-
-    def _send_or_raise(self, flow: Flow, payload: memoryview) -> None:
-        try:
-            flow.sock.send(payload)
-        except OSError as error:
-            raise DroppedError(
-                SEND_FAILED, "cannot send the datagram to the target", error.strerror or str(error)
-            ) from error
-        flow.last_in = self.loop.now
-        flow.datagrams_to_target += 1
-        flow.bytes_to_target += len(payload)
+                return
+        self._queue(flow, bytes(view[consumed:]))
 
     # ------------------------------------------------------------------ flows
 
@@ -336,9 +341,11 @@ class Dispatcher(ListenerThread):
                 extra={logs.LISTENER_NUM: self.number, "dropped": new, "suppressed": suppressed},
             )
 
-    def _dropped(self, reason: str, message: str, detail: object, sender: Sender) -> None:
-        self.counts[f"dropped.{reason}"] += 1
-        self._shared.metrics.udp_dropped(reason)
+    def _dropped(
+        self, reason: str, message: str, detail: object, sender: Sender, count: int = 1
+    ) -> None:
+        self.counts[f"dropped.{reason}"] += count
+        self._shared.metrics.udp_dropped(reason, count)
         log = self._shared.flow_log
         if log.failures:
             log.drop(

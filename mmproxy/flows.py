@@ -3,8 +3,8 @@
 A flow is one client behind one balancer: an upstream socket bound (``IP_TRANSPARENT``) to
 the client's address and connected to the target.  No flow has a thread: the dispatcher that
 opened it sends on the socket, and the same dispatcher's event loop reads the backend's
-answers (:class:`Replies`) and sends each, without a header, to the balancer through the
-listening socket the flow's datagrams came in on.
+answers (:class:`Replies`) and sends them, without a header, to the balancer through the
+listening socket the flow's datagrams came in on, a batch at a time.
 
 Ownership, with no lock per datagram: one loop thread does everything to a flow, and
 :meth:`Replies.retire` is its one place of closing: it takes the socket out of the epoll
@@ -14,6 +14,7 @@ set, then closes it, after the dispatcher has forgotten the flow (no send can fo
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import sys
 import threading
@@ -188,9 +189,8 @@ class Replies:
 
     def _readable(self, flow: Flow) -> None:
         """Send what the backend has queued (a bounded batch) to the balancer."""
-        recv_into, sendto = flow.sock.recv_into, flow.listener.sendto
-        buffer, view, sender = self._buffer, self._view, flow.sender
-        sent = 0
+        recv_into, buffer, view = flow.sock.recv_into, self._buffer, self._view
+        replies: list[bytes] = []
         for _ in range(REPLY_BATCH):
             try:
                 size = recv_into(buffer, 0, socket.MSG_DONTWAIT)
@@ -203,19 +203,77 @@ class Replies:
             except OSError as error:
                 flow.log.drop("cannot read a reply from the target", error)
                 break
-            try:
-                sendto(view[:size], sender)
-            except OSError as error:
-                self.counts[f"dropped.{REPLY_FAILED}"] += 1
-                self._metrics.udp_dropped(REPLY_FAILED)
-                flow.log.drop("cannot send a reply to the load balancer", error)
-                continue
-            sent += 1
-            flow.bytes_to_client += size
+            replies.append(bytes(view[:size]))
+        if not replies:
+            return
+        failed, failed_bytes, problem = send_datagrams(flow.listener, replies, flow.sender)
+        if failed:
+            self.counts[f"dropped.{REPLY_FAILED}"] += failed
+            self._metrics.udp_dropped(REPLY_FAILED, failed)
+            flow.log.drop("cannot send a reply to the load balancer", problem)
+        sent = len(replies) - failed
         if sent:
             flow.datagrams_to_client += sent
+            flow.bytes_to_client += sum(map(len, replies)) - failed_bytes
             flow.last_out = self.loop.now
             self._metrics.udp_datagrams(TO_CLIENT, sent)
+
+
+def send_datagrams(
+    sock: socket.socket, payloads: list[bytes], address: Sender | None = None
+) -> tuple[int, int, OSError | None]:
+    """Send each payload as one datagram, in order; (datagrams and bytes not sent, the error).
+
+    Runs of equal sizes (the last of a run may be shorter) go out in one ``sendmsg`` with
+    ``UDP_SEGMENT`` (GSO): the kernel cuts it back into the same datagrams, so the receiver
+    sees no difference, at one system call per run.  Where the kernel refuses GSO, the run is
+    sent datagram by datagram.  On another error the rest of that run is dropped.
+    """
+    count, start, failed, failed_bytes = len(payloads), 0, 0, 0
+    last_error: OSError | None = None
+    while start < count:
+        size = len(payloads[start])
+        end = start + 1
+        if 0 < size <= GSO_MAX_SIZE:
+            limit = min(count, start + GSO_MAX_SEGMENTS)
+            while end < limit and len(payloads[end]) == size:
+                end += 1
+            if end < limit and 0 < len(payloads[end]) < size:
+                end += 1  # a shorter datagram may end a run
+        try:
+            if end - start == 1:
+                if address is None:
+                    sock.send(payloads[start])
+                else:
+                    sock.sendto(payloads[start], address)
+            else:
+                _send_segmented(sock, payloads[start:end], size, address)
+        except OSError as error:
+            failed += end - start
+            failed_bytes += sum(map(len, payloads[start:end]))
+            last_error = error
+        start = end
+    return failed, failed_bytes, last_error
+
+
+def _send_segmented(
+    sock: socket.socket, run: list[bytes], size: int, address: Sender | None
+) -> None:
+    ancillary = [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+    try:
+        if address is None:
+            sock.sendmsg([b"".join(run)], ancillary)
+        else:
+            sock.sendmsg([b"".join(run)], ancillary, 0, address)
+        return
+    except OSError as error:
+        if error.errno not in GSO_REFUSED:
+            raise
+    for payload in run:  # no GSO on this route (or this kernel): one by one
+        if address is None:
+            sock.send(payload)
+        else:
+            sock.sendto(payload, address)
 
 
 def kernel_drops(sock: socket.socket) -> int | None:
@@ -227,6 +285,10 @@ def kernel_drops(sock: socket.socket) -> int | None:
     return None
 
 
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
+GSO_MAX_SEGMENTS = 64  # datagrams per segmented send (the kernel takes up to 64 or 128)
+GSO_MAX_SIZE = 1400  # larger datagrams go one by one: a segment must fit the route's MTU
+GSO_REFUSED = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT})
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
 MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS in linux/sock_diag.h
 MEMINFO_SIZE = 4 * (MEMINFO_DROPS + 1)

@@ -8,6 +8,7 @@ tests call its handlers and its timer with a clock they choose, so nothing waits
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -22,7 +23,14 @@ from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import build_config
 from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, Dispatcher
 from mmproxy.eventloop import EventLoop
-from mmproxy.flows import FLOW_LIMIT, FlowBudget, kernel_drops
+from mmproxy.flows import (
+    FLOW_LIMIT,
+    GSO_MAX_SEGMENTS,
+    GSO_MAX_SIZE,
+    FlowBudget,
+    kernel_drops,
+    send_datagrams,
+)
 from mmproxy.protocol import ProxyHeader, encode
 from mmproxy.tlv import Noop
 from mmproxy.udp import UdpServer
@@ -200,6 +208,71 @@ def test_kernel_drops_are_read_from_the_socket() -> None:
         dropped = kernel_drops(sink)
         assert dropped is not None
         assert dropped > 0
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def receive_all(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(65536) for _ in range(count)]
+
+
+MIXED = (
+    [b"a" * 64] * 20  # one run
+    + [b"b" * 10]  # a shorter one ends it
+    + [b""]  # an empty datagram goes alone
+    + [b"c" * 100] * (GSO_MAX_SEGMENTS + 3)  # longer than a run may be
+    + [b"d" * (GSO_MAX_SIZE + 1)] * 2  # too large to be segmented
+    + [b"e" * 7, b"f" * 9]  # different sizes, each its own
+)
+
+
+def test_batches_arrive_as_the_same_datagrams_in_order(backend: socket.socket) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected:
+        connected.connect(backend.getsockname())
+        assert send_datagrams(connected, list(MIXED)) == (0, 0, None)
+        assert receive_all(backend, len(MIXED)) == MIXED
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unconnected:
+        assert send_datagrams(unconnected, list(MIXED), backend.getsockname()) == (0, 0, None)
+        assert receive_all(backend, len(MIXED)) == MIXED
+
+
+class NoGso:
+    """A socket whose kernel refuses UDP_SEGMENT: sendmsg fails, send works."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.refused = 0
+
+    def sendmsg(self, *_args: object) -> int:
+        self.refused += 1
+        raise OSError(errno.EIO, "no GSO here")
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+
+def test_a_kernel_without_gso_gets_them_one_by_one(backend: socket.socket) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected:
+        connected.connect(backend.getsockname())
+        fake = NoGso(connected)
+        payloads = [b"x" * 32] * 5
+        assert send_datagrams(fake, payloads) == (0, 0, None)  # type: ignore[arg-type]
+        assert fake.refused == 1
+        assert receive_all(backend, 5) == payloads
+
+
+def test_a_refused_run_is_counted_as_not_sent() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected:
+        connected.connect(("127.0.0.1", 9))  # nothing listens: ICMP port unreachable
+        connected.send(b"probe")
+        failed = 0
+        for _ in range(100):  # the ICMP error arrives asynchronously; a few tries at most
+            failed, failed_bytes, error = send_datagrams(connected, [b"y" * 8] * 3)
+            if failed:
+                break
+        assert (failed, failed_bytes) == (3, 24)
+        assert isinstance(error, ConnectionRefusedError)
 
 
 # ----------------------------------------------------------------------------- the event loop
