@@ -235,7 +235,7 @@ def send_datagrams(
         size = len(payloads[start])
         end = start + 1
         if 0 < size <= GSO_MAX_SIZE:
-            limit = min(count, start + GSO_MAX_SEGMENTS)
+            limit = min(count, start + GSO_MAX_SEGMENTS, start + GSO_MAX_BYTES // size)
             while end < limit and len(payloads[end]) == size:
                 end += 1
             if end < limit and 0 < len(payloads[end]) < size:
@@ -288,6 +288,7 @@ def kernel_drops(sock: socket.socket) -> int | None:
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # linux/udp.h
 GSO_MAX_SEGMENTS = 64  # datagrams per segmented send (the kernel takes up to 64 or 128)
 GSO_MAX_SIZE = 1400  # larger datagrams go one by one: a segment must fit the route's MTU
+GSO_MAX_BYTES = 65000  # one send carries at most 64 KiB of UDP payload in all
 GSO_REFUSED = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT})
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
 MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS in linux/sock_diag.h

@@ -25,6 +25,7 @@ from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, Dispatcher
 from mmproxy.eventloop import EventLoop
 from mmproxy.flows import (
     FLOW_LIMIT,
+    GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
     GSO_MAX_SIZE,
     FlowBudget,
@@ -235,6 +236,33 @@ def test_batches_arrive_as_the_same_datagrams_in_order(backend: socket.socket) -
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unconnected:
         assert send_datagrams(unconnected, list(MIXED), backend.getsockname()) == (0, 0, None)
         assert receive_all(backend, len(MIXED)) == MIXED
+
+
+class Counting:
+    """A socket that counts its segmented sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.segmented: list[int] = []  # bytes per sendmsg
+
+    def sendmsg(self, buffers: list[bytes], *args: Any) -> int:
+        self.segmented.append(sum(map(len, buffers)))
+        return self.sock.sendmsg(buffers, *args)
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+
+def test_a_run_stays_within_64_kib_per_send(backend: socket.socket) -> None:
+    payloads = [bytes([n]) * GSO_MAX_SIZE for n in range(100)]
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # room for them all
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as connected:
+        connected.connect(backend.getsockname())
+        counting = Counting(connected)
+        assert send_datagrams(counting, payloads) == (0, 0, None)  # type: ignore[arg-type]
+        assert receive_all(backend, 100) == payloads
+    assert len(counting.segmented) == 3
+    assert max(counting.segmented) <= GSO_MAX_BYTES
 
 
 class NoGso:
