@@ -273,7 +273,7 @@ class Dispatcher(ListenerThread):
                 }
             )
         now = self.loop.now
-        flow = Flow(key, conn_up.sock, self.sock, sender, log, self.replies, now)
+        flow = Flow(key, conn_up.sock, self.sock, sender, log, now)
         self.flows[key] = flow
         if not math.isinf(self._close_after):
             heapq.heappush(self._deadlines, (now + self._close_after, next(self._order), flow))

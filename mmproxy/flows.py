@@ -74,7 +74,6 @@ class Flow:
         "last_out",
         "listener",
         "log",
-        "replies",
         "sender",
         "sock",
         "started",
@@ -87,7 +86,6 @@ class Flow:
         listener: socket.socket,
         sender: Sender,
         log: logs.ConnectionLog,
-        replies: Replies,
         now: float,
     ) -> None:
         self.key = key
@@ -95,7 +93,6 @@ class Flow:
         self.listener = listener
         self.sender = sender
         self.log = log
-        self.replies = replies
         self.started = now
         # Activity each way, stamped with the loop's time of the turn.
         self.last_in = now

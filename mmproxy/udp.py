@@ -34,30 +34,16 @@ from mmproxy.config import Config, Endpoint
 from mmproxy.dispatch import Dispatcher, Shared
 from mmproxy.flows import (
     BAD_DESTINATION,
-    FLOW_LIMIT,
-    NOT_ALLOWED,
     WRONG_TRANSPORT,
     WRONG_VERSION,
     DroppedError,
-    Flow,
     FlowBudget,
-    FlowKey,
     Route,
     Sender,
 )
 from mmproxy.listener import Throttle
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.protocol import InetAddress, Transport, parse_complete
-
-__all__ = [
-    "FLOW_LIMIT",
-    "NOT_ALLOWED",
-    "DroppedError",
-    "Flow",
-    "FlowKey",
-    "Route",
-    "UdpServer",
-]
 
 
 class UdpServer:
