@@ -283,6 +283,7 @@ class Connection:
             say = log.state if fallback == FALLBACK_ENDED else log.notice
             say(f"kernel relay not used ({fallback}): relaying with splice")
             return False
+        log.state("relayed in the kernel")
         return True
 
     # ------------------------------------------------- ends

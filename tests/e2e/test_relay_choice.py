@@ -16,6 +16,7 @@ import sys
 
 from daemon_runner import Daemon, LogLine, StartDaemon
 from netns import Backend, ClientAddresses, Deadline, Net, recv_to_eof
+from test_metrics_scrape import metrics_address, scrape_until, value
 from test_reliability import Usage, connect, open_echoed, v1_header
 
 NO_BPF = "cap_bpf,cap_sys_admin,cap_perfmon"
@@ -115,3 +116,29 @@ def test_established_kernel_pairs_hold_no_thread(
     finally:
         for sock in open_socks:
             sock.close()
+
+
+def test_pairs_in_the_kernel_and_fallbacks_are_logged_and_counted(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """One pair goes to the kernel; one whose client already ended goes to splice, at -v 2 and
+    in ``kernel_relay_fallbacks{reason="ended"}``; both relay every byte."""
+    daemon = mmproxy("--relay", "sockmap", "--metrics", "127.0.0.1:0")
+    address = metrics_address(daemon)
+    with connect(net, daemon) as sock:  # kernel: the client ends after the hand-over
+        sock.sendall(v1_header(addresses.v4()) + b"ping")
+        assert daemon.wait_for(lambda line: line.get("msg") == "relayed in the kernel")
+        sock.sendall(b"later")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(sock, Deadline(10)) == b"pinglater"
+    with connect(net, daemon) as sock:  # splice: header, data and FIN before the hand-over
+        sock.sendall(v1_header(addresses.v4()) + b"at once")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(sock, Deadline(10)) == b"at once"
+    (line,) = daemon.wait_for(lambda line: "kernel relay not used" in str(line.get("msg")))
+    assert line["msg"] == "kernel relay not used (ended): relaying with splice"
+    samples = scrape_until(net, address, lambda s: value(s, "mmproxy_connections_active") == 0)
+    assert value(samples, "mmproxy_kernel_relayed_total") == 1
+    assert value(samples, "mmproxy_kernel_relay_fallbacks_total", reason="ended") == 1
+    assert value(samples, "mmproxy_kernel_relay_fallbacks_total", reason="insert_failed") == 0
+    assert value(samples, "mmproxy_relayed_bytes_total", direction="to_target") == 16
