@@ -412,10 +412,20 @@ def test_backend_that_never_reads_gets_backpressure_not_buffering(
     mmproxy: StartDaemon,
     backend4: Backend,
     addresses: ClientAddresses,
+    relay: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A client pushing at a backend that does not read is stopped by TCP flow control: mmproxy
     holds at most a pipe's worth, its memory stays flat, and when the backend reads at last
     every byte arrives, in order."""
+    if relay == "sockmap":
+        # Known and measured on 6.18: the verdict takes every skb off the client's receive
+        # queue and queues it for the backend socket without a bound, so the client's window
+        # never closes (256 MiB went into kernel memory).  The pair is handed over before the
+        # push (below), so this fails every time; strict, so a fix shows up here as XPASS.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="sockmap's redirect queue has no bound")
+        )
     go = threading.Event()
 
     def late_reader(conn: BackendConnection) -> None:
@@ -424,12 +434,18 @@ def test_backend_that_never_reads_gets_backpressure_not_buffering(
         conn.send(conn.digest.digest())
 
     backend4.handler = late_reader
-    daemon = mmproxy(verbose=0)
+    daemon = mmproxy(verbose=2)
     rss_before = Usage.of(daemon).rss
     sent = hashlib.sha256()
     total = 0
     with connect(net, daemon) as sock:
         sock.sendall(v1_header(addresses.v4()))
+        if relay == "sockmap":  # in the kernel before the push (else it is drained to splice)
+            first = b"first"
+            sock.sendall(first)
+            sent.update(first)
+            total += len(first)
+            assert daemon.wait_for(lambda line: line.get("msg") == "relayed in the kernel")
         sock.settimeout(0.5)
         deadline = Deadline(4)
         block = os.urandom(MIB)
