@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,12 +23,31 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+def park(
+    lot: ParkingLot,
+    pair: Pair,
+    resume: Callable[[], None],
+    failed: Callable[[BaseException], None],
+    idle_timeout: float = 0.0,
+) -> None:
+    """Park both sockets of ``pair`` as one spot, expired (shut down as idle) at the timeout."""
+    lot.park_sockets(
+        (pair.client, pair.upstream),
+        resume,
+        failed,
+        timeout=idle_timeout,
+        expire=pair.expire,
+        abandon=pair.close,
+    )
+
+
 class Rig:
     """Connections, a pool and a lot; everything opened is closed at the end."""
 
     def __init__(self, idle_timeout: float = 0.0) -> None:
         self.pool = WorkerPool(idle_timeout=5)
-        self.lot = ParkingLot(self.pool, idle_timeout)
+        self.lot = ParkingLot(self.pool)
+        self.idle_timeout = idle_timeout
         self.lot.start()
         self.sockets: list[socket.socket] = []
         self.resumed: list[Pair] = []
@@ -47,7 +66,7 @@ class Rig:
                 self.resumed.append(pair)
                 self._changed.notify_all()
 
-        self.lot.park(pair, resume, self.failures.append)
+        park(self.lot, pair, resume, self.failures.append, self.idle_timeout)
 
     def wait_resumed(self, count: int, timeout: float = 5.0) -> list[Pair]:
         with self._changed:
@@ -156,7 +175,7 @@ def test_closing_the_lot_closes_what_is_still_parked() -> None:
     assert client.recv(1) == b""
     late = Pair(*tcp_pair())
     with pytest.raises(RuntimeError, match="closed"):
-        rig.lot.park(late, lambda: None, lambda _error: None)
+        park(rig.lot, late, lambda: None, lambda _error: None)
     late.close()  # refused: the caller still owns it
     rig.pool.close()
     for sock in rig.sockets:
