@@ -29,6 +29,9 @@
  *                   read the response to EOF, close; latency per connection
  *         idle      open --conns connections, report, hold them until stdin
  *                   closes (or --duration runs out)
+ *         idle-active  the same, but each connection first sends "PING\r\n" to an
+ *                   echo backend and is counted opened once the echo is back
+ *                   (checked); then it stays open and quiet
  *         udp       --conns UDP flows (one socket, so one source port, each) to
  *                   a udp-echo backend, up to --window datagrams in flight per
  *                   flow; with --proxy v2 each datagram starts with a PROXY v2
@@ -380,7 +383,16 @@ static void serve_udp(int port) {
 
 /* ------------------------------------------------------------------ client */
 
-enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE, C_UDP };
+enum client_mode {
+    C_UPLOAD,
+    C_DOWNLOAD,
+    C_PINGPONG,
+    C_STREAM,
+    C_CONNRATE,
+    C_IDLE,
+    C_UDP,
+    C_IDLE_ACTIVE
+};
 
 struct options {
     enum client_mode mode;
@@ -494,7 +506,7 @@ static int on_connected(int ep, struct cconn *c) {
     if (err) return -1;
     char first[256];
     size_t n = build_header(first);
-    if (opt.mode == C_PINGPONG) { /* the first message rides with the header */
+    if (opt.mode == C_PINGPONG || opt.mode == C_IDLE_ACTIVE) { /* it rides with the header */
         memcpy(first + n, MESSAGE, MESSAGE_SIZE);
         n += MESSAGE_SIZE;
         c->sent = MESSAGE_SIZE;
@@ -566,6 +578,14 @@ static int client_event(int ep, struct cconn *c, uint32_t events, int counting) 
         if (counting) res.messages += c->received / MESSAGE_SIZE - before;
         return stream_fill(ep, c);
     }
+    case C_IDLE_ACTIVE: /* the one echo: whole, and nothing more */
+        if (c->received + (uint64_t)n > c->sent) {
+            res.mismatches++;
+            break;
+        }
+        check_echo(buf, (size_t)n, c->received);
+        c->received += (uint64_t)n;
+        break;
     default: break; /* connrate reads the response to EOF; idle discards */
     }
     return 0;
@@ -601,8 +621,10 @@ static void print_results(double seconds) {
     fflush(stdout);
 }
 
-/* idle: open everything, report, then hold until stdin closes or time runs out. */
+/* idle: open everything, report, then hold until stdin closes or time runs out.  An
+ * idle-active connection is pending until its echo is back, and only then opened. */
 static void run_idle(int ep) {
+    int active = opt.mode == C_IDLE_ACTIVE;
     struct cconn *conns = calloc((size_t)opt.conns, sizeof *conns);
     if (!conns) die("out of memory");
     int started = 0, pending = 0;
@@ -622,16 +644,25 @@ static void run_idle(int ep) {
         for (int i = 0; i < n; i++) {
             struct cconn *c = events[i].data.ptr;
             if (c->connected) {
+                int waiting = active && c->received < c->sent;
                 if (client_event(ep, c, events[i].events, 0) != 0) {
                     close_conn(ep, c); /* the proxy closed it: over its limit */
+                    if (waiting) {
+                        pending--;
+                        res.failed++;
+                    }
+                } else if (waiting && c->received == c->sent) {
+                    pending--;
+                    res.opened++;
                 }
                 continue;
             }
-            pending--;
             if (on_connected(ep, c) != 0) {
+                pending--;
                 res.failed++;
                 close_conn(ep, c);
-            } else {
+            } else if (!active) {
+                pending--;
                 res.opened++;
             }
         }
@@ -843,7 +874,7 @@ static void run_client(void) {
         res.samples = malloc(MAX_SAMPLES * sizeof *res.samples);
         if (!res.samples) die("out of memory");
     }
-    if (opt.mode == C_IDLE) {
+    if (opt.mode == C_IDLE || opt.mode == C_IDLE_ACTIVE) {
         run_idle(ep);
         return;
     }
@@ -923,10 +954,10 @@ int main(int argc, char **argv) {
     if (argc < 2) die("usage: loadgen serve MODE --port P | loadgen MODE --connect HOST:PORT ...");
     static const char *const serve_modes[] = {"echo", "sink", "source", "rr", "hold", "udp-echo"};
     static const char *const client_modes[] = {"upload",   "download", "pingpong", "stream",
-                                               "connrate", "idle",     "udp"};
+                                               "connrate", "idle",     "udp",      "idle-active"};
     int serving = strcmp(argv[1], "serve") == 0;
     int mode = serving ? (argc > 2 ? lookup(argv[2], serve_modes, 6) : -1)
-                       : lookup(argv[1], client_modes, 7);
+                       : lookup(argv[1], client_modes, 8);
     if (mode < 0) die("unknown mode");
     int first = serving ? 3 : 2;
     opt = (struct options){.conns = 1, .duration = 3.0, .window = 64, .dest_port = 0};

@@ -134,6 +134,19 @@ class ParkingLot:
         if earliest:
             os.eventfd_write(self._wake, 1)  # the loop may sleep past this deadline: wake it
 
+    def withdraw(self, sock: socket.socket) -> bool:
+        """Take back the spot ``sock`` waits in, before it is handed over.
+
+        True when it was still parked: it has left the lot and its jobs will never run (the
+        caller runs the work itself).  False when it is not here, or already handed over.
+        """
+        with self._lock:
+            spot = self._by_fd.get(sock.fileno())
+            if spot is None or spot.left:
+                return False
+            self._leave(spot)
+            return True
+
     def close(self) -> None:
         """Stop the thread; what is still parked is abandoned (its sockets closed by its owner).
 

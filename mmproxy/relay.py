@@ -389,10 +389,16 @@ class Pair:
 
     def input_waiting(self) -> bool:
         """Whether either socket has data, an end or an error now (never blocks)."""
+        return any(self.ready())
+
+    def ready(self) -> tuple[bool, bool]:
+        """Whether the client and the upstream socket have data, an end or an error now
+        (never blocks): which directions have something to move."""
         poller = select.poll()
         for sock in (self.client, self.upstream):
             poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
-        return bool(poller.poll(0))
+        ready = {fd for fd, _events in poller.poll(0)}
+        return self.client.fileno() in ready, self.upstream.fileno() in ready
 
     def expire(self) -> None:
         """End the pair as idle (both directions then find their sockets shut down)."""

@@ -59,7 +59,7 @@ _BEFORE_RELAY = "connection failed before the relay started"
 
 # Seconds a relay direction may wait for its source on a thread before it parks that socket
 # and gives the thread back (bench/README.md: how it was chosen).
-QUIET_GRACE = 1.0
+QUIET_GRACE = 0.25
 
 
 class RefusedError(Exception):
@@ -376,12 +376,14 @@ class Connection:
         self._log.state("connection established")
         services.metrics.opened()
         self._opened = True
+        parking = services.parking
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if payload:
                 conn_up.sock.sendall(payload)  # what came with the header goes first
                 pair.to_target[0] += len(payload)
-            elif services.parking is not None and not pair.input_waiting():
+            client_ready, upstream_ready = pair.ready()
+            if parking is not None and not (payload or client_ready or upstream_ready):
                 # Nothing to relay yet: both directions wait in the lot, holding no thread.
                 self._release()
                 self._wait(pair, FORWARD)
@@ -390,24 +392,37 @@ class Connection:
         except OSError as error:
             self._finish(Outcome("relay could not start", error))
             return
-        with self._lock:
-            self._threads += 1  # the backward direction, about to get a worker
-        try:
-            services.pool.submit(lambda: self._run(pair, BACKWARD))
-        except (OSError, RuntimeError) as error:
-            self._release()
-            self._lost(pair, error)  # ends the pair: the forward run below sees it at once
-        self._run(pair, FORWARD)
+        # This thread takes the direction that moves next: the client's data if it has some,
+        # else the backend's answer.  The other one gets a worker only if its source has
+        # something already; otherwise it waits in the lot (or for this thread: see _run).
+        mine = FORWARD if client_ready or parking is None else BACKWARD
+        if parking is None or (upstream_ready if mine == FORWARD else client_ready):
+            with self._lock:
+                self._threads += 1  # the other direction, about to get a worker
+            try:
+                services.pool.submit(lambda: self._run(pair, 1 - mine))
+            except (OSError, RuntimeError) as error:
+                self._release()
+                self._lost(pair, error)  # ends the pair: the run below sees it at once
+        else:
+            self._wait(pair, 1 - mine)
+        self._run(pair, mine)
 
     def _run(self, pair: Pair, side: int) -> None:
         """Run direction ``side`` on this thread (counted in ``_threads``) until it is quiet
-        (then it parks) or ends (the last one to end finishes the connection)."""
+        (then it parks) or ends (the last one to end finishes the connection).  A direction
+        that ends while the other one is parked hands this thread over to it: a request and
+        its answer, and the close that follows, need no second thread."""
         step = pair.run(side)
         if step is Step.QUIET:
             self._release()
             self._wait(pair, side)
         elif step is Step.LAST:
             self._finish(self._ending(pair))
+        elif self._services.parking is not None and self._services.parking.withdraw(
+            pair.source(1 - side)
+        ):
+            self._run(pair, 1 - side)
         else:
             self._release()
 

@@ -1,6 +1,6 @@
 """Quiet relays give their threads back, end to end.
 
-A relay direction that has moved nothing for the grace (1 s) parks its source socket in the
+A relay direction that has moved nothing for the grace (0.25 s) parks its source socket in the
 parking lot and its thread goes back to the pool; it resumes on the pool when the socket has
 something.  These tests judge what the two ends saw (every byte, in order, half-closes), what
 the daemon says (``/proc/<pid>/task/*/syscall``: which threads are blocked reading a
@@ -21,7 +21,7 @@ from netns import Backend, BackendConnection, ClientAddresses, Deadline, Net, re
 from test_metrics_scrape import Samples, metrics_address, scrape_until, value
 from test_reliability import connect, figure, is_msg, v1_header
 
-GRACE = 1.0  # mmproxy.tcp.QUIET_GRACE
+GRACE = 0.25  # mmproxy.tcp.QUIET_GRACE
 # The system calls a relay direction blocks in while it waits for its source on a thread.
 READ_CALLS = {
     "x86_64": {"45", "275"},  # recvfrom, splice
@@ -137,7 +137,12 @@ def test_one_direction_parks_while_the_other_streams(
         deadline = Deadline(15)
         while received.count(b"\n") < 100 and not deadline.expired():  # 2 s of lines
             received += sock.recv(4096)
-        assert reading_threads(daemon) == 1, "only the streaming direction holds a thread"
+        # A thread back from splice may be waiting for the GIL, not reading: look a few times.
+        seen = []
+        for _ in range(40):
+            seen.append(reading_threads(daemon))
+            received += sock.recv(4096)
+        assert max(seen) == 1, f"only the streaming direction holds a thread: {seen}"
         sock.sendall(b"stop")
         received += recv_to_eof(sock, Deadline(10))
     assert received.endswith(b"stop")
@@ -178,7 +183,7 @@ def test_idle_timeout_counts_from_the_last_byte_across_parking(
         sock.sendall(v1_header(addresses.v4()))
         request(sock, b"one")
         assert wait_reading_threads(daemon, 0) == 0
-        time.sleep(GRACE)  # parked, 2 s or more into the timeout: not ended
+        time.sleep(1.5)  # parked, 1.5 s or more into the timeout: not ended
         request(sock, b"two")
         last = time.monotonic()
         sock.settimeout(10)

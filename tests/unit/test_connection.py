@@ -249,7 +249,7 @@ def test_a_trickling_header_parks_then_completes(rig: Rig) -> None:
     client, connection = rig.connect(b"PROXY UNK")
     wait_for(lambda: rig.lot is not None and len(rig.lot) == 1, "the header to be parked")
     assert connection.state is State.HEADER
-    assert rig.busy_workers() == 0, "a parked header holds no thread"
+    wait_for(lambda: rig.busy_workers() == 0, "a parked header to hold no thread")
     client.sendall(b"NOWN\r\nping")
     backend = rig.accept()
     assert recv_exactly(backend, 4) == b"ping"
@@ -506,3 +506,24 @@ def test_without_a_lot_a_relay_keeps_its_threads() -> None:
         rig.done(connection)
     finally:
         rig.close()
+
+
+def test_a_request_its_answer_and_the_close_take_one_thread(rig: Rig) -> None:
+    """The serving thread relays the answer, then takes the client's direction back from the
+    lot for the close: no second worker is ever started."""
+    client, connection = rig.connect(LOCAL + b"GET\n")
+    backend = rig.accept()
+    assert recv_exactly(backend, 4) == b"GET\n"
+    backend.sendall(b"answer")
+    backend.close()
+    assert recv_exactly(client, 6) == b"answer"
+    assert_closed_by_peer(client)
+    assert rig.lot is not None
+    lot = rig.lot
+    # The client has sent nothing since: its direction can only have left the lot for the
+    # thread that relayed the answer.
+    wait_for(lambda: len(lot) == 0, "the client's direction to leave the lot")
+    client.close()
+    rig.done(connection)
+    assert rig.pool._started == 1
+    assert rig.metrics.closed_bytes == [(4, 6)]

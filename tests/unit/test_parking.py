@@ -163,6 +163,21 @@ def test_a_pool_that_refuses_the_job_gets_the_failure_reported(rig: Rig) -> None
     assert rig.resumed == []
 
 
+def test_a_spot_withdrawn_before_it_is_handed_over_never_runs(rig: Rig) -> None:
+    client, daemon_client, daemon_upstream, _backend = rig.legs()
+    pair = Pair(daemon_client, daemon_upstream)
+    rig.park(pair)
+    assert rig.lot.withdraw(daemon_upstream)  # any socket of the spot takes it all back
+    assert len(rig.lot) == 0
+    assert not rig.lot.withdraw(daemon_client), "gone already"
+    client.sendall(b"x")
+    time.sleep(0.1)
+    assert rig.resumed == []
+    rig.park(pair)  # its sockets can wait again
+    assert rig.wait_resumed(1) == [pair]
+    assert not rig.lot.withdraw(daemon_client), "handed over: too late"
+
+
 def test_closing_the_lot_closes_what_is_still_parked() -> None:
     rig = Rig()
     client, daemon_client, daemon_upstream, _backend = rig.legs()
