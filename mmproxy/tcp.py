@@ -382,7 +382,8 @@ class Connection:
             if payload:
                 conn_up.sock.sendall(payload)  # what came with the header goes first
                 pair.to_target[0] += len(payload)
-            client_ready, upstream_ready = pair.ready()
+            # With a payload the answer comes next: no need to look (the lot sees the rest).
+            client_ready, upstream_ready = (False, False) if payload else pair.ready()
             if parking is not None and not (payload or client_ready or upstream_ready):
                 # Nothing to relay yet: both directions wait in the lot, holding no thread.
                 self._release()
