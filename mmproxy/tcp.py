@@ -216,7 +216,7 @@ class Connection:
 
     def not_served(self, error: BaseException) -> None:
         """The connection never got a thread: close it and say why."""
-        self._finish(Outcome("no thread for the connection", error, STOPPING, STOPPING))
+        self._finish(Outcome("no thread for the connection", error))
 
     def _finish(self, outcome: Outcome) -> None:
         """The one way out: close, log, count and leave the tracker, exactly once."""

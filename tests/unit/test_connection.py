@@ -328,7 +328,8 @@ def test_a_connection_that_got_no_thread_is_finished(rig: Rig) -> None:
     rig.done(connection)
     connection.not_served(RuntimeError("again"))  # a second way out changes nothing
     assert rig.tracker.removed == [connection]
-    assert rig.metrics.header_errors == [STOPPING]
+    assert rig.metrics.calls == {}  # never read: no header error, nothing relayed
+    assert rig.records.messages() == ["no thread for the connection"]
 
 
 # ------------------------------------------------------------------ quiet relays park
