@@ -280,7 +280,7 @@ class Server:
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
-        self._parking = ParkingLot(self._pool, config.idle_timeout)
+        self._parking = ParkingLot(self._pool)
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose),
@@ -289,7 +289,7 @@ class Server:
             metrics,
             pipes,
             self._parking,
-            kernel,
+            kernel=kernel,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
@@ -326,8 +326,7 @@ class Server:
         try:
             self._pool.submit(connection.serve)
         except (RuntimeError, OSError) as error:
-            connection.discard()  # closes under the connection's lock, as abort() expects
-            services.log.failure("no thread for the connection", error)
+            connection.not_served(error)
 
     def stop(self, cause: str) -> None:
         """Stop accepting, drain live connections, then shut the rest down."""

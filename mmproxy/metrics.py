@@ -95,6 +95,12 @@ class Metrics:
     def kernel_relay(self, fallback: str | None) -> None:
         """``--relay sockmap``: a pair went to the kernel (None), or stayed with splice and why."""
 
+    def parked(self) -> None:
+        """A relayed connection gave its last thread back: it waits in the parking lot."""
+
+    def resumed(self) -> None:
+        """A parked connection has a thread again (or ended)."""
+
     def udp_flow_opened(self) -> None:
         """A UDP flow (client address and port) got its upstream socket."""
 
@@ -153,6 +159,12 @@ class PrometheusMetrics(Metrics):
         )
         self._active = Gauge(
             "connections_active", "Connections being relayed now", namespace=ns, registry=r
+        )
+        self._parked = Gauge(
+            "connections_parked",
+            "Relayed connections holding no thread now (quiet: waiting in the parking lot)",
+            namespace=ns,
+            registry=r,
         )
         relayed_bytes = Counter(
             "relayed_bytes",
@@ -241,6 +253,12 @@ class PrometheusMetrics(Metrics):
             self._kernel_relayed.inc()
         else:
             self._kernel_fallbacks.labels(fallback).inc()
+
+    def parked(self) -> None:
+        self._parked.inc()
+
+    def resumed(self) -> None:
+        self._parked.dec()
 
     def udp_flow_opened(self) -> None:
         self._udp_flows_opened.inc()
