@@ -32,7 +32,7 @@ from mmproxy import logs, notify, runtime, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
-from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
     REFUSED_CONNECTION_LIMIT,
@@ -86,8 +86,12 @@ def run(config: Config, log: logging.Logger) -> int:
         sockets = open_listeners(config, kind)
     except OSError as error:
         log.error(
-            f"cannot listen on {config.listen}: {error.strerror or error}",
-            extra={logs.LISTEN_ADR: str(config.listen)},
+            logs.MSG_BIND_FAILED,
+            extra={
+                logs.LISTEN_ADR: str(config.listen),
+                logs.PROTOCOL: config.protocol,
+                logs.ERROR: f"cannot listen on {config.listen}: {error.strerror or error}",
+            },
         )
         return EXIT_FAILURE
     metrics: Metrics = NO_METRICS
@@ -235,7 +239,7 @@ class Server:
         self._parking = ParkingLot(self._pool, config.idle_timeout)
         self._services = Services(
             config,
-            logs.ConnectionLog(log, config.verbose),
+            logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
             self._pool,
             self._tracker,
             metrics,
@@ -257,11 +261,19 @@ class Server:
         services = self._services
         services.metrics.accepted()
         if not self._allow_list.current.allows(peer[0]):
+            if services.log.failures:
+                services.log.failure(
+                    logs.MSG_ORIGIN_NOT_ALLOWED,
+                    "the peer is not in the allowed subnets",
+                    reason=NOT_ALLOWED,
+                    **{
+                        logs.REMOTE_ADDR: logs.go_address(*peer),
+                        logs.LOCAL_ADDR: logs.local_address(sock),
+                        logs.LISTENER_NUM: number,
+                    },
+                )
             sock.close()
             services.metrics.refused(REFUSED_NOT_ALLOWED)
-            services.log.bind(
-                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
-            ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
             return
         connection = Connection(sock, peer, number, services)
         if not self._tracker.add(connection):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmproxy import logs, upstream
-from mmproxy.config import Config, Endpoint, IPAddress
+from mmproxy.config import Config, Endpoint
 from mmproxy.errors import HeaderError, Reason
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
@@ -131,7 +131,11 @@ class Connection:
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
-                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: listener_num}
+                **{
+                    logs.REMOTE_ADDR: logs.go_address(*peer),
+                    logs.LOCAL_ADDR: logs.local_address(sock),
+                    logs.LISTENER_NUM: listener_num,
+                }
             )
         self._lock = threading.Lock()
         self._pair: Pair | None = None
@@ -173,6 +177,7 @@ class Connection:
         metrics = services.metrics
         try:
             if not self._started:
+                self._log.state(logs.MSG_NEW_CONNECTION)
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._started = time.monotonic()
                 self._deadline = self._started + services.config.header_timeout
@@ -181,9 +186,12 @@ class Connection:
                 return  # parked until more of the header arrives
             header, payload = found
             metrics.header_parsed(time.monotonic() - self._started)
+            if self._log.states:
+                self._log_header(header)
             conn_up = self._connect(header)
         except RefusedError as refusal:
-            self._log.failure(refusal.message, refusal.detail, reason=refusal.reason)
+            message = logs.tcp_refusal_message(refusal.reason)
+            self._log.failure(message, str(refusal), reason=refusal.reason)
             if refusal.reason == UPSTREAM_FAILED:
                 metrics.upstream_failed()
             else:
@@ -191,12 +199,15 @@ class Connection:
             self.discard()
             return
         except HeaderError as error:
-            self._log.failure("invalid PROXY header", error)
+            # A peer that closed before sending a byte is a failed read, as go-mmproxy has it.
+            failed_read = error.reason == Reason.INCOMPLETE and not self._buffer
+            message = logs.MSG_READ_HEADER_FAILED if failed_read else logs.MSG_PARSE_HEADER_FAILED
+            self._log.failure(message, error)
             metrics.header_error(error.reason)
             self.discard()
             return
         except OSError as error:
-            self._log.failure("connection failed before the relay started", error)
+            self._log.failure(logs.MSG_READ_HEADER_FAILED, error, reason=READ_ERROR)
             metrics.header_error(READ_ERROR)
             self.discard()
             return
@@ -211,7 +222,9 @@ class Connection:
         if log.failures:
             log = log.bind(
                 **{
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
+                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
+                    if header.client is not None
+                    else logs.UNKNOWN_CLIENT,
                     logs.TARGET_ADDR: _peer_text(conn_up.sock),
                 }
             )
@@ -222,11 +235,17 @@ class Connection:
             log.failure("daemon is stopping", reason=STOPPING)
             services.tracker.remove(self)
             return
-        log.state("connection established")
+        log.state(logs.MSG_UPSTREAM_ESTABLISHED)
+        log.state(logs.MSG_NODELAY_DOWNSTREAM)
+        log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it on the new socket
         metrics.opened()
         try:
             if payload:
-                conn_up.sock.sendall(payload)  # what came with the header goes first
+                try:
+                    conn_up.sock.sendall(payload)  # what came with the header goes first
+                except OSError as error:
+                    self._relay_failed(pair, log, error, logs.MSG_WRITE_UPSTREAM_FAILED)
+                    return
                 pair.to_target[0] += len(payload)
             elif services.parking is not None and not pair.input_waiting():
                 # Nothing to relay yet: wait in the parking lot, holding no thread.
@@ -250,9 +269,15 @@ class Connection:
             return
         self._relay(pair, pair.forward, log)
 
-    def _relay_failed(self, pair: Pair, log: logs.ConnectionLog, error: BaseException) -> None:
+    def _relay_failed(
+        self,
+        pair: Pair,
+        log: logs.ConnectionLog,
+        error: BaseException,
+        message: str = "relay could not start",
+    ) -> None:
         pair.close()
-        log.failure("relay could not start", error)
+        log.failure(message, error)
         self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
         self._services.tracker.remove(self)
 
@@ -277,9 +302,9 @@ class Connection:
             detail = f"no data in either direction for {timeout:g}s"
             log.failure("idle timeout", detail, reason=IDLE_TIMEOUT, **fields)
         elif error is not None and not (aborted and error.errno in PEER_GONE):
-            log.failure("connection ended with an error", error, **fields)
+            log.failure(logs.MSG_CONNECTION_BROKEN, error, **fields)
         else:
-            log.state("connection closed", **fields)
+            log.state(logs.MSG_CONNECTION_CLOSING, **fields)
         self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
         self._services.tracker.remove(self)
 
@@ -334,10 +359,33 @@ class Connection:
         return True
 
     def _resume_failed(self, error: BaseException) -> None:
-        self._log.failure("connection failed before the relay started", error)
+        self._log.failure(logs.MSG_READ_HEADER_FAILED, error, reason=READ_ERROR)
         self.discard()
 
+    def _log_header(self, header: ProxyHeader) -> None:
+        """``successfully parsed PROXY header`` with go-mmproxy's fields and the TLVs (-v 2)."""
+        client = header.client
+        client_text = logs.UNKNOWN_CLIENT if client is None else str(client)
+        self._log.state(
+            logs.MSG_HEADER_PARSED,
+            **{logs.CLIENT_ADDR: client_text, logs.TARGET_ADDR: str(self._target_of(header))},
+            **logs.tlv_fields(header.tlvs),
+        )
+
     # -------------------------------------------------------------- upstream
+
+    def _target_of(self, header: ProxyHeader) -> Endpoint:
+        """The header's destination with -dynamic-destination, else -4 or -6 by family.
+
+        The family is the client's, or the balancer's for a header without addresses.
+        """
+        destination = header.destination
+        if self._services.config.dynamic_destination and isinstance(destination, InetAddress):
+            return Endpoint(upstream.plain_address(destination.host), destination.port)
+        client = header.client
+        host = ipaddress.ip_address(self._peer.partition("%")[0]) if client is None else client.host
+        config = self._services.config
+        return config.target4 if upstream.plain_address(host).version == 4 else config.target6
 
     def _connect(self, header: ProxyHeader) -> upstream.Upstream:
         config = self._services.config
@@ -348,24 +396,24 @@ class Connection:
                 "the header announces DGRAM (UDP) on a TCP listener",
             )
         client = header.client
+        target = self._target_of(header)
+        if target.port == 0:
+            raise RefusedError(
+                BAD_DESTINATION,
+                "unusable destination in PROXY header",
+                f"destination {header.destination} has port 0",
+            )
         timeout = config.connect_timeout
         try:
             if client is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: no address to impersonate
-                peer = ipaddress.ip_address(self._peer.partition("%")[0])
-                target = self._target_for(upstream.plain_address(peer))
-                if config.dynamic_destination and isinstance(header.destination, InetAddress):
-                    target = self._dynamic_target(header.destination)
                 return upstream.connect_plain(target, mark=config.mark, timeout=timeout)
             host = upstream.plain_address(client.host)
-            target = self._target_for(host)
-            if config.dynamic_destination and isinstance(header.destination, InetAddress):
-                target = self._dynamic_target(header.destination)
-                if target.host.version != host.version:
-                    raise RefusedError(
-                        BAD_DESTINATION,
-                        "unusable destination in PROXY header",
-                        f"source {client} and destination {target} differ in family",
-                    )
+            if target.host.version != host.version:
+                raise RefusedError(
+                    BAD_DESTINATION,
+                    "unusable destination in PROXY header",
+                    f"source {client} and destination {target} differ in family",
+                )
             return upstream.connect_spoofed(
                 (host, client.port), target, mark=config.mark, timeout=timeout
             )
@@ -379,20 +427,6 @@ class Connection:
             raise RefusedError(
                 UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
             ) from error
-
-    def _target_for(self, host: IPAddress) -> Endpoint:
-        config = self._services.config
-        return config.target4 if host.version == 4 else config.target6
-
-    @staticmethod
-    def _dynamic_target(destination: InetAddress) -> Endpoint:
-        if destination.port == 0:
-            raise RefusedError(
-                BAD_DESTINATION,
-                "unusable destination in PROXY header",
-                f"destination {destination} has port 0",
-            )
-        return Endpoint(upstream.plain_address(destination.host), destination.port)
 
 
 def _header_timeout(received: int, timeout: float) -> RefusedError:

@@ -47,7 +47,13 @@ from mmproxy import logs, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint, IPAddress
 from mmproxy.errors import HeaderError
-from mmproxy.listener import RESOURCE_ERRORS, STOPPED_ERRORS, ListenerThread, Throttle
+from mmproxy.listener import (
+    RESOURCE_ERRORS,
+    STOPPED_ERRORS,
+    ListenerThread,
+    Throttle,
+    listener_fields,
+)
 from mmproxy.metrics import NO_METRICS, TO_CLIENT, TO_TARGET, Metrics
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import V2_FIXED_LENGTH, V2_SIGNATURE, InetAddress, Transport, parse_complete
@@ -271,7 +277,7 @@ class UdpServer:
         self._allow_list = allow_list
         self._metrics = metrics
         self.log = log
-        self._flow_log = logs.ConnectionLog(log, config.verbose)
+        self._flow_log = logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets))
         self._pool = WorkerPool()
         self._table = FlowTable(capacity)
         self.counters = Counters()  # events of the reply workers and the flows' totals
@@ -442,10 +448,14 @@ class UdpServer:
             ) from error
         log = self._flow_log
         if log.failures:
+            balancer = logs.go_address(str(sender[0]), int(sender[1]))
             log = log.bind(
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
+                    logs.REMOTE_ADDR: balancer,
+                    logs.DOWNSTREAM_ADDR: balancer,  # go-mmproxy's name for it in UDP mode
+                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
+                    if client is not None
+                    else logs.UNKNOWN_CLIENT,
                     logs.TARGET_ADDR: str(target),
                     logs.LISTENER_NUM: dispatcher.number,
                 }
@@ -470,7 +480,7 @@ class UdpServer:
         self._metrics.udp_flow_opened()
         if conn_up.fallback:
             log.notice("client port in use here: the flow uses an ephemeral port instead")
-        log.state("flow started")
+        log.state(logs.MSG_NEW_CONNECTION)
         return flow
 
     def _flow_limit(self) -> None:
@@ -499,9 +509,10 @@ class UdpServer:
         self._metrics.udp_dropped(reason)
         log = self._flow_log
         if log.failures:
+            detail_text = str(detail)
             log.drop(
-                message,
-                detail if isinstance(detail, BaseException) else (str(detail) or None),
+                logs.udp_drop_message(reason),
+                f"{message}: {detail_text}" if detail_text else message,
                 **{
                     logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
                     logs.LISTENER_NUM: dispatcher.number,
@@ -531,7 +542,7 @@ class UdpServer:
         except Exception as error:  # noqa: BLE001 - the flow must end cleanly whatever happens
             reason = "error"
             self._table.remove(flow)
-            flow.log.failure("UDP flow ended with an error", error)
+            flow.log.failure(logs.MSG_UDP_READ_FAILED, error)
         finally:
             flow.release()
             self._flow_ended(flow, reason)

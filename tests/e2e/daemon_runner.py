@@ -175,3 +175,17 @@ class Daemon:
 
 
 StartDaemon = Callable[..., Daemon]
+
+
+def run_to_exit(
+    namespace: NetNamespace, *flags: str, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mmproxy FLAGS`` in ``namespace`` to its exit (for start-up failures)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "mmproxy", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        check=False,
+    )

@@ -82,7 +82,7 @@ def is_loopback(host: str) -> bool:
 
 def is_closed_line(line: LogLine) -> bool:
     """The last log line of a relayed connection (-v 2)."""
-    return line.get("msg") == "connection closed"
+    return line.get("msg") == "connection closing"
 
 
 # ------------------------------------------------------------ addresses are preserved

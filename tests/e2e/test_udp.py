@@ -207,10 +207,10 @@ def test_backend_sees_the_client_and_its_reply_reaches_the_balancer(
     assert balancer.recv() == show(client).encode() + b"|query-1"
     assert balancer.recv() == show(client).encode() + b"|query-2"
     assert backend.wait_count(2) == [(client, b"query-1"), (client, b"query-2")]
-    started = daemon.wait_for(lambda line: line.get("msg") == "flow started")
+    started = daemon.wait_for(lambda line: line.get("msg") == "new connection")
     assert started[0]["clientAddr"] == show(client)
     assert started[0]["remoteAddr"] == show(balancer.sock.getsockname())
-    assert len(log_lines(daemon, "flow started")) == 1, "both datagrams used one flow"
+    assert len(log_lines(daemon, "new connection")) == 1, "both datagrams used one flow"
 
 
 def test_ipv4_mapped_client_goes_to_the_ipv4_target(rig: UdpRig) -> None:
@@ -249,7 +249,7 @@ def test_two_clients_behind_one_balancer_get_two_flows(rig: UdpRig) -> None:
     assert replies == sorted([show(carol).encode() + b"|c", show(dave).encode() + b"|d"])
     peers = {peer for peer, _ in rig.udp4.wait_count(12)}
     assert {alice, bob, carol, dave} <= peers
-    assert len(log_lines(daemon, "flow started")) == 4
+    assert len(log_lines(daemon, "new connection")) == 4
 
 
 def test_local_header_is_forwarded_from_mmproxy_itself(rig: UdpRig) -> None:
@@ -328,7 +328,7 @@ def test_idle_flow_is_closed_and_a_new_datagram_opens_a_new_one(rig: UdpRig) -> 
 
     balancer.send(dgram_header(client) + b"two")
     assert balancer.recv() == show(client).encode() + b"|two"
-    assert len(log_lines(daemon, "flow started")) == 2
+    assert len(log_lines(daemon, "new connection")) == 2
     assert rig.udp4.wait_count(2) == [(client, b"one"), (client, b"two")]
 
 
@@ -345,7 +345,7 @@ def test_replies_keep_a_flow_alive(rig: UdpRig) -> None:
     closed = daemon.wait_for(lambda line: line.get("msg") == "flow closed", timeout=5)
     assert closed, daemon.describe()
     assert float(closed[0]["durationSeconds"]) >= 3.0  # type: ignore[arg-type]
-    assert len(log_lines(daemon, "flow started")) == 1
+    assert len(log_lines(daemon, "new connection")) == 1
 
 
 # ----------------------------------------------------------------------------- header modes
