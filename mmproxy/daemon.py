@@ -46,6 +46,7 @@ from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
+from mmproxy.watchdog import Watchdog
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -131,6 +132,7 @@ def run(config: Config, log: logging.Logger) -> int:
     if gil_problem:
         log.warning(f"free-threaded Python, but {gil_problem}; the relay is slower with the GIL")
     ready["gil"] = runtime.gil_enabled()
+    watchdog: Watchdog | None = None
     if metrics_server is not None:
         metrics_server.start()
         log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
@@ -138,7 +140,14 @@ def run(config: Config, log: logging.Logger) -> int:
         log.info("ready", extra=ready)
         what = "datagrams" if config.protocol == "udp" else "connections"
         tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
-        server.stop(wait_for_stop(log, allow_list))
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            watchdog = Watchdog(interval, server.healthy, log)
+            watchdog.start()
+        cause = wait_for_stop(log, allow_list)
+        if watchdog is not None:
+            watchdog.stop()  # the acceptors stop next: systemd's stop timeout takes over
+        server.stop(cause)
     finally:
         if metrics_server is not None:
             metrics_server.close()
@@ -255,6 +264,10 @@ class Server:
         self._parking.start()
         for acceptor in self._acceptors:
             acceptor.start(self._config.protocol)
+
+    def healthy(self) -> bool:
+        """Every acceptor thread is serving (what the systemd watchdog vouches for)."""
+        return all(acceptor.alive() for acceptor in self._acceptors)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""

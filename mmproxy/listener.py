@@ -165,6 +165,10 @@ class ListenerThread:
             },
         )
 
+    def alive(self) -> bool:
+        """Serving: the thread runs and was not told to stop."""
+        return self._thread.is_alive() and not self.stopping.is_set()
+
     def stop(self) -> None:
         self.stopping.set()
         with contextlib.suppress(OSError):  # ENOTCONN on an unconnected UDP socket, yet it wakes

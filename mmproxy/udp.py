@@ -294,6 +294,10 @@ class UdpServer:
         for dispatcher in self._dispatchers:
             dispatcher.start("udp")
 
+    def healthy(self) -> bool:
+        """Every dispatcher thread is serving (what the systemd watchdog vouches for)."""
+        return all(dispatcher.alive() for dispatcher in self._dispatchers)
+
     def stop(self, cause: str) -> None:
         """Stop reading, close every flow, report the totals."""
         self.log.info(

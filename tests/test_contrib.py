@@ -99,8 +99,9 @@ def test_unit_is_hardened_as_the_issue_asks() -> None:
     assert unit["ExecStartPre"] == [f"{INSTALLED_PATH} routing apply"]
     assert unit["ExecStart"] == [INSTALLED_PATH]
     assert unit["ExecStopPost"] == [f"{INSTALLED_PATH} routing remove"]
-    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
-    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    # CAP_NET_BIND_SERVICE: a transient user may not bind ports below 1024 without it.
+    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
+    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
     assert unit["DynamicUser"] == ["yes"]
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"]
@@ -110,6 +111,8 @@ def test_unit_is_hardened_as_the_issue_asks() -> None:
     assert {"AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"} == set(families)
     # The stop timeout leaves room for the default 30 s drain.
     assert int(unit["TimeoutStopSec"][0].rstrip("s")) > 30
+    # A watchdog (mmproxy pings at half of it while its acceptors serve), and a restart after it.
+    assert int(unit["WatchdogSec"][0].rstrip("s")) >= 10
 
 
 def test_environment_example_is_a_valid_configuration(tmp_path: Path) -> None:

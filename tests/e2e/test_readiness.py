@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from daemon_runner import StartDaemon
+from netns import ClientAddresses, Net
+from test_tcp import header
 
 
 @pytest.fixture
@@ -61,3 +63,34 @@ def test_a_vanished_notify_socket_is_a_warning(
     warned = daemon.wait_for(lambda line: line.get("msg", "").startswith("cannot notify systemd"))
     assert warned, daemon.describe()
     assert warned[0]["level"] == "WARN"
+
+
+def test_watchdog_pings_only_while_accepting(
+    notify_socket: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+    mmproxy: StartDaemon,
+    net: Net,
+    addresses: ClientAddresses,
+) -> None:
+    """With systemd's WatchdogSec= (WATCHDOG_USEC, here 0.2 s) the daemon sends WATCHDOG=1
+    every half period while its acceptors serve; once they stop (the drain), it goes silent
+    even though the process still runs."""
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    daemon = mmproxy(drain_timeout=10)
+    assert messages(notify_socket)[0] == "READY=1"
+    for _ in range(3):
+        assert messages(notify_socket) == ["WATCHDOG=1"]
+    held = net.sockets.connect((daemon.host, daemon.port))  # keeps the drain going
+    with held:
+        held.sendall(header(addresses.v4(), ("203.0.113.1", 443), 1) + b"hold")
+        held.settimeout(10)
+        assert held.recv(4) == b"hold"  # relayed: a live connection
+        daemon.signal(signal.SIGTERM)
+        while (said := messages(notify_socket))[0] == "WATCHDOG=1":
+            pass  # pings sent before the signal was handled
+        assert said[0] == "STOPPING=1"
+        notify_socket.settimeout(0.5)  # five ping periods
+        with pytest.raises(TimeoutError):
+            notify_socket.recv(4096)
+        assert daemon.proc.poll() is None, "still draining, yet silent"
+    assert daemon.wait(10) == 0
