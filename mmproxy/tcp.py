@@ -186,7 +186,7 @@ class Connection:
                 return  # parked until more of the header arrives
             header, payload = found
             metrics.header_parsed(time.monotonic() - self._started)
-            if self._log.states:
+            if self._log.failures:
                 self._log_header(header)
             conn_up = self._connect(header)
         except RefusedError as refusal:
@@ -219,17 +219,11 @@ class Connection:
             self._pair = pair
             aborted = self._aborted
         log = self._log
-        if log.failures:
-            log = log.bind(
-                **{
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
-                    if header.client is not None
-                    else logs.UNKNOWN_CLIENT,
-                    logs.TARGET_ADDR: _peer_text(conn_up.sock),
-                }
+        if conn_up.fallback:
+            log.notice(
+                "client port in use here: connected from an ephemeral port instead",
+                upstreamSource=logs.local_address(conn_up.sock),
             )
-            if conn_up.fallback:
-                log.notice("client port in use here: connected from an ephemeral port instead")
         if aborted:
             pair.close()
             log.failure("daemon is stopping", reason=STOPPING)
@@ -363,14 +357,14 @@ class Connection:
         self.discard()
 
     def _log_header(self, header: ProxyHeader) -> None:
-        """``successfully parsed PROXY header`` with go-mmproxy's fields and the TLVs (-v 2)."""
+        """From here on every record carries ``clientAddr`` and ``targetAddr``, as in
+        go-mmproxy; at -v 2 ``successfully parsed PROXY header`` says so, with the TLVs."""
         client = header.client
         client_text = logs.UNKNOWN_CLIENT if client is None else str(client)
-        self._log.state(
-            logs.MSG_HEADER_PARSED,
-            **{logs.CLIENT_ADDR: client_text, logs.TARGET_ADDR: str(self._target_of(header))},
-            **logs.tlv_fields(header.tlvs),
-        )
+        target = str(self._target_of(header))
+        self._log = self._log.bind(**{logs.CLIENT_ADDR: client_text, logs.TARGET_ADDR: target})
+        if self._log.states:
+            self._log.state(logs.MSG_HEADER_PARSED, **logs.tlv_fields(header.tlvs))
 
     # -------------------------------------------------------------- upstream
 
@@ -435,11 +429,3 @@ def _header_timeout(received: int, timeout: float) -> RefusedError:
         "PROXY header timeout",
         f"no complete header within {timeout:g}s ({received} bytes received)",
     )
-
-
-def _peer_text(sock: socket.socket) -> str:
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return "?"
-    return logs.go_address(str(address[0]), int(address[1]))
