@@ -332,3 +332,25 @@ def test_udp_refusals(rig: UdpRig, tmp_path: Path) -> None:
     (bad,) = records(daemon, "failed to parse PROXY header")
     assert bad["remoteAddr"] == show(insider.sock.getsockname())
     assert bad["error"]
+
+
+def test_unusable_destination_is_an_upstream_failure(
+    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses
+) -> None:
+    """-dynamic-destination with port 0 in the header: go-mmproxy would dial it and fail."""
+    daemon = mmproxy("-dynamic-destination", verbose=1)
+    with connect(net, daemon) as sock:
+        send_allowing_reset(sock, header(addresses.v4(), ("127.0.0.1", 0), 2))
+        wait_closed(sock, 5)
+    (line,) = records(daemon, "failed to establish upstream connection")
+    assert line["reason"] == "bad_destination"
+    assert line["targetAddr"] == "127.0.0.1:0"
+
+
+def test_udp_unusable_destination_is_a_failed_connect(rig: UdpRig) -> None:
+    daemon = rig.start("-dynamic-destination", verbose=1)
+    balancer = rig.balancer(daemon)
+    balancer.send(dgram_header(rig.addresses.v4(), ("127.0.0.1", 0)) + b"nowhere")
+    (line,) = records(daemon, "failed to connect to upstream")
+    assert (line["reason"], line["dropDatagram"]) == ("bad_destination", True)
+    assert line["protocol"] == "udp"
