@@ -311,3 +311,21 @@ def test_dashboard_check_catches_a_wrong_name_or_label() -> None:
         "sum(rate(up[5m]))",
     ):
         assert unknown_series([broken], series), broken
+
+
+def test_dashboard_is_importable() -> None:
+    """What Grafana needs to import it: unique panel ids, a place on the grid for each, one
+    data source variable every query goes through, unique query ids within a panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(set(ids)) == len(ids)
+    for panel in panels:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        targets = panel.get("targets", [])
+        assert len({target["refId"] for target in targets}) == len(targets), panel["title"]
+        for target in targets:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    (source,) = [item for item in dashboard["templating"]["list"] if item["type"] == "datasource"]
+    assert (source["name"], source["query"]) == ("datasource", "prometheus")
