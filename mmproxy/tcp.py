@@ -186,6 +186,7 @@ class Connection:
                 return  # parked until more of the header arrives
             header, payload = found
             metrics.header_parsed(time.monotonic() - self._started)
+            _check_transport(header)  # a parse failure to go-mmproxy: before "parsed" is said
             if self._log.failures:
                 self._log_header(header)
             conn_up = self._connect(header)
@@ -383,12 +384,6 @@ class Connection:
 
     def _connect(self, header: ProxyHeader) -> upstream.Upstream:
         config = self._services.config
-        if header.transport == Transport.DGRAM and header.command == Command.PROXY:
-            raise RefusedError(
-                WRONG_TRANSPORT,
-                "wrong transport in PROXY header",
-                "the header announces DGRAM (UDP) on a TCP listener",
-            )
         client = header.client
         target = self._target_of(header)
         if target.port == 0:
@@ -421,6 +416,15 @@ class Connection:
             raise RefusedError(
                 UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
             ) from error
+
+
+def _check_transport(header: ProxyHeader) -> None:
+    if header.transport == Transport.DGRAM and header.command == Command.PROXY:
+        raise RefusedError(
+            WRONG_TRANSPORT,
+            "wrong transport in PROXY header",
+            "the header announces DGRAM (UDP) on a TCP listener",
+        )
 
 
 def _header_timeout(received: int, timeout: float) -> RefusedError:

@@ -23,7 +23,7 @@ from netns import Backend, BackendConnection, ClientAddresses, Deadline, Net, ex
 from test_tcp import LINGER_ZERO, connect, header, send_allowing_reset
 from test_udp import UdpRig, dgram_header, show
 
-from mmproxy.protocol import InetAddress, ProxyHeader, encode
+from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
 from mmproxy.tlv import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
@@ -354,3 +354,24 @@ def test_udp_unusable_destination_is_a_failed_connect(rig: UdpRig) -> None:
     (line,) = records(daemon, "failed to connect to upstream")
     assert (line["reason"], line["dropDatagram"]) == ("bad_destination", True)
     assert line["protocol"] == "udp"
+
+
+def test_udp_header_on_tcp_is_a_parse_failure(
+    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses
+) -> None:
+    """A DGRAM header on the TCP listener: go-mmproxy's parser refuses it, so the records say
+    the header failed to parse, never that it was parsed."""
+    daemon = mmproxy(verbose=2)
+    wire = encode(
+        ProxyHeader.proxy(
+            InetAddress.of(*addresses.v4()),
+            InetAddress.of("203.0.113.1", 53),
+            transport=Transport.DGRAM,
+        )
+    )
+    with connect(net, daemon) as sock:
+        send_allowing_reset(sock, wire + b"x")
+        wait_closed(sock, 5)
+    (line,) = records(daemon, "failed to parse PROXY header")
+    assert line["reason"] == "wrong_transport"
+    assert "successfully parsed PROXY header" not in messages(daemon)
