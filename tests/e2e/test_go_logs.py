@@ -19,8 +19,16 @@ from pathlib import Path
 import pytest
 import test_udp
 from daemon_runner import Daemon, LogLine, StartDaemon, run_to_exit
-from netns import Backend, BackendConnection, ClientAddresses, Deadline, Net, exchange, wait_closed
-from test_tcp import LINGER_ZERO, connect, header, send_allowing_reset
+from netns import (
+    Backend,
+    ClientAddresses,
+    Deadline,
+    Net,
+    exchange,
+    reset_after_first_read,
+    wait_closed,
+)
+from test_tcp import connect, header, send_allowing_reset
 from test_udp import UdpRig, dgram_header, show
 
 from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
@@ -234,9 +242,6 @@ def test_upstream_connection_failure(
 def test_connection_broken(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
-    def reset_after_first_read(conn: BackendConnection) -> None:
-        conn.recv()
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
 
     daemon = mmproxy(verbose=1)
     backend4.handler = reset_after_first_read

@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 from daemon_runner import LogLine, StartDaemon
 from interop import require
-from netns import Backend, ClientAddresses, Deadline, Net, NetNamespace, wait_closed
+from netns import (
+    Backend,
+    ClientAddresses,
+    Deadline,
+    Net,
+    NetNamespace,
+    reset_after_first_read,
+    wait_closed,
+)
 from test_tcp import header, send_allowing_reset
 from test_udp import UdpBackend, dgram_header
 
@@ -114,6 +122,13 @@ def relayed(net: Net, port: int, addresses: ClientAddresses) -> None:
         assert sock.recv(2) == b"hi"
 
 
+def unknown(net: Net, port: int, addresses: ClientAddresses) -> None:
+    with net.sockets.connect(("127.0.0.1", port)) as sock:
+        sock.sendall(b"PROXY UNKNOWN\r\nhi")
+        sock.settimeout(10)
+        assert sock.recv(2) == b"hi"
+
+
 def bad_header(net: Net, port: int, addresses: ClientAddresses) -> None:
     with net.sockets.connect(("127.0.0.1", port)) as sock:
         send_allowing_reset(sock, b"GET / HTTP/1.0\r\n\r\n")
@@ -127,14 +142,17 @@ def silent(net: Net, port: int, addresses: ClientAddresses) -> None:
 
 
 def refused(net: Net, port: int, addresses: ClientAddresses) -> None:
+    """A header and a byte, then wait for mmproxy to close (refused, or the backend reset)."""
     with net.sockets.connect(("127.0.0.1", port)) as sock:
-        send_allowing_reset(sock, header(addresses.v4(), ("203.0.113.1", 443), 1))
+        send_allowing_reset(sock, header(addresses.v4(), ("203.0.113.1", 443), 1) + b"x")
         wait_closed(sock, 5)
 
 
 SCENARIOS: dict[str, tuple[Callable[[Net, int, ClientAddresses], None], str, str]] = {
     # name: (what the client does, daemon setup, go-mmproxy's last message for it)
     "relayed": (relayed, "", "connection closing"),
+    "unknown-client": (unknown, "", "connection closing"),
+    "backend-reset": (refused, "reset", "connection broken"),
     "bad-header": (bad_header, "", "failed to parse PROXY header"),
     "silent": (silent, "", "failed to read PROXY header"),
     "not-allowed": (refused, "subnets", "connection origin not in allowed subnets"),
@@ -157,6 +175,8 @@ def test_same_event_same_messages_as_go_mmproxy(
     flags = ["-v", "2", "-6", "[::1]:9"]
     target = f"127.0.0.1:{closed_port}" if setup == "down" else backend4.target()
     flags += ["-4", target]
+    if setup == "reset":
+        backend4.handler = reset_after_first_read
     if setup == "subnets":
         subnets = tmp_path / "subnets.txt"
         subnets.write_text("192.0.2.0/24\n")  # go-mmproxy 2.1 takes no comment lines
@@ -181,6 +201,8 @@ def test_same_event_same_messages_as_go_mmproxy(
         assert not missing, (go_line["msg"], missing, our_line)
         for key in set(expected) - PER_CONNECTION - {"listenAdr", "clientAddr"}:
             assert our_line[key] == expected[key], (key, go_line, our_line)
+        if expected.get("clientAddr") == "UNKNOWN":
+            assert our_line["clientAddr"] == "UNKNOWN", our_line
         assert our_line["listenAdr"] == f"127.0.0.1:{our_port}"
         assert expected.get("listenAdr") == f"127.0.0.1:{go_port}"
 
