@@ -89,10 +89,13 @@ MSG_PACKET_NOT_ALLOWED = "packet origin not in allowed subnets"
 MSG_UDP_CONNECT_FAILED = "failed to connect to upstream"
 MSG_UDP_WRITE_FAILED = "failed to write to upstream socket"  # go: ERROR
 MSG_UDP_READ_FAILED = "failed to read from upstream"
+# -- UDP drops go-mmproxy has no message for (its design never meets them): mmproxy's own
+MSG_UDP_NO_FLOW = "datagram without a flow"
+MSG_UDP_FLOW_LIMIT = "UDP flow limit reached"
 
-# Which go-mmproxy message a refusal's ``reason`` code is logged with.  Codes not
-# listed are the PROXY parser's (mmproxy.errors.Reason) and the other header checks:
-# go-mmproxy reports all of those as a header it failed to parse.
+# Which message a refusal's ``reason`` code is logged with.  Codes not listed are the
+# PROXY parser's (mmproxy.errors.Reason) and the other header checks: go-mmproxy
+# reports all of those as a header it failed to parse.
 _TCP_MESSAGE_OF_REASON = {
     "not_allowed": MSG_ORIGIN_NOT_ALLOWED,
     "header_timeout": MSG_READ_HEADER_FAILED,
@@ -105,11 +108,9 @@ _UDP_MESSAGE_OF_REASON = {
     "bad_destination": MSG_UDP_CONNECT_FAILED,
     "upstream_failed": MSG_UDP_CONNECT_FAILED,
     "send_failed": MSG_UDP_WRITE_FAILED,
+    "no_flow": MSG_UDP_NO_FLOW,
+    "flow_limit": MSG_UDP_FLOW_LIMIT,
 }
-# Drops go-mmproxy has no message for (its design cannot meet them): mmproxy's own.
-MSG_UDP_NO_FLOW = "datagram without a flow"
-MSG_UDP_FLOW_LIMIT = "UDP flow limit reached"
-_UDP_MESSAGE_OF_REASON.update({"no_flow": MSG_UDP_NO_FLOW, "flow_limit": MSG_UDP_FLOW_LIMIT})
 
 
 def tcp_refusal_message(reason: str) -> str:
