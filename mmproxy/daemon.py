@@ -60,7 +60,9 @@ STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of 
 FDS_PER_CONNECTION = 2
 PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
-DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
+DEFAULT_FLOW_CEILING = (
+    65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
+)
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
 AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
 

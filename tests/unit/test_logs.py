@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mmproxy import logs, tcp, tlv, udp
+from mmproxy import flows, logs, tcp, tlv
 from mmproxy.errors import HeaderError, Reason
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -421,11 +421,11 @@ def test_every_refusal_reason_has_a_message() -> None:
     )
     assert logs.tcp_refusal_message(tcp.WRONG_TRANSPORT) == "failed to parse PROXY header"
     assert logs.tcp_refusal_message(Reason.V1_BAD_SYNTAX.value) == "failed to parse PROXY header"
-    assert logs.udp_drop_message(udp.NOT_ALLOWED) == "packet origin not in allowed subnets"
-    assert logs.udp_drop_message(udp.UPSTREAM_FAILED) == "failed to connect to upstream"
-    assert logs.udp_drop_message(udp.SEND_FAILED) == "failed to write to upstream socket"
-    assert logs.udp_drop_message(udp.WRONG_VERSION) == "failed to parse PROXY header"
-    for reason in (udp.NO_FLOW, udp.FLOW_LIMIT):
+    assert logs.udp_drop_message(flows.NOT_ALLOWED) == "packet origin not in allowed subnets"
+    assert logs.udp_drop_message(flows.UPSTREAM_FAILED) == "failed to connect to upstream"
+    assert logs.udp_drop_message(flows.SEND_FAILED) == "failed to write to upstream socket"
+    assert logs.udp_drop_message(flows.WRONG_VERSION) == "failed to parse PROXY header"
+    for reason in (flows.NO_FLOW, flows.FLOW_LIMIT):
         assert logs.udp_drop_message(reason) != "failed to parse PROXY header"
 
 
