@@ -130,3 +130,16 @@ def test_the_units_capabilities_are_enough(
         sock.sendall(header(source, ("203.0.113.1", 443), 2) + b"low port")
         assert exchange(sock, b"", Deadline(10)) == b"low port"
     assert backend4.peers() == [source]
+
+
+def test_watchdog_pings_in_udp_mode(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch, mmproxy: StartDaemon
+) -> None:
+    """-p udp: the dispatchers are what the pings vouch for."""
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    daemon = mmproxy("-p", "udp", listeners=2)
+    assert messages(notify_socket)[0] == "READY=1"
+    for _ in range(3):
+        assert messages(notify_socket) == ["WATCHDOG=1"]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
