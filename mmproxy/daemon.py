@@ -247,7 +247,7 @@ class Server:
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
         self._pool = WorkerPool()
-        self._parking = ParkingLot(self._pool, config.idle_timeout)
+        self._parking = ParkingLot(self._pool)
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
@@ -304,8 +304,7 @@ class Server:
         try:
             self._pool.submit(connection.serve)
         except (RuntimeError, OSError) as error:
-            connection.discard()  # closes under the connection's lock, as abort() expects
-            services.log.failure("no thread for the connection", error)
+            connection.not_served(error)
 
     def stop(self, cause: str) -> None:
         """Stop accepting, drain live connections, then shut the rest down."""

@@ -90,6 +90,12 @@ class Metrics:
     def closed(self, to_target: int, to_client: int) -> None:
         """A relayed connection ended after moving these many bytes each way."""
 
+    def parked(self) -> None:
+        """A relayed connection gave its last thread back: it waits in the parking lot."""
+
+    def resumed(self) -> None:
+        """A parked connection has a thread again (or ended)."""
+
     def udp_flow_opened(self) -> None:
         """A UDP flow (client address and port) got its upstream socket."""
 
@@ -148,6 +154,12 @@ class PrometheusMetrics(Metrics):
         )
         self._active = Gauge(
             "connections_active", "Connections being relayed now", namespace=ns, registry=r
+        )
+        self._parked = Gauge(
+            "connections_parked",
+            "Relayed connections holding no thread now (quiet: waiting in the parking lot)",
+            namespace=ns,
+            registry=r,
         )
         relayed_bytes = Counter(
             "relayed_bytes",
@@ -215,6 +227,12 @@ class PrometheusMetrics(Metrics):
         self._active.dec()
         self._bytes_to_target.inc(to_target)
         self._bytes_to_client.inc(to_client)
+
+    def parked(self) -> None:
+        self._parked.inc()
+
+    def resumed(self) -> None:
+        self._parked.dec()
 
     def udp_flow_opened(self) -> None:
         self._udp_flows_opened.inc()
