@@ -27,9 +27,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from mmproxy import logs, notify, runtime, upstream
-from mmproxy.acl import AllowListHolder
+from mmproxy import logs, notify, policy, runtime, upstream
+from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
 from mmproxy.listener import Acceptor, Throttle, open_listeners
@@ -104,10 +105,17 @@ def run(config: Config, log: logging.Logger) -> int:
         metrics = prometheus
     room = limit - FDS_RESERVED - config.listeners
     allow_list = AllowListHolder(config.allow_list)  # what SIGHUP replaces
+    try:
+        destinations = policy.Destinations.for_config(config)  # and this, its list
+    except ConfigError as error:
+        for sock in sockets:
+            sock.close()
+        log.error(str(error))
+        return EXIT_FAILURE
     server: Server | UdpServer
     if config.protocol == "udp":
         flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
-        server = UdpServer(config, log, sockets, flows, allow_list, metrics)
+        server = UdpServer(config, log, sockets, flows, allow_list, metrics, destinations)
         ready: dict[str, object] = {"maxUdpFlows": flows, "descriptorLimit": limit}
         if flows > room // FDS_PER_FLOW:
             log.warning(
@@ -119,7 +127,7 @@ def run(config: Config, log: logging.Logger) -> int:
         pipe_fds = room // PIPE_SHARE
         capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
         pipes = PipeBudget(max(1, pipe_fds // 2))
-        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes)
+        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes, destinations)
         ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
     server.start()
     # Every import the daemon makes has happened by now: the GIL is as it will stay.
@@ -134,36 +142,52 @@ def run(config: Config, log: logging.Logger) -> int:
         log.info("ready", extra=ready)
         what = "datagrams" if config.protocol == "udp" else "connections"
         tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
-        server.stop(wait_for_stop(log, allow_list))
+        server.stop(wait_for_stop(log, allow_list, destinations))
     finally:
         if metrics_server is not None:
             metrics_server.close()
     return EXIT_OK
 
 
-def wait_for_stop(log: logging.Logger, allow_list: AllowListHolder) -> str:
-    """Block until SIGTERM/SIGINT, reloading the allowed subnets on SIGHUP; return the signal."""
+def wait_for_stop(
+    log: logging.Logger,
+    allow_list: AllowListHolder,
+    destinations: policy.Destinations | None = None,
+) -> str:
+    """Block until SIGTERM/SIGINT, reloading the allow-lists on SIGHUP; return the signal."""
     while True:
         signum = signal.sigwait(HANDLED_SIGNALS)
         if signum in STOP_SIGNALS:
             return signal.Signals(signum).name
         reload_allow_list(log, allow_list)
+        if destinations is not None:
+            reload_destinations(log, destinations)
 
 
 def reload_allow_list(log: logging.Logger, allow_list: AllowListHolder) -> None:
     """SIGHUP: re-read the allowed-subnets file; on any error keep the list in force."""
-    try:
-        new = allow_list.reload()
-    except ConfigError as error:
-        log.warning(
-            "allowed subnets not reloaded: keeping the previous list",
-            extra={logs.ERROR: str(error)},
-        )
-        return
-    if new is None:
+    if allow_list.current.path is None:
         log.info("SIGHUP: nothing to reload (no -allowed-subnets file)")
         return
-    log.info("allowed subnets reloaded", extra={"path": new.path, "count": new.count})
+    reload_list(log, "allowed subnets", allow_list.reload)
+
+
+def reload_destinations(log: logging.Logger, destinations: policy.Destinations) -> None:
+    """SIGHUP: re-read ``--allowed-destinations``; on any error keep the list in force."""
+    reload_list(log, "allowed destinations", destinations.reload)
+
+
+def reload_list(log: logging.Logger, name: str, reload: Callable[[], AllowList | None]) -> None:
+    """Run ``reload`` and log the outcome; the list in force stays when the file has an error."""
+    try:
+        new = reload()
+    except ConfigError as error:
+        log.warning(
+            f"{name} not reloaded: keeping the previous list", extra={logs.ERROR: str(error)}
+        )
+        return
+    if new is not None:
+        log.info(f"{name} reloaded", extra={"path": new.path, "count": new.count})
 
 
 def routed_families(config: Config) -> list[socket.AddressFamily]:
@@ -226,6 +250,7 @@ class Server:
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
         pipes: PipeBudget = UNLIMITED,
+        destinations: policy.Destinations | None = None,
     ) -> None:
         self._config = config
         self._log = log
@@ -241,6 +266,7 @@ class Server:
             metrics,
             pipes,
             self._parking,
+            destinations,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)

@@ -45,12 +45,14 @@ REFUSED_REASONS = (REFUSED_NOT_ALLOWED, REFUSED_CONNECTION_LIMIT)
 # Header failures that are not parse errors (the parser's are the Reason codes).
 HEADER_TIMEOUT = "header_timeout"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
+BAD_SOURCE = "bad_source"  # a source no real client can have (mmproxy.policy)
+BAD_DESTINATION = "bad_destination"  # a -dynamic-destination target the policy refuses
 READ_ERROR = "read_error"  # the peer reset the connection (or similar) while sending its header
 HEADER_REASONS = (
     *(reason.value for reason in Reason),
     HEADER_TIMEOUT,
     WRONG_TRANSPORT,
+    BAD_SOURCE,
     BAD_DESTINATION,
     READ_ERROR,
 )

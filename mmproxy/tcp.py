@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmproxy import logs, upstream
-from mmproxy.config import Config, Endpoint, IPAddress
-from mmproxy.errors import HeaderError, Reason
+from mmproxy import logs, policy, upstream
+from mmproxy.config import Config
+from mmproxy.errors import HeaderError, Reason, RefusedError
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
-from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
+from mmproxy.protocol import Command, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
@@ -46,24 +46,9 @@ RECV_SIZE = 16384
 NOT_ALLOWED = "not_allowed"
 HEADER_TIMEOUT = "header_timeout"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
 UPSTREAM_FAILED = "upstream_failed"
 STOPPING = "stopping"
 IDLE_TIMEOUT = "idle_timeout"
-
-
-class RefusedError(Exception):
-    """This connection cannot be relayed.
-
-    ``reason`` is the log code, ``message`` the fixed log message (``msg``) and
-    ``detail`` the specifics (the ``error`` field).
-    """
-
-    def __init__(self, reason: str, message: str, detail: str) -> None:
-        super().__init__(f"{message}: {detail}")
-        self.reason = reason
-        self.message = message
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +62,7 @@ class Services:
     metrics: Metrics = NO_METRICS
     pipes: PipeBudget = UNLIMITED
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
+    destinations: policy.Destinations | None = None  # with -dynamic-destination
 
 
 class Tracker:
@@ -347,27 +333,14 @@ class Connection:
                 "wrong transport in PROXY header",
                 "the header announces DGRAM (UDP) on a TCP listener",
             )
-        client = header.client
         timeout = config.connect_timeout
+        peer = ipaddress.ip_address(self._peer.partition("%")[0])
+        route = policy.decide(header, peer, config, self._services.destinations)
         try:
-            if client is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: no address to impersonate
-                peer = ipaddress.ip_address(self._peer.partition("%")[0])
-                target = self._target_for(upstream.plain_address(peer))
-                if config.dynamic_destination and isinstance(header.destination, InetAddress):
-                    target = self._dynamic_target(header.destination)
-                return upstream.connect_plain(target, mark=config.mark, timeout=timeout)
-            host = upstream.plain_address(client.host)
-            target = self._target_for(host)
-            if config.dynamic_destination and isinstance(header.destination, InetAddress):
-                target = self._dynamic_target(header.destination)
-                if target.host.version != host.version:
-                    raise RefusedError(
-                        BAD_DESTINATION,
-                        "unusable destination in PROXY header",
-                        f"source {client} and destination {target} differ in family",
-                    )
+            if route.source is None:
+                return upstream.connect_plain(route.target, mark=config.mark, timeout=timeout)
             return upstream.connect_spoofed(
-                (host, client.port), target, mark=config.mark, timeout=timeout
+                route.source, route.target, mark=config.mark, timeout=timeout
             )
         except PermissionError as error:
             raise RefusedError(
@@ -379,20 +352,6 @@ class Connection:
             raise RefusedError(
                 UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
             ) from error
-
-    def _target_for(self, host: IPAddress) -> Endpoint:
-        config = self._services.config
-        return config.target4 if host.version == 4 else config.target6
-
-    @staticmethod
-    def _dynamic_target(destination: InetAddress) -> Endpoint:
-        if destination.port == 0:
-            raise RefusedError(
-                BAD_DESTINATION,
-                "unusable destination in PROXY header",
-                f"destination {destination} has port 0",
-            )
-        return Endpoint(upstream.plain_address(destination.host), destination.port)
 
 
 def _header_timeout(received: int, timeout: float) -> RefusedError:

@@ -43,14 +43,14 @@ from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
-from mmproxy import logs, upstream
+from mmproxy import logs, policy, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint, IPAddress
-from mmproxy.errors import HeaderError
+from mmproxy.errors import HeaderError, RefusedError
 from mmproxy.listener import RESOURCE_ERRORS, STOPPED_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import NO_METRICS, TO_CLIENT, TO_TARGET, Metrics
 from mmproxy.pool import WorkerPool
-from mmproxy.protocol import V2_FIXED_LENGTH, V2_SIGNATURE, InetAddress, Transport, parse_complete
+from mmproxy.protocol import V2_FIXED_LENGTH, V2_SIGNATURE, ProxyHeader, Transport, parse_complete
 
 # Room for the largest datagram (65,507 payload bytes over IPv4, 65,527 over
 # IPv6), so nothing is ever truncated.
@@ -64,7 +64,6 @@ AFTER_ABORT_WAIT = 5.0  # seconds flows get to unwind at stop
 NOT_ALLOWED = "not_allowed"
 WRONG_VERSION = "wrong_version"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
 UPSTREAM_FAILED = "upstream_failed"
 NO_FLOW = "no_flow"
 FLOW_LIMIT = "flow_limit"
@@ -76,14 +75,7 @@ FlowKey = tuple[Sender, tuple[str, int] | None, Endpoint]
 Route = tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]
 
 
-class DroppedError(Exception):
-    """This datagram is dropped; ``reason`` is the log code and counter name."""
-
-    def __init__(self, reason: str, message: str, detail: str = "") -> None:
-        super().__init__(f"{message}: {detail}" if detail else message)
-        self.reason = reason
-        self.message = message
-        self.detail = detail
+DroppedError = RefusedError  # a datagram that is not relayed: the same idea as for TCP
 
 
 class Counters:
@@ -266,6 +258,7 @@ class UdpServer:
         capacity: int,
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
+        destinations: policy.Destinations | None = None,
     ) -> None:
         self._config = config
         self._allow_list = allow_list
@@ -279,6 +272,7 @@ class UdpServer:
         self._dispatchers = [Dispatcher(sock, number, self) for number, sock in enumerate(sockets)]
         self._full = Throttle(10.0)
         self._close_after = float(config.close_after) if config.close_after else math.inf
+        self._destinations = destinations
 
     @property
     def capacity(self) -> int:
@@ -341,7 +335,7 @@ class UdpServer:
                     "--udp-header first: the flow's first datagram must carry the header",
                 )
             return True
-        route, consumed = self._route_of(datagram, sender, dispatcher.routes)
+        route, consumed = self._route_of(datagram, sender, dispatcher)
         key, client, target = route
         payload = datagram[consumed:]
         for _attempt in range(2):  # a flow may expire between the lookup and the send
@@ -357,16 +351,23 @@ class UdpServer:
         raise DroppedError(NO_FLOW, "the datagram's flow closed while it was being delivered")
 
     def _route_of(
-        self, datagram: memoryview, sender: Sender, routes: dict[tuple[Sender, bytes], Route]
+        self, datagram: memoryview, sender: Sender, dispatcher: Dispatcher
     ) -> tuple[Route, int]:
         """The datagram's route and its header's length.
 
         A flow's datagrams all carry the same header bytes, so the route is
-        remembered in ``routes`` by (sender, header bytes): the parse and its
-        checks run once per flow, not once per datagram.  (The allowed subnets
-        are not part of a route: they are checked for every datagram.)
+        remembered in the dispatcher's ``routes`` by (sender, header bytes): the
+        parse and its checks run once per flow, not once per datagram.  (The
+        allowed subnets are not part of a route: they are checked for every
+        datagram.)
         """
+        routes = dispatcher.routes
         end = -1
+        if self._destinations is not None:  # a reload or an address change: decide afresh
+            generation = self._destinations.generation()
+            if generation != dispatcher.generation:
+                routes.clear()
+                dispatcher.generation = generation
         if len(datagram) >= V2_FIXED_LENGTH and datagram[: len(V2_SIGNATURE)] == V2_SIGNATURE:
             end = V2_FIXED_LENGTH + int.from_bytes(datagram[14:16], "big")
             if end <= len(datagram):
@@ -385,38 +386,19 @@ class UdpServer:
                 "wrong transport in PROXY header",
                 "the header announces STREAM (TCP) on a UDP listener",
             )
-        route = self._route(header.client, header.destination, sender)
+        route = self._route(header, sender)
         if len(routes) >= ROUTE_CACHE:
             routes.clear()  # rare: more live (sender, client) pairs than this
         routes[(sender, bytes(datagram[: parsed.consumed]))] = route
         return route, parsed.consumed
 
-    def _route(self, client: InetAddress | None, destination: object, sender: Sender) -> Route:
+    def _route(self, header: ProxyHeader, sender: Sender) -> Route:
         """The flow key, the address to impersonate (None: none) and the target."""
-        config = self._config
-        if client is None:  # LOCAL, UNSPEC, AF_UNIX: the balancer's own traffic
-            host = upstream.plain_address(ipaddress.ip_address(str(sender[0]).partition("%")[0]))
-            source = None
-        else:
-            host = upstream.plain_address(client.host)
-            source = (host, client.port)
-        target = config.target4 if host.version == 4 else config.target6
-        if config.dynamic_destination and isinstance(destination, InetAddress):
-            if destination.port == 0:
-                raise DroppedError(
-                    BAD_DESTINATION,
-                    "unusable destination in PROXY header",
-                    f"destination {destination} has port 0",
-                )
-            target = Endpoint(upstream.plain_address(destination.host), destination.port)
-            if target.host.version != host.version:
-                raise DroppedError(
-                    BAD_DESTINATION,
-                    "unusable destination in PROXY header",
-                    f"source {client} and destination {destination} differ in family",
-                )
+        peer = ipaddress.ip_address(str(sender[0]).partition("%")[0])
+        route = policy.decide(header, peer, self._config, self._destinations)
+        source = route.source
         key_client = None if source is None else (str(source[0]), source[1])
-        return (sender, key_client, target), source, target
+        return (sender, key_client, route.target), source, route.target
 
     def _open(
         self,
@@ -596,6 +578,7 @@ class Dispatcher(ListenerThread):
         # Its cache of parsed headers (see UdpServer._route_of): one per thread, so that
         # the check-then-clear needs no lock, with or without the GIL.
         self.routes: dict[tuple[Sender, bytes], Route] = {}
+        self.generation: tuple[int, int] | None = None  # of the destinations the routes saw
 
     def _loop(self) -> None:
         buffer = bytearray(DATAGRAM_BUFFER)

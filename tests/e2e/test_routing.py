@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from daemon_runner import Daemon
@@ -250,15 +251,20 @@ def test_daemon_warns_once_per_missing_piece(bare: tuple[NetNamespace, Net]) -> 
         assert not [line for line in daemon.logs if line.get("level") == "ERROR"]
 
 
-def test_daemon_checks_only_for_backends_on_loopback(bare: tuple[NetNamespace, Net]) -> None:
+def test_daemon_checks_only_for_backends_on_loopback(
+    bare: tuple[NetNamespace, Net], tmp_path: Path
+) -> None:
     """The routes are for replies from a backend on loopback: remote backends need none of them
     (with -dynamic-destination any destination may be local, so the check stays on)."""
     ns, _ = bare
+    subnets = tmp_path / "subnets"
+    subnets.write_text("127.0.0.0/8\n")
+    dynamic = ["-dynamic-destination", "-allowed-subnets", str(subnets)]
     remote = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[2001:db8::9]:443"]
     half = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[::1]:443"]
     daemons = []
     try:
-        for flags in (remote, half, [*remote, "-dynamic-destination"]):
+        for flags in (remote, half, [*remote, *dynamic]):
             daemons.append(Daemon(ns, flags))  # noqa: PERF401 - kept at once, for the finally
         for daemon in daemons:
             assert daemon.stop() == 0

@@ -70,11 +70,16 @@ def test_client_port_in_use_falls_back_to_an_ephemeral_port(
     """A header naming an address:port already bound here (client and mmproxy on one host)
     is relayed from an ephemeral port of the same address, and logged at -v 1."""
     daemon = mmproxy(verbose=1)
-    taken = ("127.0.0.1", daemon.port)  # mmproxy's own listening socket holds this one
+    # A transparent listener holds a client's address:port here (loopback sources are refused).
+    holder = net.sockets.server("198.51.100.254", 0, transparent=True)
+    taken = holder.getsockname()[:2]
     wire = f"PROXY TCP4 {taken[0]} 127.0.0.1 {taken[1]} 443\r\n".encode()
-    with connect(net, daemon) as sock:
-        sock.sendall(wire)
-        assert exchange(sock, b"fallback", Deadline(10)) == b"fallback"
+    try:
+        with connect(net, daemon) as sock:
+            sock.sendall(wire)
+            assert exchange(sock, b"fallback", Deadline(10)) == b"fallback"
+    finally:
+        holder.close()
     ((seen_host, seen_port),) = backend4.peers()
     assert seen_host == taken[0]
     assert seen_port != taken[1]

@@ -264,9 +264,11 @@ def test_local_header_is_forwarded_from_mmproxy_itself(rig: UdpRig) -> None:
     assert peer[0] == "127.0.0.1"
 
 
-def test_dynamic_destination_sends_to_the_header_destination(rig: UdpRig) -> None:
+def test_dynamic_destination_sends_to_the_header_destination(rig: UdpRig, tmp_path: Path) -> None:
     other = rig.backend("127.0.0.1")
-    daemon = rig.start("-dynamic-destination")
+    subnets = tmp_path / "subnets"
+    subnets.write_text("127.0.0.0/8\n")
+    daemon = rig.start("-dynamic-destination", "-allowed-subnets", str(subnets))
     client = rig.addresses.v4()
     balancer = rig.balancer(daemon)
     balancer.send(dgram_header(client, ("127.0.0.1", other.port)) + b"dyn")
