@@ -36,7 +36,6 @@ from mmproxy.errors import ConfigError
 from mmproxy.listener import Acceptor, Throttle, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
-    REFUSED_CONNECTION_LIMIT,
     REFUSED_NOT_ALLOWED,
     Metrics,
     MetricsServer,
@@ -61,6 +60,8 @@ FDS_PER_CONNECTION = 2
 PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
+WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
+SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
 AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
 
@@ -125,10 +126,22 @@ def run(config: Config, log: logging.Logger) -> int:
             )
     else:
         pipe_fds = room // PIPE_SHARE
-        capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+        budget = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+        capacity = config.max_connections or budget
         pipes = PipeBudget(max(1, pipe_fds // 2))
         server = Server(config, log, sockets, capacity, allow_list, metrics, pipes, destinations)
-        ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
+        ready = {
+            "maxConnections": capacity,
+            "maxWorkers": server.max_workers,
+            "maxPipes": pipes.limit,
+            "descriptorLimit": limit,
+        }
+        if capacity > budget:
+            log.warning(
+                "--max-connections exceeds what the descriptor limit allows; "
+                "connections beyond it will fail",
+                extra=ready,
+            )
     server.start()
     # Every import the daemon makes has happened by now: the GIL is as it will stay.
     gil_problem = runtime.gil_problem()
@@ -256,7 +269,10 @@ class Server:
         self._log = log
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
-        self._pool = WorkerPool()
+        # Each connection holds at most two workers (header and connect, then one per direction).
+        self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
+        self._pool = WorkerPool(max_workers=self.max_workers)
+        metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
         self._parking = ParkingLot(self._pool, config.idle_timeout)
         self._services = Services(
             config,
@@ -269,7 +285,8 @@ class Server:
             destinations,
         )
         self._acceptors = [
-            Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
+            Acceptor(sock, number, self._admit, log, self._wait_for_room)
+            for number, sock in enumerate(sockets)
         ]
         self._full = Throttle(10.0)
 
@@ -277,6 +294,24 @@ class Server:
         self._parking.start()
         for acceptor in self._acceptors:
             acceptor.start(self._config.protocol)
+
+    def _wait_for_room(self) -> bool:
+        """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
+        tracker = self._tracker
+        if tracker.wait_for_room(0):
+            return True
+        metrics = self._services.metrics
+        metrics.accept_paused(True)
+        suppressed = self._full.ready()
+        if suppressed is not None:
+            self._log.warning(
+                "connection limit reached: not accepting until a connection ends",
+                extra={"maxConnections": tracker.capacity, "suppressed": suppressed},
+            )
+        try:
+            return tracker.wait_for_room()
+        finally:
+            metrics.accept_paused(False)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
@@ -290,15 +325,8 @@ class Server:
             ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
             return
         connection = Connection(sock, peer, number, services)
-        if not self._tracker.add(connection):
+        if not self._tracker.add(connection):  # waits at the cap; False: stopping
             sock.close()
-            services.metrics.refused(REFUSED_CONNECTION_LIMIT)
-            suppressed = self._full.ready()
-            if suppressed is not None:
-                self._log.warning(
-                    "connection limit reached (file descriptors): refusing new connections",
-                    extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
-                )
             return
         try:
             self._pool.submit(connection.serve)
@@ -308,6 +336,7 @@ class Server:
 
     def stop(self, cause: str) -> None:
         """Stop accepting, drain live connections, then shut the rest down."""
+        self._tracker.close()  # wakes acceptors paused at the cap
         for acceptor in self._acceptors:
             acceptor.stop()
         live = len(self._tracker)

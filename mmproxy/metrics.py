@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 
 from prometheus_client import (
@@ -39,8 +40,7 @@ NAMESPACE = "mmproxy"
 
 # Refusals before a byte is read.
 REFUSED_NOT_ALLOWED = "not_allowed"  # the peer is not in the allowed subnets
-REFUSED_CONNECTION_LIMIT = "connection_limit"  # no descriptors left for one more connection
-REFUSED_REASONS = (REFUSED_NOT_ALLOWED, REFUSED_CONNECTION_LIMIT)
+REFUSED_REASONS = (REFUSED_NOT_ALLOWED,)
 
 # Header failures that are not parse errors (the parser's are the Reason codes).
 HEADER_TIMEOUT = "header_timeout"
@@ -91,6 +91,12 @@ class Metrics:
 
     def closed(self, to_target: int, to_client: int) -> None:
         """A relayed connection ended after moving these many bytes each way."""
+
+    def limits(self, max_connections: int, max_workers: int, workers: Callable[[], int]) -> None:
+        """The caps in force, and how to read the worker threads alive now."""
+
+    def accept_paused(self, paused: bool) -> None:
+        """An acceptor stopped calling accept() at the connection cap (True), or resumed."""
 
     def udp_flow_opened(self) -> None:
         """A UDP flow (client address and port) got its upstream socket."""
@@ -162,6 +168,33 @@ class PrometheusMetrics(Metrics):
             registry=r,
             buckets=HEADER_BUCKETS,
         )
+        self._max_connections = Gauge(
+            "max_connections",
+            "Most TCP connections at once (--max-connections)",
+            namespace=ns,
+            registry=r,
+        )
+        self._max_workers = Gauge(
+            "max_worker_threads",
+            "Most worker threads the pool may have",
+            namespace=ns,
+            registry=r,
+        )
+        self._workers = Gauge(
+            "worker_threads", "Worker threads alive now (busy or idle)", namespace=ns, registry=r
+        )
+        self._paused = Gauge(
+            "accept_paused",
+            "Acceptors not calling accept() now: the connection cap is reached (backpressure)",
+            namespace=ns,
+            registry=r,
+        )
+        self._pauses = Counter(
+            "accept_pauses",
+            "Times an acceptor paused at the connection cap",
+            namespace=ns,
+            registry=r,
+        )
         self._udp_flows_opened = Counter(
             "udp_flows_opened", "UDP flows opened", namespace=ns, registry=r
         )
@@ -214,6 +247,18 @@ class PrometheusMetrics(Metrics):
         self._active.dec()
         self._bytes_to_target.inc(to_target)
         self._bytes_to_client.inc(to_client)
+
+    def limits(self, max_connections: int, max_workers: int, workers: Callable[[], int]) -> None:
+        self._max_connections.set(max_connections)
+        self._max_workers.set(max_workers)
+        self._workers.set_function(workers)
+
+    def accept_paused(self, paused: bool) -> None:
+        if paused:
+            self._paused.inc()
+            self._pauses.inc()
+        else:
+            self._paused.dec()
 
     def udp_flow_opened(self) -> None:
         self._udp_flows_opened.inc()

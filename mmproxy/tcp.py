@@ -66,25 +66,48 @@ class Services:
 
 
 class Tracker:
-    """The live connections, capped so that each one can get the descriptors it needs."""
+    """The live connections, capped (``--max-connections``): at the cap, admission waits.
+
+    :meth:`wait_for_room` is what an acceptor calls before ``accept()``, so that at the cap
+    new connections wait in the kernel's backlog instead of costing threads here.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._live: set[Connection] = set()
         self._changed = threading.Condition()
+        self._closed = False  # no more admissions: the daemon is stopping
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Wait until a connection may be added; False when closed (or on timeout)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity, timeout)
+            return not self._closed and len(self._live) < self.capacity
 
     def add(self, connection: Connection) -> bool:
-        """Register ``connection``; False when at capacity."""
+        """Register ``connection``, waiting for room at the cap; False once closed.
+
+        Another listener's acceptor may have taken the last slot since this one's
+        :meth:`wait_for_room`: then this waits, holding one accepted socket.
+        """
         with self._changed:
-            if len(self._live) >= self.capacity:
+            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity)
+            if self._closed:
                 return False
             self._live.add(connection)
             return True
 
+    def close(self) -> None:
+        """Admit no more connections; wakes acceptors waiting for room."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
     def remove(self, connection: Connection) -> None:
         with self._changed:
+            was_full = len(self._live) >= self.capacity
             self._live.discard(connection)
-            if not self._live:
+            if was_full or not self._live:
                 self._changed.notify_all()
 
     def __len__(self) -> int:

@@ -58,6 +58,7 @@ DATAGRAM_BUFFER = 65536
 ROUTE_CACHE = 65536  # (sender, header bytes) -> route entries kept before starting afresh
 REPLY_BATCH = 64  # replies sent per wake-up before the expiry clock is looked at again
 AFTER_ABORT_WAIT = 5.0  # seconds flows get to unwind at stop
+SPARE_WORKERS = 16  # for workers between a finished flow and the idle stack
 
 # Log ``reason`` codes (and counter names) for dropped datagrams that are not
 # header parse errors.
@@ -265,7 +266,7 @@ class UdpServer:
         self._metrics = metrics
         self.log = log
         self._flow_log = logs.ConnectionLog(log, config.verbose)
-        self._pool = WorkerPool()
+        self._pool = WorkerPool(max_workers=capacity + SPARE_WORKERS)  # a reply worker per flow
         self._table = FlowTable(capacity)
         self.counters = Counters()  # events of the reply workers and the flows' totals
         self._sockets = sockets

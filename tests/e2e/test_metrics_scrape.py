@@ -125,7 +125,7 @@ def test_connection_outcomes_are_counted(
     )
     assert value(samples, "mmproxy_connections_accepted_total") == 4
     assert value(samples, "mmproxy_connections_refused_total", reason="not_allowed") == 1
-    assert value(samples, "mmproxy_connections_refused_total", reason="connection_limit") == 0
+    assert value(samples, "mmproxy_accept_pauses_total") == 0
     assert value(samples, "mmproxy_header_errors_total", reason="not_proxy_protocol") == 1
     assert value(samples, "mmproxy_header_errors_total", reason="v1_bad_syntax") == 0
     assert value(samples, "mmproxy_upstream_connect_failures_total") == 1

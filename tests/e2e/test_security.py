@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 from daemon_runner import HEADER_TIMEOUT, Daemon, StartDaemon
-from netns import Backend, ClientAddresses, Deadline, Net, exchange, namespace, wait_closed
+from netns import (
+    Backend,
+    ClientAddresses,
+    Deadline,
+    Net,
+    exchange,
+    namespace,
+    wait_accept_queue,
+    wait_closed,
+)
 from test_metrics_scrape import metrics_address, scrape_until, value
 from test_tcp import connect, header, send_allowing_reset
 from test_udp import UdpRig, dgram_header, rig, show  # noqa: F401 - rig is a fixture
@@ -250,6 +259,65 @@ def test_tcp_destinations_follow_the_hosts_addresses(
             until(ADDED, "refused")
         finally:
             backend.close()
+
+
+# ------------------------------------------------------------------ resource bounds, TCP
+
+
+def test_max_connections_pauses_accepting_then_resumes(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """At --max-connections the acceptor stops calling accept(): further connections wait in
+    the kernel's backlog (not in threads here), the pause shows in the metrics and in one
+    warning, and each slot that frees lets the next waiting connection in, in order."""
+    cap, extra = 3, 10
+    daemon = mmproxy("--max-connections", str(cap), "--metrics", "127.0.0.1:0", verbose=1)
+    (ready,) = daemon.wait_for(lambda line: line.get("msg") == "ready", timeout=10)
+    assert ready["maxConnections"] == cap
+    assert ready["maxWorkers"] == 2 * cap + 16
+    held = []
+    waiting = []
+    try:
+        for _ in range(cap):
+            sock = connect(net, daemon)
+            held.append(sock)
+            sock.sendall(header(addresses.v4(), ("203.0.113.1", 443), 1) + b"h")
+            sock.settimeout(10)
+            assert sock.recv(1) == b"h"  # relayed, and held open
+        for _ in range(extra):
+            sock = connect(net, daemon)
+            waiting.append(sock)
+            sock.sendall(header(addresses.v4(), ("203.0.113.1", 443), 1) + b"w")
+        assert wait_accept_queue(net.ns, daemon.port, extra) == extra, daemon.describe()
+        samples = scrape_until(
+            net, metrics_address(daemon), lambda s: value(s, "mmproxy_accept_paused") == 1
+        )
+        assert value(samples, "mmproxy_accept_paused") == 1
+        assert value(samples, "mmproxy_accept_pauses_total") == 1
+        assert value(samples, "mmproxy_max_connections") == cap
+        workers = value(samples, "mmproxy_worker_threads")
+        assert workers is not None
+        assert workers <= 2 * cap + 16
+        warnings = daemon.wait_for(lambda line: "connection limit" in str(line.get("msg")))
+        assert len(warnings) == 1, daemon.describe()
+        assert warnings[0]["level"] == "WARN"
+        assert len(backend4.peers()) == cap
+
+        for sock in held:  # each slot that frees admits the oldest waiting connection
+            sock.close()
+        held.clear()
+        for sock in waiting:
+            sock.settimeout(10)
+            assert sock.recv(1) == b"w"
+            sock.close()
+        assert len(backend4.peers()) == cap + extra
+        samples = scrape_until(
+            net, metrics_address(daemon), lambda s: value(s, "mmproxy_accept_paused") == 0
+        )
+        assert value(samples, "mmproxy_accept_paused") == 0
+    finally:
+        for sock in held + waiting:
+            sock.close()
 
 
 # ------------------------------------------------------------------ UDP
