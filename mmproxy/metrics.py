@@ -9,17 +9,22 @@ is the base class, whose methods do nothing.
 :class:`PrometheusMetrics` keeps its collectors in a private registry, not
 prometheus_client's global one, so several can live in one process (tests) and
 nothing else in the process leaks into the scrape.  :class:`MetricsServer`
-serves that registry over HTTP from a thread of its own until :meth:`close`.
+serves that registry over HTTP until :meth:`close`: one thread accepts, and
+:data:`METRICS_WORKERS` threads answer; while all of them are busy the
+acceptor waits, so more scrapers wait in the kernel's backlog instead of
+costing a thread each.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import socketserver
 import threading
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
+from http.server import HTTPServer
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -63,6 +68,9 @@ DIRECTIONS = (TO_TARGET, TO_CLIENT)
 
 # Seconds from accept to a complete header: a local load balancer sends it at
 # once (well under a millisecond); slow or split headers take longer.
+METRICS_WORKERS = 4  # threads answering scrapes; Prometheus sends one at a time per target
+_CLOSE_POLL = 0.5  # seconds between looks at "closing" while every worker is busy
+
 HEADER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -280,12 +288,48 @@ class _Handler(MetricsHandler):
     timeout = 10  # seconds a scraper may take to send its request
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck scraper must not hold up the daemon's exit
+class _Server(HTTPServer):
+    """An HTTPServer whose requests go to a fixed set of workers (see the module docstring)."""
+
+    request_queue_size = 64  # the listen backlog: where scrapers wait while workers are busy
 
     def __init__(self, endpoint: Endpoint, handler: type[MetricsHandler]) -> None:
         self.address_family = endpoint.family
+        self.closing = threading.Event()
+        self._slots = threading.BoundedSemaphore(METRICS_WORKERS)
+        self._requests: queue.SimpleQueue[tuple[socket.socket, object] | None] = queue.SimpleQueue()
+        self._workers = [
+            # Daemon threads: a stuck scraper must not hold up the daemon's exit.
+            threading.Thread(target=self._work, name=f"metrics-{n}", daemon=True)
+            for n in range(METRICS_WORKERS)
+        ]
         super().__init__(endpoint.sockaddr, handler)
+        for worker in self._workers:
+            worker.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Runs on the serving thread: while every worker is busy, nothing more is accepted.
+        while not self._slots.acquire(timeout=_CLOSE_POLL):
+            if self.closing.is_set():
+                self.shutdown_request(request)
+                return
+        self._requests.put((request, client_address))
+
+    def _work(self) -> None:
+        while (item := self._requests.get()) is not None:
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one scraper's trouble is not the server's
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._workers:
+            self._requests.put(None)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look the host's FQDN up, a DNS query that
@@ -321,6 +365,7 @@ class MetricsServer:
 
     def close(self) -> None:
         """Stop serving and close the listening socket; idempotent."""
+        self._server.closing.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
