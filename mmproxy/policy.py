@@ -137,14 +137,14 @@ class LocalAddresses:
         if self._clock() - self._read_at >= self._max_age and self._reading.acquire(False):
             try:
                 networks = tuple(self._load())
-            except Exception:  # noqa: BLE001 - keep the last good snapshot; retry next time
-                networks = self._networks
+                if set(networks) != set(self._networks):
+                    self._networks = networks  # one reference: readers see old or new
+                    self.generation += 1
+            except Exception:  # noqa: BLE001, S110 - keep the last good snapshot; retry later
+                pass
             finally:
                 self._read_at = self._clock()
                 self._reading.release()
-            if set(networks) != set(self._networks):
-                self._networks = networks
-                self.generation += 1
         return self.generation
 
     def __contains__(self, host: IPAddress) -> bool:
