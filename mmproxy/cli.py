@@ -1,18 +1,10 @@
 """The ``mmproxy`` command: go-mmproxy's flags, same names, meanings and defaults.
 
-Flags are read the way Go's ``flag`` package reads them, so existing command
-lines and unit files keep working: ``-name value``, ``-name=value``,
-``--name value`` and ``--name=value`` all mean the same; a bool flag is set by
-``-name`` alone or ``-name=false`` (Go's strconv.ParseBool words); integers
-take Go's literals (``0x10``, ``0o17``, ``017``, ``1_000``).  Click alone would
-read ``-v=2`` as ``-v`` with the value ``"=2"`` and ``-list`` as ``-l ist``, so
-:func:`go_argv` first rewrites the command line into canonical ``--name value``
-pairs and rejects what Go would reject.
-
-Each flag can also come from ``MMPROXY_<NAME>`` (one-letter flags have a
-readable alias too); the command line beats the environment, which beats the
-default.  Every error is one line on stderr, ``mmproxy: error: <message>``,
-with exit code 2.
+The flags are read as Go reads them (:mod:`mmproxy.goflags`), so existing
+command lines and unit files keep working.  Each flag can also come from
+``MMPROXY_<NAME>`` (one-letter flags have a readable alias too); the command
+line beats the environment, which beats the default.  Every error is one line
+on stderr, ``mmproxy: error: <message>``, with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,113 +12,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from mmproxy import __version__, logs, runtime
+from mmproxy import __version__, goflags, logs, runtime
 from mmproxy.config import Config, FlagError, build_config
 from mmproxy.errors import ConfigError
+from mmproxy.goflags import PROG, GoBool, GoInt, fail
+from mmproxy.goflags import Flag as _Flag
+from mmproxy.goflags import Seconds as _Seconds
 
-PROG = "mmproxy"
 # Words that, first on the command line, name a tool instead of starting the
 # daemon.  A go-mmproxy command line never starts with a bare word.
 SUBCOMMANDS = ("routing", "demo")
-EXIT_USAGE = 2
-
-# strconv.ParseBool's words, the only ones Go's bool flags take.
-_GO_BOOLS = {
-    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
-    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
-}
-# strconv.ParseInt(s, 0, 64) syntax; int() checks the underscores' placement.
-_GO_INT = re.compile(r"[+-]?(?:0[xX][_0-9a-fA-F]+|0[oO][_0-7]+|0[bB][_01]+|0[_0-7]*|[1-9][_0-9]*)")
-_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
-
-
-def parse_go_int(text: str) -> int:
-    """Parse an integer as Go's int flags do (base prefixes, legacy octal, underscores)."""
-    invalid = ValueError(f"{text!r} is not a Go integer literal")
-    if not _GO_INT.fullmatch(text):
-        raise invalid
-    sign = text[0] if text[0] in "+-" else ""
-    digits = text[len(sign) :]
-    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXoObB":
-        digits = "0o" + digits[1:]  # Go reads a leading 0 as octal
-    try:
-        return int(sign + digits, 0)
-    except ValueError:
-        raise invalid from None
-
-
-class _GoInt(click.ParamType[int, Any]):
-    name = "integer"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_go_int(value)
-        except ValueError:
-            self.fail(f'"{value}" is not an integer', param, ctx)
-
-
-class _GoBool(click.ParamType[bool, Any]):
-    name = "boolean"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
-        if isinstance(value, bool):
-            return value
-        if value not in _GO_BOOLS:
-            self.fail(f'"{value}" is not a boolean; use true or false', param, ctx)
-        return _GO_BOOLS[value]
-
-
-class _Seconds(click.ParamType[float, Any]):
-    name = "seconds"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, float):
-            return value
-        if not (isinstance(value, str) and _SECONDS.fullmatch(value)):
-            self.fail(f'"{value}" is not a number of seconds', param, ctx)
-        return float(value)
-
-
-@dataclass(frozen=True)
-class _Flag:
-    """One flag: its Go name (no dashes), where its value goes, and how it reads."""
-
-    name: str
-    dest: str
-    type: click.ParamType[Any, Any]
-    default: Any
-    help: str
-    env: tuple[str, ...] = ()
-    go: bool = True  # a go-mmproxy flag, named "-x" in messages; ours are "--x"
-    metavar: str | None = None
-
-    @property
-    def display(self) -> str:
-        return f"-{self.name}" if self.go else f"--{self.name}"
-
-    @property
-    def is_bool(self) -> bool:
-        return isinstance(self.type, _GoBool)
 
 
 def _env(*names: str) -> tuple[str, ...]:
     return tuple(f"MMPROXY_{name}" for name in names)
 
 
-_INT, _BOOL = _GoInt(), _GoBool()
+_INT, _BOOL = GoInt(), GoBool()
 FLAGS: tuple[_Flag, ...] = (
     _Flag("l", "listen", click.STRING, "0.0.0.0:8443",
           "Address the proxy listens on", _env("L", "LISTEN"), metavar="ADDR:PORT"),
@@ -200,52 +109,11 @@ FLAGS: tuple[_Flag, ...] = (
 )  # fmt: skip
 _BY_NAME = {flag.name: flag for flag in FLAGS}
 _BY_DISPLAY = {flag.display: flag for flag in FLAGS}
-_ACTIONS = {"h": "--help", "help": "--help", "version": "--version"}
 
 
 def go_argv(argv: Sequence[str]) -> list[str]:
-    """Read ``argv`` as Go's flag package would; return canonical ``--name value`` tokens.
-
-    Raises ConfigError for an unknown flag, a missing value, a value given to
-    a flag that takes none, or any positional argument (go-mmproxy would
-    silently stop reading flags there).
-    """
-    out: list[str] = []
-    previous: _Flag | None = None
-    args = iter(argv)
-    for word in args:
-        if word == "--":
-            rest = list(args)
-            if rest:
-                raise ConfigError(f'unexpected argument "{rest[0]}"')
-            break
-        if not word.startswith("-") or word == "-":
-            hint = ""
-            if previous is not None and previous.is_bool and word in _GO_BOOLS:
-                hint = f" (a bool flag takes its value after '=': {previous.display}={word})"
-            raise ConfigError(f'unexpected argument "{word}"{hint}')
-        spelled, has_value, value = word.partition("=")
-        name = spelled[2:] if spelled.startswith("--") else spelled[1:]
-        if not name or name.startswith("-"):
-            raise ConfigError(f'bad flag syntax: "{word}"')
-        if name in _ACTIONS:
-            if has_value:
-                raise ConfigError(f"{spelled}: takes no value")
-            out.append(_ACTIONS[name])
-            continue
-        flag = _BY_NAME.get(name)
-        if flag is None:
-            raise ConfigError(f"{spelled}: unknown flag (see {PROG} -h)")
-        previous = flag
-        if flag.is_bool:
-            value = value if has_value else "true"
-        elif not has_value:
-            following = next(args, None)  # Go takes the next word even if it starts with "-"
-            if following is None:
-                raise ConfigError(f"{spelled}: needs a value")
-            value = following
-        out += [f"--{flag.name}", value]
-    return out
+    """The daemon's command line as canonical ``--name value`` tokens (:func:`goflags.go_argv`)."""
+    return goflags.go_argv(argv, _BY_NAME)
 
 
 class _GoFlagCommand(click.Command):
@@ -276,21 +144,15 @@ class _GoFlagCommand(click.Command):
                 **extra,
             )
         except click.BadParameter as error:
-            _fail(_describe_bad_parameter(error))
+            fail(_describe_bad_parameter(error))
         except click.Abort:
             sys.exit(130)  # interrupted: click already ended the line on stderr
         except click.ClickException as error:
-            _fail(error.format_message())
+            fail(error.format_message())
         except ConfigError as error:
-            _fail(str(error))
+            fail(str(error))
         if isinstance(rv, int) and rv:
             sys.exit(rv)
-
-
-def _fail(message: str) -> NoReturn:
-    """Print the one error line and exit 2; line breaks inside the message become spaces."""
-    click.echo(f"{PROG}: error: {' '.join(message.splitlines())}", err=True)
-    sys.exit(EXIT_USAGE)
 
 
 def _describe_bad_parameter(error: click.BadParameter) -> str:

@@ -1,6 +1,6 @@
 """The tools beside the daemon: ``mmproxy routing check|apply|remove`` and ``mmproxy demo``.
 
-:func:`mmproxy.cli.main` hands the command line here when its first word is
+`mmproxy.cli.main` hands the command line here when its first word is
 ``routing`` or ``demo``.  Flags read as the daemon's do (``-mark 5``,
 ``--mark=0x5``, ``MMPROXY_MARK``), so an environment file shared with the
 daemon gives both the same mark.  A bad flag is one line on stderr and exit
@@ -17,11 +17,10 @@ from typing import Any, NoReturn
 import click
 
 from mmproxy import routing
-from mmproxy.cli import PROG, _fail, _GoInt
 from mmproxy.config import MAX_MARK
+from mmproxy.goflags import EXIT_USAGE, PROG, GoInt, fail
 
 EXIT_PROBLEM = 1
-EXIT_USAGE = 2
 
 _CONTEXT = {"help_option_names": ["-h", "-help", "--help"], "max_content_width": 100}
 
@@ -32,11 +31,11 @@ def main(argv: Sequence[str]) -> NoReturn:
         code = tools.main(list(argv), PROG, standalone_mode=False)
     except click.BadParameter as error:
         name = error.param.opts[0] if error.param is not None and error.param.opts else "flag"
-        _fail(f"{name}: {error.message}")
+        fail(f"{name}: {error.message}")
     except click.Abort:
         sys.exit(130)
     except click.ClickException as error:
-        _fail(error.format_message())
+        fail(error.format_message())
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -64,7 +63,7 @@ def _routing_options(function: Any) -> Any:
     function = click.option(
         "-table",
         "--table",
-        type=_GoInt(),
+        type=GoInt(),
         default=routing.DEFAULT_TABLE,
         show_default=True,
         envvar="MMPROXY_ROUTING_TABLE",
@@ -75,7 +74,7 @@ def _routing_options(function: Any) -> Any:
     return click.option(
         "-mark",
         "--mark",
-        type=_GoInt(),
+        type=GoInt(),
         default=0,
         envvar="MMPROXY_MARK",
         show_envvar=True,

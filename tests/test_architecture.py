@@ -28,19 +28,77 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "mmproxy"
 BENCH = PACKAGE.parent / "bench"
 
-SANS_IO = ["protocol.py", "tlv.py", "crc32c.py", "errors.py"]
+SANS_IO = [
+    "protocol.py",
+    "protocol_v1.py",
+    "protocol_v2.py",
+    "header.py",
+    "tlv.py",
+    "crc32c.py",
+    "errors.py",
+]
 IO_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "ssl", "os", "subprocess"}
 
 
 def _imports(module: str, package: Path = PACKAGE) -> set[str]:
-    tree = ast.parse((package / module).read_text(), filename=module)
+    return imports_of((package / module).read_text(), module, package.name)
+
+
+def imports_of(source: str, filename: str = "<source>", package: str = "mmproxy") -> set[str]:
+    """Every module ``source`` imports, at any depth (function-level imports count too).
+
+    ``from mmproxy import tcp`` names ``mmproxy.tcp`` (the package's names are its
+    modules, bar ``__version__``), and relative imports are resolved against
+    ``package``, so no spelling of an import escapes the rules.
+    """
+    tree = ast.parse(source, filename=filename)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = f"{package}.{base}" if base else package
+            names.add(base)
+            if base == package:  # the names are the package's modules
+                names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def violations(imports: set[str], forbidden: set[str]) -> set[str]:
+    """The imports that a rule's ``forbidden`` set rules out."""
+    return imports & forbidden
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles among the package's modules (each found once, from its smallest name)."""
+    found: list[list[str]] = []
+
+    def visit(path: list[str]) -> None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == path[0]:
+                found.append([*path, nxt])
+            elif nxt > path[0] and nxt not in path:
+                visit([*path, nxt])
+
+    for start in sorted(graph):
+        visit([start])
+    return found
+
+
+def package_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Which of the package's modules each of its modules imports."""
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "__main__"}
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        imported = _imports(f"{module}.py", package)
+        graph[module] = {
+            name.removeprefix(f"{package.name}.")
+            for name in imported
+            if name.removeprefix(f"{package.name}.") in modules - {module}
+        }
+    return graph
 
 
 @pytest.mark.parametrize("module", SANS_IO)
@@ -65,6 +123,21 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         ("relay.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.pool"}),
         ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
         ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
+        # The trust policy: below both transports, one decision for both; no sockets of its own.
+        (
+            "policy.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.udp",
+                "mmproxy.daemon",
+                "mmproxy.listener",
+                "mmproxy.relay",
+                "mmproxy.pool",
+                "mmproxy.metrics",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
         (
             "udp.py",
             {
@@ -132,7 +205,37 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
     ],
 )
 def test_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
-    assert not _imports(module) & forbidden
+    assert not violations(_imports(module), forbidden)
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    assert cycles(package_graph()) == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "from mmproxy import tcp",
+        "from mmproxy import pool, tcp as connections",
+        "import mmproxy.tcp",
+        "from mmproxy.tcp import Connection",
+        "from . import tcp",
+        "from .tcp import Connection",
+        "def later():\n    from mmproxy import tcp",
+    ],
+)
+def test_a_planted_layering_violation_is_caught(planted: str) -> None:
+    """Each way of spelling the import that relay.py must not make is seen by the rule."""
+    assert violations(imports_of(planted), {"mmproxy.tcp"}) == {"mmproxy.tcp"}
+
+
+def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
+    package = tmp_path / "mmproxy"
+    package.mkdir()
+    (package / "cli.py").write_text("def main():\n    from mmproxy import commands\n")
+    (package / "commands.py").write_text("from mmproxy.cli import PROG\n")
+    (package / "relay.py").write_text("import os\n")
+    assert cycles(package_graph(package)) == [["cli", "commands", "cli"]]
 
 
 def test_notify_is_stdlib_only() -> None:

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 README = """# stand-in
 
+<!-- ci: install, test -->
 ```sh
 echo "CI=${CI:-unset}" > steps.txt
 echo tested >> steps.txt
@@ -62,7 +63,8 @@ def _script(path: Path, text: str) -> None:
 def checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     (root / ".ci").mkdir(parents=True)
-    shutil.copy(ROOT / ".ci" / "run", root / ".ci" / "run")
+    for script in ("run", "readme-commands"):
+        shutil.copy(ROOT / ".ci" / script, root / ".ci" / script)
     (root / "README.md").write_text(README)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -4,9 +4,9 @@ Each test drives the real daemon in the session's namespace (or one of its own) 
 the two ends and ``/proc/<pid>`` observe: bytes verified by sha256, connections closed or
 served, descriptors, threads and resident memory.  Every loop is bounded in count and time.
 
-The issue's full sizes run in CI where they fit the time budget; the ones that do not run a
-scaled version here and the full one under ``-m slow`` (README, "Reliability").  Figures worth
-quoting are printed (``pytest -s``) as ``FIGURE name: value``.
+The full sizes run in CI where they fit the time budget; the ones that do not run a scaled
+version here and the full one under ``-m slow`` (CONTRIBUTING.md, "Reliability").  Figures
+worth quoting are printed (``pytest -s``) as ``FIGURE name: value``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import mmproxy
-from mmproxy import cli, daemon, logs
+from mmproxy import cli, daemon, goflags, logs
 from mmproxy.config import Config
 
 ENV_NAMES = (
@@ -637,7 +637,7 @@ def test_click_alone_keeps_long_single_dash_flags_apart_from_l() -> None:
     ],
 )
 def test_parse_go_int(text: str, value: int) -> None:
-    assert cli.parse_go_int(text) == value
+    assert goflags.parse_go_int(text) == value
 
 
 @pytest.mark.parametrize(
@@ -645,7 +645,7 @@ def test_parse_go_int(text: str, value: int) -> None:
 )
 def test_parse_go_int_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="is not a Go integer"):
-        cli.parse_go_int(text)
+        goflags.parse_go_int(text)
 
 
 # --- a real process ----------------------------------------------------------------

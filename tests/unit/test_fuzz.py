@@ -1,7 +1,7 @@
 """A bounded run of the atheris harness over the parser (tests/fuzz/fuzz_protocol.py).
 
 The harness runs in a subprocess, as it would by hand: libFuzzer owns the process it runs in.
-The README gives the command for a longer run.
+CONTRIBUTING.md gives the command for a longer run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CI_SECONDS = 10  # the bounded CI run; the README's longer run takes -max_total_time=600
+CI_SECONDS = 10  # the bounded CI run; CONTRIBUTING.md's longer run takes -max_total_time=600
 
 
 def run_harness(
