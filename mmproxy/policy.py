@@ -43,9 +43,6 @@ RTN_LOCAL = 2  # a route of type "local": an address of this host
 # Seconds a read of the local table is trusted: an address added or removed is seen this late.
 LOCAL_TABLE_MAX_AGE = 1.0
 
-_UNSPECIFIED_V4 = ipaddress.IPv4Network("0.0.0.0/8")  # "this network": never a peer
-_BROADCAST_V4 = ipaddress.IPv4Address("255.255.255.255")
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -57,31 +54,46 @@ class Route:
     target: Endpoint
 
 
+def _kind(host: IPAddress) -> str | None:
+    """Which kind of address no peer can have ``host`` is, from its bits (a few integer tests:
+    this runs for every connection, and ipaddress' properties build networks to compare)."""
+    value = int(host)
+    if host.version == 4:
+        first = value >> 24
+        if first == 127:
+            return "a loopback address"
+        if first == 0:
+            return "an unspecified address"
+        if 224 <= first <= 239:
+            return "a multicast address"
+        if value == 0xFFFFFFFF:
+            return "the broadcast address"
+        return None
+    if value == 1:
+        return "a loopback address"
+    if value == 0:
+        return "an unspecified address"
+    if value >> 120 == 0xFF:
+        return "a multicast address"
+    return None
+
+
 def unusable_source(host: IPAddress) -> str | None:
     """Why no real client can have ``host`` as its address, or None when one can.
 
     ``host`` is plain (an IPv4-mapped address already unwrapped to IPv4).
     """
-    if host.is_loopback:
-        return "a loopback address"
-    if host.is_unspecified or (host.version == 4 and host in _UNSPECIFIED_V4):
-        return "an unspecified address"
-    if host.is_multicast:
-        return "a multicast address"
-    if host == _BROADCAST_V4:
-        return "the broadcast address"
-    return None
+    return _kind(host)
 
 
 def unusable_destination(host: IPAddress) -> str | None:
-    """Why ``host`` can never be a target, whatever the lists say, or None."""
-    if host.is_unspecified or (host.version == 4 and host in _UNSPECIFIED_V4):
-        return "an unspecified address"  # connect() to 0.0.0.0 reaches this host's loopback
-    if host.is_multicast:
-        return "a multicast address"
-    if host == _BROADCAST_V4:
-        return "the broadcast address"
-    return None
+    """Why ``host`` can never be a target, whatever the lists say, or None.
+
+    Loopback is not among them: it is one of this host's own addresses.  0.0.0.0 is: a
+    connect() to it reaches this host's loopback.
+    """
+    kind = _kind(host)
+    return None if kind == "a loopback address" else kind
 
 
 def read_local_table() -> list[Network]:
