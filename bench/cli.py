@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
         "--idle-connections",
         type=_positive_int,
         default=2000,
-        help="connections the idle workload opens",
+        help="connections the idle workload opens (flows, in udp-idle)",
     )
     p.add_argument(
         "--limit-connections",

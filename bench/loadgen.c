@@ -36,6 +36,9 @@
  *                   must be a datagram that flow sent (no header); one not
  *                   echoed within UDP_TIMEOUT counts as lost and its slot is
  *                   reused.  After --duration, UDP_GRACE seconds for the rest.
+ *         udp-idle  open --conns UDP flows as udp does, one datagram each; report
+ *                   how many were echoed ("opened"), then hold the sockets until
+ *                   stdin closes (or --duration runs out)
  *       Options: --conns N, --duration SECONDS, --proxy none|v1|v2 (the PROXY
  *       header to send first), --addr-offset K (first client address), --dest-port P
  *       (destination port written in the header), --window N.
@@ -380,7 +383,7 @@ static void serve_udp(int port) {
 
 /* ------------------------------------------------------------------ client */
 
-enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE, C_UDP };
+enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE, C_UDP, C_UDP_IDLE };
 
 struct options {
     enum client_mode mode;
@@ -601,6 +604,29 @@ static void print_results(double seconds) {
     fflush(stdout);
 }
 
+/* Hold until stdin closes or `deadline`, passing every other event to `on_event`; returns
+ * when the hold began.  stdin must be a pipe the harness closes; anything else (a file,
+ * /dev/null) means "now". */
+static double hold(int ep, double deadline, void (*on_event)(int, void *, uint32_t)) {
+    struct epoll_event events[MAX_EVENTS];
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    int stop = epoll_ctl(ep, EPOLL_CTL_ADD, STDIN_FILENO, &ev) != 0;
+    double start = now();
+    while (!stop && now() < deadline) {
+        int n = epoll_wait(ep, events, MAX_EVENTS, 100);
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr) on_event(ep, events[i].data.ptr, events[i].events);
+            else stop = 1;
+        }
+    }
+    return start;
+}
+
+static void idle_event(int ep, void *ptr, uint32_t events) {
+    struct cconn *c = ptr;
+    if (client_event(ep, c, events, 0) != 0) close_conn(ep, c);
+}
+
 /* idle: open everything, report, then hold until stdin closes or time runs out. */
 static void run_idle(int ep) {
     struct cconn *conns = calloc((size_t)opt.conns, sizeof *conns);
@@ -639,21 +665,7 @@ static void run_idle(int ep) {
     printf("{\"event\": \"opened\", \"opened\": %llu, \"failed\": %llu}\n",
            (unsigned long long)res.opened, (unsigned long long)res.failed);
     fflush(stdout);
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
-    /* stdin must be a pipe the harness closes; anything else (a file, /dev/null) means "now" */
-    int stop = epoll_ctl(ep, EPOLL_CTL_ADD, STDIN_FILENO, &ev) != 0;
-    double start = now();
-    while (!stop && now() < deadline) {
-        int n = epoll_wait(ep, events, MAX_EVENTS, 100);
-        for (int i = 0; i < n; i++) {
-            struct cconn *c = events[i].data.ptr;
-            if (!c) {
-                stop = 1;
-                continue;
-            }
-            if (client_event(ep, c, events[i].events, 0) != 0) close_conn(ep, c);
-        }
-    }
+    double start = hold(ep, deadline, idle_event);
     for (int i = 0; i < started; i++) {
         if (conns[i].fd >= 0) res.alive++;
     }
@@ -834,6 +846,77 @@ static void run_udp(int ep) {
     print_results(end - start);
 }
 
+static void udp_idle_event(int ep, void *ptr, uint32_t events) {
+    (void)ep;
+    (void)events;
+    struct uflow *f = ptr;
+    unsigned char buf[2048];
+    while (recv(f->fd, buf, sizeof buf, MSG_DONTWAIT) >= 0) {} /* a late echo: drop it */
+}
+
+/* udp-idle: every flow sends one datagram and waits for its echo; then all are held open,
+ * silent, until stdin closes: what a proxy keeps per open flow. */
+static void run_udp_idle(int ep) {
+    if (opt.conns > UDP_MAX_FLOWS) die("udp-idle: at most %d flows", UDP_MAX_FLOWS);
+    struct uflow *flows = calloc((size_t)opt.conns, sizeof *flows);
+    if (!flows) die("out of memory");
+    unsigned char *echoed = calloc((size_t)opt.conns, 1);
+    if (!echoed) die("out of memory");
+    double deadline = now() + opt.duration;
+    for (int i = 0; i < opt.conns; i++) {
+        struct uflow *f = &flows[i];
+        f->fd = socket(opt.target.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (f->fd < 0) die("socket: %s", strerror(errno));
+        if (connect(f->fd, (struct sockaddr *)&opt.target, opt.target_len) != 0)
+            die("connect udp: %s", strerror(errno));
+        f->id = (uint32_t)i;
+        f->header_len = udp_header(f->header);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = f};
+        epoll_ctl(ep, EPOLL_CTL_ADD, f->fd, &ev);
+    }
+    /* send in rounds, again to the flows not echoed yet, until all are or time runs out */
+    double next_round = 0;
+    struct epoll_event events[MAX_EVENTS];
+    while (res.opened < (uint64_t)opt.conns && now() < deadline) {
+        if (now() >= next_round) {
+            for (int i = 0; i < opt.conns; i++) {
+                if (echoed[i]) continue;
+                unsigned char data[UDP_HEADER + UDP_PAYLOAD];
+                memcpy(data, flows[i].header, flows[i].header_len);
+                udp_payload(data + flows[i].header_len, flows[i].id, 0, 0);
+                if (send(flows[i].fd, data, flows[i].header_len + UDP_PAYLOAD, 0) < 0) res.errors++;
+                else res.sent++;
+            }
+            next_round = now() + UDP_TIMEOUT;
+        }
+        int n = epoll_wait(ep, events, MAX_EVENTS, 50);
+        for (int e = 0; e < n; e++) {
+            struct uflow *f = events[e].data.ptr;
+            unsigned char buf[2048];
+            ssize_t got;
+            while ((got = recv(f->fd, buf, sizeof buf, MSG_DONTWAIT)) >= 0) {
+                unsigned char expected[UDP_PAYLOAD];
+                udp_payload(expected, f->id, 0, 0);
+                if (got != UDP_PAYLOAD || memcmp(buf, expected, UDP_PAYLOAD) != 0) {
+                    res.mismatches++;
+                } else if (!echoed[f->id]) {
+                    echoed[f->id] = 1;
+                    res.opened++;
+                    res.received++;
+                }
+            }
+        }
+    }
+    res.failed = (uint64_t)opt.conns - res.opened;
+    printf("{\"event\": \"opened\", \"opened\": %llu, \"failed\": %llu}\n",
+           (unsigned long long)res.opened, (unsigned long long)res.failed);
+    fflush(stdout);
+    double start = hold(ep, deadline, udp_idle_event);
+    res.alive = res.opened;
+    for (int i = 0; i < opt.conns; i++) close(flows[i].fd);
+    print_results(now() - start);
+}
+
 static void run_client(void) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
     memset(bulk, 'b', sizeof bulk);
@@ -849,6 +932,10 @@ static void run_client(void) {
     }
     if (opt.mode == C_UDP) {
         run_udp(ep);
+        return;
+    }
+    if (opt.mode == C_UDP_IDLE) {
+        run_udp_idle(ep);
         return;
     }
     struct cconn *conns = calloc((size_t)opt.conns, sizeof *conns);
@@ -923,10 +1010,11 @@ int main(int argc, char **argv) {
     if (argc < 2) die("usage: loadgen serve MODE --port P | loadgen MODE --connect HOST:PORT ...");
     static const char *const serve_modes[] = {"echo", "sink", "source", "rr", "hold", "udp-echo"};
     static const char *const client_modes[] = {"upload",   "download", "pingpong", "stream",
-                                               "connrate", "idle",     "udp"};
+                                               "connrate", "idle",     "udp",
+                                               "udp-idle"};
     int serving = strcmp(argv[1], "serve") == 0;
     int mode = serving ? (argc > 2 ? lookup(argv[2], serve_modes, 6) : -1)
-                       : lookup(argv[1], client_modes, 7);
+                       : lookup(argv[1], client_modes, 8);
     if (mode < 0) die("unknown mode");
     int first = serving ? 3 : 2;
     opt = (struct options){.conns = 1, .duration = 3.0, .window = 64, .dest_port = 0};

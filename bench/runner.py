@@ -287,7 +287,12 @@ class Runner:
                 )
             time.sleep(0.05)
         settling = time.monotonic()
-        relayed = backend.wait_settled(SETTLE_QUIET, SETTLE_TIMEOUT)
+        if workload.protocol == "udp":
+            # a flow is open once its datagram came back; no backend connection to count
+            relayed = opened_count(lines)
+            time.sleep(SETTLE_QUIET)
+        else:
+            relayed = backend.wait_settled(SETTLE_QUIET, SETTLE_TIMEOUT)
         phases = {
             "open_seconds": round(settling - opening, 3),
             "settle_seconds": round(time.monotonic() - settling, 3),
@@ -304,6 +309,14 @@ class Runner:
         record.client = result | {"backend_live": relayed} | phases
         held = min(relayed, int(result.get("alive", 0)))
         record.figures = idle_figures(held, grown)
+
+
+def opened_count(lines: list[str]) -> int:
+    """The ``opened`` count of the idle client's first report."""
+    for line in list(lines):
+        if '"opened"' in line:
+            return int(json.loads(line).get("opened", 0))
+    return 0
 
 
 def parse_udp_snmp(text: str) -> dict[str, int]:

@@ -127,6 +127,17 @@ WORKLOADS: tuple[Workload, ...] = (
         window=UDP_WINDOW,
     ),
 )
+WORKLOADS += (
+    Workload(
+        "udp-idle",
+        "idle UDP flows",
+        "udp-echo",
+        "udp-idle",
+        "idle",
+        protocol="udp",
+        window=1,
+    ),
+)
 NAMES: tuple[str, ...] = tuple(workload.name for workload in WORKLOADS)
 BY_NAME: dict[str, Workload] = {workload.name: workload for workload in WORKLOADS}
 

@@ -59,7 +59,9 @@ STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of 
 FDS_PER_CONNECTION = 2
 PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
-DEFAULT_FLOW_CEILING = 16384  # default --max-udp-flows on a huge limit: each flow is a thread too
+DEFAULT_FLOW_CEILING = (
+    65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
+)
 WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
 SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work

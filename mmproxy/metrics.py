@@ -115,8 +115,11 @@ class Metrics:
     def udp_datagram(self, direction: str) -> None:
         """One datagram relayed, ``TO_TARGET`` or ``TO_CLIENT``."""
 
-    def udp_dropped(self, reason: str) -> None:
-        """A datagram was dropped (not allowed, bad header, no flow, flow limit...)."""
+    def udp_datagrams(self, direction: str, count: int) -> None:
+        """``count`` datagrams relayed (a batch), ``TO_TARGET`` or ``TO_CLIENT``."""
+
+    def udp_dropped(self, reason: str, count: int = 1) -> None:
+        """Datagrams dropped (not allowed, bad header, no flow, flow limit...)."""
 
 
 NO_METRICS = Metrics()
@@ -278,8 +281,11 @@ class PrometheusMetrics(Metrics):
     def udp_datagram(self, direction: str) -> None:
         self._datagrams[direction].inc()
 
-    def udp_dropped(self, reason: str) -> None:
-        self._udp_dropped.labels(reason).inc()
+    def udp_datagrams(self, direction: str, count: int) -> None:
+        self._datagrams[direction].inc(count)
+
+    def udp_dropped(self, reason: str, count: int = 1) -> None:
+        self._udp_dropped.labels(reason).inc(count)
 
 
 class _Handler(MetricsHandler):

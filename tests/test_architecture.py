@@ -129,6 +129,9 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
             {
                 "mmproxy.tcp",
                 "mmproxy.udp",
+                "mmproxy.dispatch",
+                "mmproxy.flows",
+                "mmproxy.eventloop",
                 "mmproxy.daemon",
                 "mmproxy.listener",
                 "mmproxy.relay",
@@ -151,6 +154,13 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
                 "mmproxy.commands",
             },
         ),
+        # UDP: the loop < flows < dispatch < udp; none of them knows TCP or the daemon.
+        ("eventloop.py", {"mmproxy.flows", "mmproxy.dispatch", "mmproxy.udp", "mmproxy.daemon"}),
+        (
+            "flows.py",
+            {"mmproxy.dispatch", "mmproxy.udp", "mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"},
+        ),
+        ("dispatch.py", {"mmproxy.udp", "mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli", "click"}),
         (
             "tcp.py",
             {
@@ -238,11 +248,13 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
     assert cycles(package_graph(package)) == [["cli", "commands", "cli"]]
 
 
-def test_notify_is_stdlib_only() -> None:
-    """sd_notify is a datagram on a unix socket: no library, nothing of mmproxy."""
-    for name in _imports("notify.py"):
+@pytest.mark.parametrize("module", ["notify.py", "eventloop.py"])
+def test_stdlib_only_modules(module: str) -> None:
+    """sd_notify is a datagram on a unix socket, the UDP event loop epoll and handlers: no
+    library, nothing of mmproxy."""
+    for name in _imports(module):
         top = name.split(".")[0]
-        assert top in sys.stdlib_module_names or top == "__future__", f"notify.py imports {name}"
+        assert top in sys.stdlib_module_names or top == "__future__", f"{module} imports {name}"
 
 
 BENCH_MODULES = sorted(path.name for path in BENCH.glob("*.py"))

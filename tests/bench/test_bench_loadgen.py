@@ -251,3 +251,42 @@ def test_udp_refuses_a_v1_header(loadgen: Path) -> None:
     )
     assert result.returncode == 2
     assert "udp: --proxy none or v2" in result.stderr
+
+
+def test_udp_idle_opens_each_flow_once_and_holds_it_until_stdin_closes(loadgen: Path) -> None:
+    """One datagram per flow (sent again until echoed), a report, then silence until stdin ends."""
+    dropped_once: set[bytes] = set()
+
+    def answer(data: bytes) -> bytes | None:
+        if data not in dropped_once:  # the first try of each flow is "lost": the client resends
+            dropped_once.add(data)
+            return None
+        return _strip_header(data)
+
+    server = UdpEcho(answer)
+    argv = [str(loadgen), "udp-idle", "--connect", f"127.0.0.1:{server.port}"]
+    argv += ["--proxy", "v2", "--conns", "5", "--duration", "20"]
+    try:
+        with subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as child:
+            assert child.stdout is not None
+            assert child.stdin is not None
+            try:
+                opened = json.loads(child.stdout.readline())
+                seen_while_held = len(server.received)
+                child.stdin.close()
+                final = json.loads(child.stdout.readline())
+                assert child.wait(10) == 0
+            finally:
+                if child.poll() is None:
+                    child.kill()
+    finally:
+        server.close()
+    assert opened == {"event": "opened", "opened": 5, "failed": 0}
+    assert seen_while_held == len(server.received) == 10, "two tries per flow, nothing more"
+    senders = {sender for _, sender in server.received}
+    sources = {parse_complete(data).header.source for data, _ in server.received}
+    assert len(senders) == len(sources) == 5, "one socket and one fake client per flow"
+    assert final["alive"] == 5
+    assert final["mismatches"] == 0

@@ -15,7 +15,7 @@ import pytest
 
 from bench import build, chart, cli, netns, report
 from bench.procs import Processes, Usage, process_tree, usage
-from bench.runner import Progress, Record, parse_udp_snmp, rotated
+from bench.runner import Progress, Record, opened_count, parse_udp_snmp, rotated
 from bench.settings import DIRECT, MMPROXY, Settings, SettingsError, Target, parse_peer
 from bench.stats import count, median, number, per, ratio, times
 from bench.targets import udp_port_bound
@@ -136,7 +136,12 @@ def test_udp_workloads_send_v2_headers_and_select_udp_mode() -> None:
     assert BY_NAME["udp-1"].conns == 1
     assert client_header(BY_NAME["pingpong"], "v1", proxied=True) == "v1"
     assert client_header(BY_NAME["pingpong"], "v2", proxied=True) == "v2"
-    assert all(w.protocol == "tcp" for w in WORKLOADS if w.kind != "datagrams")
+    assert all(
+        w.protocol == "tcp" for w in WORKLOADS if w.kind != "datagrams" and w.name != "udp-idle"
+    )
+    idle = BY_NAME["udp-idle"]
+    assert (idle.protocol, idle.kind, idle.client, idle.conns) == ("udp", "idle", "udp-idle", None)
+    assert client_header(idle, "v1", proxied=True) == "v2"
 
 
 def test_udp_port_bound_reads_the_proc_net_udp_table() -> None:
@@ -599,3 +604,9 @@ def test_usage_reads_this_process_and_its_children() -> None:
             assert grown.rss_kib == mine.rss_kib - alone.rss_kib
         finally:
             child.kill()
+
+
+def test_udp_idle_flows_held_are_the_client_s_opened_report() -> None:
+    lines = ["noise", '{"event": "opened", "opened": 1998, "failed": 2}', '{"alive": 1998}']
+    assert opened_count(lines) == 1998
+    assert opened_count(["no report yet"]) == 0

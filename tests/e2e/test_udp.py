@@ -303,6 +303,13 @@ def test_listeners_share_the_port(rig: UdpRig) -> None:
         balancer.send(dgram_header(client) + b"x")
         assert balancer.recv() == show(client).encode() + b"|x"
     assert {peer for peer, _ in rig.udp4.wait_count(12)} == set(clients)
+    # the kernel spread the 12 balancer ports over the sockets (all on one: p = 3 * 3**-12),
+    # each served by its dispatcher's thread, and nothing else holds a thread
+    started = daemon.wait_for(lambda line: line.get("msg") == "flow started", count=12)
+    assert len({line["listenerNum"] for line in started}) > 1
+    with open(f"/proc/{daemon.proc.pid}/status") as status:
+        threads = next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+    assert threads == 1 + 3, "the main thread and one per listener"
 
 
 # ----------------------------------------------------------------------------- expiry

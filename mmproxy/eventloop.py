@@ -1,0 +1,95 @@
+"""One thread serving many sockets: epoll, a handler per descriptor, and a timer.
+
+The UDP data path runs on these loops instead of a thread per flow.  A loop calls a
+descriptor's handler when it is readable (level-triggered, so a handler may read a bounded
+batch and leave the rest for the next turn), then asks its ``timer`` hook for the next
+deadline.
+
+Ownership: only the loop's own thread touches the handler table and the epoll set while the
+loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
+thread that joined it owns everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from collections.abc import Callable
+
+Handler = Callable[[], None]
+# Called with the loop's time after every turn; returns the next deadline (monotonic), or None.
+Timer = Callable[[float], float | None]
+
+BATCH = 256  # events taken per epoll_wait
+
+_log = logging.getLogger(__name__)
+
+
+def _no_timer(_now: float) -> float | None:
+    return None
+
+
+class EventLoop:
+    """An epoll set with a handler per descriptor, served by whichever thread calls :meth:`run`."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._handlers: dict[int, Handler] = {}
+        self._stopping = False
+        self.timer: Timer = _no_timer
+        # The time of the current turn, read once after each wait: handlers stamp activity
+        # with it instead of reading the clock per datagram.
+        self.now = time.monotonic()
+
+    def add_reader(self, fd: int, handler: Handler) -> None:
+        """Call ``handler`` whenever ``fd`` is readable; on the loop's thread."""
+        self._handlers[fd] = handler
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (call before closing it); on the loop's thread."""
+        if self._handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after its current turn (from any thread)."""
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`."""
+        epoll, handlers, wake = self._epoll, self._handlers, self._wake
+        deadline: float | None = None
+        while not self._stopping:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = epoll.poll(timeout, BATCH)
+            self.now = time.monotonic()
+            for fd, _mask in events:
+                if fd == wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                    continue
+                handler = handlers.get(fd)
+                if handler is None:  # removed by an earlier handler of this turn
+                    continue
+                try:
+                    handler()
+                except Exception:  # noqa: BLE001 - one socket's bug must not stop the loop
+                    _log.exception("an event handler failed")
+            try:
+                deadline = self.timer(self.now)
+            except Exception:  # noqa: BLE001 - as above
+                _log.exception("a loop timer failed")
+                deadline = None
+
+    def close(self) -> None:
+        """Release the epoll and eventfd descriptors; after :meth:`run` has returned."""
+        self._handlers.clear()
+        self._epoll.close()
+        os.close(self._wake)
