@@ -29,6 +29,9 @@
  *                   read the response to EOF, close; latency per connection
  *         idle      open --conns connections, report, hold them until stdin
  *                   closes (or --duration runs out)
+ *         idle-active  the same, but each connection first sends "PING\r\n" to an
+ *                   echo backend and is counted opened once the echo is back
+ *                   (checked); then it stays open and quiet
  *         udp       --conns UDP flows (one socket, so one source port, each) to
  *                   a udp-echo backend, up to --window datagrams in flight per
  *                   flow; with --proxy v2 each datagram starts with a PROXY v2
@@ -383,7 +386,17 @@ static void serve_udp(int port) {
 
 /* ------------------------------------------------------------------ client */
 
-enum client_mode { C_UPLOAD, C_DOWNLOAD, C_PINGPONG, C_STREAM, C_CONNRATE, C_IDLE, C_UDP, C_UDP_IDLE };
+enum client_mode {
+    C_UPLOAD,
+    C_DOWNLOAD,
+    C_PINGPONG,
+    C_STREAM,
+    C_CONNRATE,
+    C_IDLE,
+    C_UDP,
+    C_UDP_IDLE,
+    C_IDLE_ACTIVE
+};
 
 struct options {
     enum client_mode mode;
@@ -497,7 +510,7 @@ static int on_connected(int ep, struct cconn *c) {
     if (err) return -1;
     char first[256];
     size_t n = build_header(first);
-    if (opt.mode == C_PINGPONG) { /* the first message rides with the header */
+    if (opt.mode == C_PINGPONG || opt.mode == C_IDLE_ACTIVE) { /* it rides with the header */
         memcpy(first + n, MESSAGE, MESSAGE_SIZE);
         n += MESSAGE_SIZE;
         c->sent = MESSAGE_SIZE;
@@ -569,6 +582,14 @@ static int client_event(int ep, struct cconn *c, uint32_t events, int counting) 
         if (counting) res.messages += c->received / MESSAGE_SIZE - before;
         return stream_fill(ep, c);
     }
+    case C_IDLE_ACTIVE: /* the one echo: whole, and nothing more */
+        if (c->received + (uint64_t)n > c->sent) {
+            res.mismatches++;
+            break;
+        }
+        check_echo(buf, (size_t)n, c->received);
+        c->received += (uint64_t)n;
+        break;
     default: break; /* connrate reads the response to EOF; idle discards */
     }
     return 0;
@@ -627,8 +648,10 @@ static void idle_event(int ep, void *ptr, uint32_t events) {
     if (client_event(ep, c, events, 0) != 0) close_conn(ep, c);
 }
 
-/* idle: open everything, report, then hold until stdin closes or time runs out. */
+/* idle: open everything, report, then hold until stdin closes or time runs out.  An
+ * idle-active connection is pending until its echo is back, and only then opened. */
 static void run_idle(int ep) {
+    int active = opt.mode == C_IDLE_ACTIVE;
     struct cconn *conns = calloc((size_t)opt.conns, sizeof *conns);
     if (!conns) die("out of memory");
     int started = 0, pending = 0;
@@ -648,16 +671,25 @@ static void run_idle(int ep) {
         for (int i = 0; i < n; i++) {
             struct cconn *c = events[i].data.ptr;
             if (c->connected) {
+                int waiting = active && c->received < c->sent;
                 if (client_event(ep, c, events[i].events, 0) != 0) {
                     close_conn(ep, c); /* the proxy closed it: over its limit */
+                    if (waiting) {
+                        pending--;
+                        res.failed++;
+                    }
+                } else if (waiting && c->received == c->sent) {
+                    pending--;
+                    res.opened++;
                 }
                 continue;
             }
-            pending--;
             if (on_connected(ep, c) != 0) {
+                pending--;
                 res.failed++;
                 close_conn(ep, c);
-            } else {
+            } else if (!active) {
+                pending--;
                 res.opened++;
             }
         }
@@ -926,7 +958,7 @@ static void run_client(void) {
         res.samples = malloc(MAX_SAMPLES * sizeof *res.samples);
         if (!res.samples) die("out of memory");
     }
-    if (opt.mode == C_IDLE) {
+    if (opt.mode == C_IDLE || opt.mode == C_IDLE_ACTIVE) {
         run_idle(ep);
         return;
     }
@@ -1011,10 +1043,10 @@ int main(int argc, char **argv) {
     static const char *const serve_modes[] = {"echo", "sink", "source", "rr", "hold", "udp-echo"};
     static const char *const client_modes[] = {"upload",   "download", "pingpong", "stream",
                                                "connrate", "idle",     "udp",
-                                               "udp-idle"};
+                                               "udp-idle", "idle-active"};
     int serving = strcmp(argv[1], "serve") == 0;
     int mode = serving ? (argc > 2 ? lookup(argv[2], serve_modes, 6) : -1)
-                       : lookup(argv[1], client_modes, 8);
+                       : lookup(argv[1], client_modes, 9);
     if (mode < 0) die("unknown mode");
     int first = serving ? 3 : 2;
     opt = (struct options){.conns = 1, .duration = 3.0, .window = 64, .dest_port = 0};

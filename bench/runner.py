@@ -297,6 +297,13 @@ class Runner:
             "open_seconds": round(settling - opening, 3),
             "settle_seconds": round(time.monotonic() - settling, 3),
         }
+        if workload.quiet and proxy is not None:
+            quiet_until = time.monotonic() + workload.quiet
+            while time.monotonic() < quiet_until:
+                if not child.alive():
+                    raise MeasureError(f"the idle client ended early: {child.stderr_tail()}")
+                time.sleep(min(0.2, max(0.0, quiet_until - time.monotonic())))
+            phases["quiet_seconds"] = workload.quiet  # a connection closed meanwhile: not alive
         grown = None
         if proxy is not None and before is not None:
             after = usage(proxy.pid)

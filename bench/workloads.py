@@ -42,6 +42,8 @@ class Workload:
     latency: bool = False  # also report p50/p99 (per message or per connection)
     protocol: str = "tcp"  # tcp or udp
     window: int = 64  # messages or datagrams in flight per connection or flow
+    # idle kinds: seconds the connections stay quiet before the proxy's figures are read
+    quiet: float = 0.0
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -81,6 +83,10 @@ CPU: dict[str, Metric] = {
 
 STREAM_WINDOW = 64  # messages in flight per connection in the streaming workload
 UDP_WINDOW = 16  # datagrams (64 bytes of payload each) in flight per UDP flow
+# idle-active: how long its connections stay quiet before the proxy's figures are read.  It
+# covers mmproxy's grace (1 s) and the retirement of the pool workers that served the burst
+# (5 s idle): what is left then is what a quiet connection costs for as long as it stays.
+QUIET_SECONDS = 10.0
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("bulk-up-1", "bulk upload, 1 conn", "sink", "upload", "bulk", 1),
@@ -104,6 +110,14 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload("idle", "idle connections", "hold", "idle", "idle"),
     Workload("idle-limit", "idle, proxy nofile limit", "hold", "idle", "idle", limited=True),
+    Workload(
+        "idle-active",
+        "quiet after a request",
+        "echo",
+        "idle-active",
+        "idle",
+        quiet=QUIET_SECONDS,
+    ),
     Workload(
         "udp",
         "UDP echo, 50 flows x 16 in flight",

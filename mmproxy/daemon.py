@@ -275,7 +275,7 @@ class Server:
         self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
         self._pool = WorkerPool(max_workers=self.max_workers)
         metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
-        self._parking = ParkingLot(self._pool, config.idle_timeout)
+        self._parking = ParkingLot(self._pool)
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose),
@@ -333,8 +333,7 @@ class Server:
         try:
             self._pool.submit(connection.serve)
         except (RuntimeError, OSError) as error:
-            connection.discard()  # closes under the connection's lock, as abort() expects
-            services.log.failure("no thread for the connection", error)
+            connection.not_served(error)
 
     def stop(self, cause: str) -> None:
         """Stop accepting, drain live connections, then shut the rest down."""

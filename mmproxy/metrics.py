@@ -106,6 +106,12 @@ class Metrics:
     def accept_paused(self, paused: bool) -> None:
         """An acceptor stopped calling accept() at the connection cap (True), or resumed."""
 
+    def parked(self) -> None:
+        """A relayed connection gave its last thread back: it waits in the parking lot."""
+
+    def resumed(self) -> None:
+        """A parked connection has a thread again (or ended)."""
+
     def udp_flow_opened(self) -> None:
         """A UDP flow (client address and port) got its upstream socket."""
 
@@ -164,6 +170,12 @@ class PrometheusMetrics(Metrics):
         )
         self._active = Gauge(
             "connections_active", "Connections being relayed now", namespace=ns, registry=r
+        )
+        self._parked = Gauge(
+            "connections_parked",
+            "Relayed connections holding no thread now (quiet: waiting in the parking lot)",
+            namespace=ns,
+            registry=r,
         )
         relayed_bytes = Counter(
             "relayed_bytes",
@@ -270,6 +282,12 @@ class PrometheusMetrics(Metrics):
             self._pauses.inc()
         else:
             self._paused.dec()
+
+    def parked(self) -> None:
+        self._parked.inc()
+
+    def resumed(self) -> None:
+        self._parked.dec()
 
     def udp_flow_opened(self) -> None:
         self._udp_flows_opened.inc()

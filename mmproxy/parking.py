@@ -1,28 +1,28 @@
-"""Connections that have sent nothing yet wait here, many on one thread.
+"""Sockets with nothing to say wait here, many on one thread.
 
-A connection whose header arrived alone may stay silent for minutes (a pool of idle
-keep-alive connections, a client that connects ahead of need).  A thread per such connection
-costs memory: ~16 KiB on a GIL build, ~90 KiB or more on a free-threaded one, where each thread
-also owns allocator pages for everything it ever allocated.  So a connection without data is
-*parked*: its two sockets join one epoll set served by one thread, and the connection holds
-no thread until either socket has something to say (data, an end, an error, or a shutdown
-from :meth:`~mmproxy.relay.Pair.abort`).  Then its relay job goes to the worker pool and
-the connection is relayed as any other, one thread per direction.
+A connection may stay silent for minutes between messages (keep-alive HTTP, WebSockets, a
+database pool), or before its first one.  A thread per quiet connection costs memory: ~16 KiB
+on a GIL build, ~90 KiB or more on a free-threaded one, where each thread also owns allocator
+pages for everything it ever allocated.  So what waits for a quiet socket is *parked*: the
+socket joins one epoll set served by one thread, and holds no thread until it has something to
+say (data, an end, an error, or a shutdown from another thread).  Then its job goes to the
+worker pool.
 
-A connection whose header is still arriving waits here too, on its client socket alone,
-until more of it comes or its header deadline passes; then its serving job runs again.
+The TCP connection parks a relay direction whose source has been quiet for a grace (its own
+source socket: a quiet direction parks while the other one streams, and a pair with both
+directions quiet has both sockets here), and a header still arriving (its client socket, until
+more of it comes or its header deadline passes).
 
-With an idle timeout, a connection parked for that long is marked idle and aborted, then
-handed over the same way, so that its relay threads report it and close it.  Deadlines (the
-idle timeout's, each header's own) wait in one heap.  A spot handed over leaves its entry
-behind, dropped when it reaches the top; once such entries outnumber the live ones the heap is
-rebuilt, so its size follows what is parked now, not what passed through during a long
-timeout.
+A spot may have a deadline (an idle timeout, a header's own): then ``expire`` runs on the
+lot's thread and the job is handed over all the same.  Deadlines wait in one heap.  A spot
+handed over leaves its entry behind, dropped when it reaches the top; once such entries
+outnumber the live ones the heap is rebuilt, so its size follows what is parked now, not what
+passed through during a long timeout.
 
-Ownership: the lot never closes a connection's sockets while it runs.  It registers them,
-unregisters them before handing the connection over (so an fd is never in the set once the
-relay may close it), and owns only its epoll and eventfd descriptors.  Spots still parked
-when the lot closes are given back through their ``abandon`` callback.
+Ownership: the lot never closes a socket.  It registers it, unregisters it before handing the
+job over (so an fd is never in the set once its owner may close it), and owns only its epoll
+and eventfd descriptors.  Spots still parked when the lot closes are given back through their
+``abandon`` callback.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mmproxy.pool import Job, WorkerPool
-from mmproxy.relay import Pair
 
 # Readable, ended (either way) or failed: any of them means the relay has work to do.
 EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
@@ -67,11 +66,10 @@ def _nothing() -> None:
 
 
 class ParkingLot:
-    """One thread waiting on every parked connection's sockets."""
+    """One thread waiting on every parked socket."""
 
-    def __init__(self, pool: WorkerPool, idle_timeout: float = 0.0) -> None:
+    def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
-        self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
         self._parked = 0
@@ -88,26 +86,9 @@ class ParkingLot:
         self._thread.start()
 
     def __len__(self) -> int:
-        """Connections parked now."""
+        """Spots parked now."""
         with self._lock:
             return self._parked
-
-    def park(self, pair: Pair, resume: Job, failed: OnFailure) -> None:
-        """Hold ``pair`` until either socket has something, then run ``resume`` on the pool.
-
-        ``failed`` runs instead (on the parking thread) with the error when the pool cannot
-        take the job.  With an idle timeout, a pair parked that long is expired (marked idle
-        and shut down) and resumed.  Raises OSError when the sockets cannot be registered, and
-        RuntimeError once the lot is closing; the caller then still has the pair.
-        """
-        self.park_sockets(
-            (pair.client, pair.upstream),
-            resume,
-            failed,
-            timeout=self._idle_timeout,
-            expire=pair.expire,
-            abandon=pair.close,
-        )
 
     def park_sockets(
         self,
@@ -123,7 +104,8 @@ class ParkingLot:
 
         Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
         out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
-        the lot closes first.  Raises as :meth:`park` does.
+        the lot closes first.  Raises OSError when a socket cannot be registered, and
+        RuntimeError once the lot is closing; the caller then still has the sockets.
         """
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
         spot = _Spot(resume, failed, expire, abandon, deadline)
@@ -151,6 +133,19 @@ class ParkingLot:
                 earliest = self._deadlines[0][2] is spot
         if earliest:
             os.eventfd_write(self._wake, 1)  # the loop may sleep past this deadline: wake it
+
+    def withdraw(self, sock: socket.socket) -> bool:
+        """Take back the spot ``sock`` waits in, before it is handed over.
+
+        True when it was still parked: it has left the lot and its jobs will never run (the
+        caller runs the work itself).  False when it is not here, or already handed over.
+        """
+        with self._lock:
+            spot = self._by_fd.get(sock.fileno())
+            if spot is None or spot.left:
+                return False
+            self._leave(spot)
+            return True
 
     def close(self) -> None:
         """Stop the thread; what is still parked is abandoned (its sockets closed by its owner).

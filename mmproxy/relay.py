@@ -9,12 +9,17 @@ through Python.  The rules that make a relay correct:
   request/response protocol that half-closes.)
 * An error on either side shuts both sockets down, which wakes the sibling
   thread: a splice or recv blocked on a socket returns once it is shut down.
-* Whoever finishes last closes both sockets; each direction closes its own
+* The direction that ends last says so (:data:`Step.LAST`); its owner then
+  closes both sockets (:meth:`Pair.close`).  Each direction closes its own
   pipe.  Shutdown from other threads (:meth:`Pair.abort`) and the final close
   are serialised by one lock, so a shutdown can never land on a descriptor
   number that was closed and already reused by another connection.  A
   direction's own half-close needs no lock: nothing closes the sockets while
   a direction still runs.
+* With a ``grace``, a direction whose source stays silent that long returns
+  :data:`Step.QUIET` instead of blocking on: it has moved every byte it read
+  and holds no pipe, so whoever runs it can wait for the source elsewhere
+  (the parking lot) and run it again; the pair is not ended.
 * A direction holds no pipe until its first byte arrives (it waits with a
   one-byte ``MSG_PEEK``), so an idle connection costs 2 descriptors, not 6.
   Pipes come out of a budget (:class:`PipeBudget`) so that they can never
@@ -32,6 +37,7 @@ through Python.  The rules that make a relay correct:
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import os
@@ -149,17 +155,23 @@ class IdleWatch:
         """Direction ``side`` moved bytes just now."""
         self._last[side] = time.monotonic()
 
-    def expired(self, side: int, src: socket.socket) -> bool:
+    def expired(self, side: int, src: socket.socket | None) -> bool:
         """Direction ``side``'s read of ``src`` timed out: True if the pair is idle.
 
         Otherwise the other direction was active meanwhile, and ``src``'s
-        receive timeout is set to the time left until the pair would be idle.
+        receive timeout (unless ``src`` is None) is set to the time left until
+        the pair would be idle.
         """
-        idle_for = time.monotonic() - max(self._last)
-        if idle_for >= self.timeout:
+        left = self.left()
+        if left <= 0:
             return True
-        set_receive_timeout(src, self.timeout - idle_for)
+        if src is not None:
+            set_receive_timeout(src, left)
         return False
+
+    def left(self) -> float:
+        """Seconds until the pair is idle for the whole timeout (0 or less: it is)."""
+        return self.timeout - (time.monotonic() - max(self._last))
 
 
 def pump(
@@ -169,46 +181,48 @@ def pump(
     idle: IdleWatch | None = None,
     side: int = 0,
     pipes: PipeBudget = UNLIMITED,
-) -> None:
+    quiet: bool = False,
+) -> bool:
     """Move bytes from ``src`` to ``dst`` until ``src`` ends; add them to ``counter[0]``.
 
-    Returns at end of stream (including a ``src`` shut down by another
+    Returns True at end of stream (including a ``src`` shut down by another
     thread); raises OSError on a socket error.  Both sockets must be blocking.
     With ``idle`` (and ``SO_RCVTIMEO`` on ``src``), raises IdleTimeoutError
     once neither direction has moved a byte for ``idle.timeout`` seconds;
-    ``side`` is this direction's slot in ``idle``.  The pipe comes out of
+    ``side`` is this direction's slot in ``idle``.  With ``quiet``, a read
+    that times out (``SO_RCVTIMEO``: the grace) returns False instead of
+    waiting again: nothing is in flight then.  The pipe comes out of
     ``pipes``; without one the bytes are copied through a buffer.
     """
     while True:
         try:
             if not src.recv(1, socket.MSG_PEEK):
-                return  # ended before any data: no pipe needed
+                return True  # ended before any data: no pipe needed
             break
         except BlockingIOError:  # SO_RCVTIMEO expired
-            if idle is None or idle.expired(side, src):
-                raise IdleTimeoutError from None
+            if _timed_out(src, idle, side, quiet):
+                return False
     if not pipes.take():
-        _copy(src, dst, counter, idle, side)
-        return
+        return _copy(src, dst, counter, idle, side, quiet)
     try:
         read_fd, write_fd, capacity = open_pipe()
     except OSError as error:
         pipes.give_back()
         if error.errno not in NO_PIPE:
             raise
-        _copy(src, dst, counter, idle, side)  # out of descriptors: correct, if not zero-copy
-        return
+        # out of descriptors: correct, if not zero-copy
+        return _copy(src, dst, counter, idle, side, quiet)
     try:
         src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
             try:
                 pending = os.splice(src_fd, write_fd, capacity)
-            except BlockingIOError:  # SO_RCVTIMEO expired; nothing was moved
-                if idle is None or idle.expired(side, src):
-                    raise IdleTimeoutError from None
+            except BlockingIOError:  # SO_RCVTIMEO expired; nothing was moved, the pipe is empty
+                if _timed_out(src, idle, side, quiet):
+                    return False
                 continue
             if pending == 0:
-                return
+                return True
             while pending:
                 # flags 0: SPLICE_F_MORE here would hold back small writes
                 # (interactive traffic) waiting for more.
@@ -223,9 +237,28 @@ def pump(
         pipes.give_back()
 
 
+def _timed_out(src: socket.socket, idle: IdleWatch | None, side: int, quiet: bool) -> bool:
+    """A read of ``src`` timed out with nothing moved: True to return quiet, False to read again.
+
+    Raises IdleTimeoutError when the pair has been idle for the whole idle timeout.
+    """
+    if quiet:
+        if idle is not None and idle.expired(side, None):
+            raise IdleTimeoutError
+        return True
+    if idle is None or idle.expired(side, src):
+        raise IdleTimeoutError
+    return False
+
+
 def _copy(
-    src: socket.socket, dst: socket.socket, counter: list[int], idle: IdleWatch | None, side: int
-) -> None:
+    src: socket.socket,
+    dst: socket.socket,
+    counter: list[int],
+    idle: IdleWatch | None,
+    side: int,
+    quiet: bool,
+) -> bool:
     """:func:`pump` through a buffer in Python, for when no pipe can be had."""
     buffer = bytearray(COPY_BUFFER)
     view = memoryview(buffer)
@@ -233,22 +266,36 @@ def _copy(
         try:
             received = src.recv_into(buffer)
         except BlockingIOError:  # SO_RCVTIMEO expired
-            if idle is None or idle.expired(side, src):
-                raise IdleTimeoutError from None
+            if _timed_out(src, idle, side, quiet):
+                return False
             continue
         if received == 0:
-            return
+            return True
         dst.sendall(view[:received])
         counter[0] += received
         if idle is not None:
             idle.touch(side)
 
 
+class Step(enum.Enum):
+    """How one run of a direction (:meth:`Pair.run`) came back."""
+
+    QUIET = "quiet"  # nothing arrived for the grace: run it again once its source has something
+    ENDED = "ended"  # this direction is over; the other one still runs (or waits)
+    LAST = "last"  # this direction ended the pair: the caller closes it and reports
+
+
+FORWARD = 0  # client -> upstream, slot 0 of the IdleWatch
+BACKWARD = 1  # upstream -> client
+
+
 class Pair:
-    """The two sockets of one relayed connection, and who closes them.
+    """The two sockets of one relayed connection, and how its directions end.
 
     ``client`` is the load balancer's connection; ``upstream`` the one to the
-    backend.  :meth:`run` is called once per direction, from two threads.
+    backend.  :meth:`run` is called for each direction (:data:`FORWARD`,
+    :data:`BACKWARD`), never twice at once for the same one; with a ``grace``
+    a run may come back :data:`Step.QUIET` and is then called again later.
     With ``idle_timeout`` (seconds, 0: off) the pair ends once neither
     direction has moved a byte for that long, and :attr:`idle` says so.
     """
@@ -259,64 +306,99 @@ class Pair:
         upstream: socket.socket,
         idle_timeout: float = 0.0,
         pipes: PipeBudget = UNLIMITED,
+        grace: float = 0.0,
     ) -> None:
         self._pipes = pipes
         self.client = client
         self.upstream = upstream
         self.started = time.monotonic()
-        # bytes client->upstream, upstream->client; each list written by one thread only
+        # bytes client->upstream, upstream->client; each list written by one direction only
         self.to_target = [0]
         self.to_client = [0]
         self.error: OSError | None = None  # the first error either direction saw
         self.idle = False  # True when the idle timeout ended the pair
         self._watch: IdleWatch | None = None
+        self._quiet = grace > 0
+        # The wait before a read gives up: the grace, or the idle timeout if that is shorter.
+        wait = min(grace, idle_timeout) if grace > 0 and idle_timeout > 0 else grace or idle_timeout
         if idle_timeout > 0:
             self._watch = IdleWatch(idle_timeout)
+        if wait > 0:
             for sock in (client, upstream):
                 # Only fails on a socket that is already broken; the relay then sees that at once.
                 with contextlib.suppress(OSError):
-                    set_receive_timeout(sock, idle_timeout)
+                    set_receive_timeout(sock, wait)
         self._lock = threading.Lock()
         self._running = 2
         self._closed = False
 
-    def forward(self) -> bool:
-        """Relay client -> upstream; True when this call finished the pair (see :meth:`_run`)."""
-        return self._run(self.client, self.upstream, self.to_target, 0)
+    def forward(self) -> Step:
+        """Relay client -> upstream (see :meth:`run`)."""
+        return self.run(FORWARD)
 
-    def backward(self) -> bool:
-        """Relay upstream -> client; True when this call finished the pair."""
-        return self._run(self.upstream, self.client, self.to_client, 1)
+    def backward(self) -> Step:
+        """Relay upstream -> client (see :meth:`run`)."""
+        return self.run(BACKWARD)
 
-    def _run(self, src: socket.socket, dst: socket.socket, counter: list[int], side: int) -> bool:
-        """Pump one direction; returns True in the thread that finished last.
+    def source(self, side: int) -> socket.socket:
+        """The socket direction ``side`` reads from."""
+        return self.client if side == FORWARD else self.upstream
 
-        That thread has closed both sockets when this returns, and the
-        caller may then log the outcome.
-        """
+    def run(self, side: int) -> Step:
+        """Pump direction ``side`` until it ends, or until it is quiet for the grace."""
+        if side == FORWARD:
+            src, dst, counter = self.client, self.upstream, self.to_target
+        else:
+            src, dst, counter = self.upstream, self.client, self.to_client
         try:
-            pump(src, dst, counter, self._watch, side, self._pipes)
+            if not pump(src, dst, counter, self._watch, side, self._pipes, self._quiet):
+                return Step.QUIET
             self._shutdown(dst, socket.SHUT_WR)  # relay the half-close
         except IdleTimeoutError:
             self.expire()
         except OSError as error:
-            with self._lock:
-                if self.error is None:
-                    self.error = error
-            self.abort()
+            self._failed(error)
+        return self._ended()
+
+    def end(self, error: OSError) -> Step:
+        """End a direction that cannot run again (its wait failed): the pair ends with ``error``."""
+        self._failed(error)
+        return self._ended()
+
+    def _failed(self, error: OSError) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.abort()
+
+    def _ended(self) -> Step:
         with self._lock:
             self._running -= 1
-            if self._running:
-                return False
-        self.close()
-        return True
+            return Step.ENDED if self._running else Step.LAST
+
+    def time_to_idle(self) -> float:
+        """Seconds until the pair would be idle (0: no idle timeout; never below 1 ms otherwise)."""
+        if self._watch is None:
+            return 0.0
+        return max(self._watch.left(), MIN_WAIT)
+
+    def expire_if_idle(self) -> None:
+        """End the pair as idle if neither direction moved a byte for the whole idle timeout."""
+        if self._watch is not None and self._watch.left() <= 0:
+            self.expire()
 
     def input_waiting(self) -> bool:
         """Whether either socket has data, an end or an error now (never blocks)."""
+        return any(self.ready())
+
+    def ready(self) -> tuple[bool, bool]:
+        """Whether the client and the upstream socket have data, an end or an error now
+        (never blocks): which directions have something to move."""
         poller = select.poll()
         for sock in (self.client, self.upstream):
             poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
-        return bool(poller.poll(0))
+        ready = {fd for fd, _events in poller.poll(0)}
+        return self.client.fileno() in ready, self.upstream.fileno() in ready
 
     def expire(self) -> None:
         """End the pair as idle (both directions then find their sockets shut down)."""

@@ -1,32 +1,36 @@
 """One TCP connection's life: header, upstream, relay, outcome.
 
-:meth:`Connection.serve` runs on a pool worker.  It reads the PROXY header
-with a deadline, connects upstream from the client's address, sends the
-bytes that arrived after the header, then becomes the client -> backend
-relay thread while a second worker relays backend -> client.  The thread
-that finishes last logs the outcome and releases the connection's slot.
-A header still arriving, and a connection with nothing to relay yet, wait
-in the parking lot (:mod:`mmproxy.parking`) without a thread of their own;
-the lot runs the next step on the pool when a socket has something.
+A :class:`Connection` moves through explicit states (:class:`State`): HEADER, CONNECTING,
+RELAYING (at least one direction on a thread) and PARKED (none), then DONE.  Every way out,
+whatever the state and whichever thread finds it, goes through :meth:`Connection._finish`,
+which closes, logs, counts and leaves the tracker exactly once.
 
-Descriptor ownership: until the relay starts, the connection owns the
-client socket (whichever thread runs :meth:`Connection.serve`, or the lot
-giving it back at close) and closes it; from then on
-:class:`~mmproxy.relay.Pair` owns both sockets.  :meth:`Connection.abort`
-(graceful stop) only ever shuts sockets down, under the same lock as the
-close, never closes them.
+:meth:`Connection.serve` runs on a pool worker.  It reads the PROXY header with a deadline,
+connects upstream from the client's address, sends the bytes that arrived after the header,
+then runs the client -> backend direction while a second worker runs backend -> client.  A
+direction whose source has been quiet for :data:`QUIET_GRACE` parks that socket in the
+parking lot (:mod:`mmproxy.parking`) and gives its thread back; the lot runs it again on the
+pool when the socket has something (data, an end, an error), so a quiet connection holds no
+thread.  A header still arriving, and a connection with nothing to relay yet, wait in the lot
+too.
+
+Descriptor ownership: the connection owns the client socket from accept, and both sockets
+once the relay starts (:class:`~mmproxy.relay.Pair` holds them), and only ``_finish`` closes
+them, under the connection's lock.  :meth:`Connection.abort` (graceful stop) only ever shuts
+sockets down, under the same lock, never closes them; the lot never closes a socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import errno
 import ipaddress
 import math
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmproxy import logs, policy, upstream
@@ -36,7 +40,7 @@ from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, NeedMore, ProxyHeader, Transport, parse
-from mmproxy.relay import PEER_GONE, UNLIMITED, Pair, PipeBudget
+from mmproxy.relay import BACKWARD, FORWARD, PEER_GONE, UNLIMITED, Pair, PipeBudget, Step
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.
@@ -49,6 +53,12 @@ WRONG_TRANSPORT = "wrong_transport"
 UPSTREAM_FAILED = "upstream_failed"
 STOPPING = "stopping"
 IDLE_TIMEOUT = "idle_timeout"
+
+_BEFORE_RELAY = "connection failed before the relay started"
+
+# Seconds a relay direction may wait for its source on a thread before it parks that socket
+# and gives the thread back (bench/README.md: how it was chosen).
+QUIET_GRACE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,7 @@ class Services:
     pipes: PipeBudget = UNLIMITED
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
     destinations: policy.Destinations | None = None  # with -dynamic-destination
+    grace: float = QUIET_GRACE  # seconds a quiet direction keeps its thread (with a lot)
 
 
 class Tracker:
@@ -128,8 +139,45 @@ class Tracker:
         return len(live)
 
 
+class State(enum.Enum):
+    """Where a connection is in its life; it only ever moves down this list (PARKED and
+    RELAYING alternate), and every way out goes to DONE through :meth:`Connection._finish`."""
+
+    HEADER = "header"  # reading the PROXY header (on a worker, or parked until more arrives)
+    CONNECTING = "connecting"  # header parsed, connecting upstream
+    RELAYING = "relaying"  # relayed, at least one direction holds a thread
+    PARKED = "parked"  # relayed, no direction holds a thread: every live one waits in the lot
+    DONE = "done"  # closed, logged, counted, out of the tracker
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a connection ended: the log record, and the counter for one that was never relayed.
+
+    ``failure`` False logs ``message`` as a state change (``-v 2``), True as a dropped
+    connection (``-v 1``).  ``metric`` is counted only for a connection that was never
+    relayed: :data:`UPSTREAM_FAILED`, or a header error reason (None: nothing).
+    """
+
+    message: str
+    error: BaseException | str | None = None
+    reason: str | None = None
+    metric: str | None = None
+    failure: bool = True
+
+
+# A wait that could not go on: the lot or the pool refused it (the daemon is stopping).
+_STOPPED = "the daemon is stopping"
+
+
 class Connection:
-    """A client connection from the load balancer, from accept to close."""
+    """A client connection from the load balancer, from accept to close.
+
+    The job :meth:`serve` reads the header and connects upstream; then each direction runs
+    on a pool worker (:meth:`_run`) until it ends or has been quiet for the grace, when it
+    parks its source socket and gives its thread back.  ``_threads`` counts the directions
+    on a thread now; with none, a relayed connection is PARKED.
+    """
 
     def __init__(
         self, sock: socket.socket, peer: tuple[str, int], listener_num: int, services: Services
@@ -142,157 +190,112 @@ class Connection:
             self._log = services.log.bind(
                 **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: listener_num}
             )
+        # _lock guards _state, _pair, _aborted, _threads and the close (abort() shuts down
+        # under it, so it never touches a descriptor number already closed and reused).
         self._lock = threading.Lock()
+        self._state = State.HEADER
         self._pair: Pair | None = None
         self._aborted = False
-        self._closed = False
+        self._threads = 0
+        self._opened = False  # counted as relayed (metrics.opened): its end counts bytes
         # The header read so far, and when it must be complete; serve() may run several times
         # (one thread at a time: the parking lot hands it on) while the header trickles in.
         self._buffer = bytearray()
-        self._started = 0.0
-        self._deadline = 0.0
+        self._started = time.monotonic()
+        self._deadline = self._started + services.config.header_timeout
+
+    @property
+    def state(self) -> State:
+        with self._lock:
+            return self._state
 
     # -------------------------------------------------------------- stopping
 
     def abort(self) -> None:
-        """Make this connection end soon: wake whichever thread is blocked on it."""
+        """Make this connection end soon: wake whichever thread is blocked on it, or its
+        parked sockets (the lot then hands them over, and they find the end)."""
         with self._lock:
             self._aborted = True
             pair = self._pair
-            if pair is None and not self._closed:
+            if pair is None and self._state is not State.DONE:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
         if pair is not None:
             pair.abort()
 
-    def _close_client(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._sock.close()
+    def not_served(self, error: BaseException) -> None:
+        """The connection never got a thread: close it and say why."""
+        self._finish(Outcome("no thread for the connection", error))
 
-    # -------------------------------------------------------------- serving
+    def _finish(self, outcome: Outcome) -> None:
+        """The one way out: close, log, count and leave the tracker, exactly once."""
+        with self._lock:
+            if self._state is State.DONE:
+                return
+            was_parked = self._state is State.PARKED
+            self._state = State.DONE
+            pair = self._pair
+            if pair is not None:
+                pair.close()
+            else:
+                self._sock.close()
+        metrics = self._services.metrics
+        if was_parked:
+            metrics.resumed()
+        fields: dict[str, object] = {}
+        if self._opened and pair is not None:
+            fields = {
+                "bytesToTarget": pair.to_target[0],
+                "bytesToClient": pair.to_client[0],
+                "durationSeconds": round(pair.duration, 6),
+            }
+        log = self._log
+        if not outcome.failure:
+            log.state(outcome.message, **fields)
+        elif outcome.reason is None:
+            log.failure(outcome.message, outcome.error, **fields)
+        else:
+            log.failure(outcome.message, outcome.error, reason=outcome.reason, **fields)
+        if self._opened and pair is not None:
+            metrics.closed(pair.to_target[0], pair.to_client[0])
+        elif outcome.metric == UPSTREAM_FAILED:
+            metrics.upstream_failed()
+        elif outcome.metric is not None:
+            metrics.header_error(outcome.metric)
+        self._services.tracker.remove(self)
+
+    # -------------------------------------------------------------- header
 
     def serve(self) -> None:
-        """The whole connection; runs on a pool worker and never raises.
+        """Read the header, connect upstream and start the relay; runs on a pool worker and
+        never raises.
 
         A header that has not all arrived yet waits in the parking lot without a thread;
         the lot runs this again when more of it comes, or when its deadline passes.
         """
-        services = self._services
-        metrics = services.metrics
+        metrics = self._services.metrics
         try:
-            if not self._started:
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._started = time.monotonic()
-                self._deadline = self._started + services.config.header_timeout
             found = self._read_header()
             if found is None:
                 return  # parked until more of the header arrives
             header, payload = found
             metrics.header_parsed(time.monotonic() - self._started)
+            with self._lock:
+                self._state = State.CONNECTING
             conn_up = self._connect(header)
         except RefusedError as refusal:
-            self._log.failure(refusal.message, refusal.detail, reason=refusal.reason)
-            if refusal.reason == UPSTREAM_FAILED:
-                metrics.upstream_failed()
-            else:
-                metrics.header_error(refusal.reason)
-            self.discard()
+            self._finish(Outcome(refusal.message, refusal.detail, refusal.reason, refusal.reason))
             return
         except HeaderError as error:
-            self._log.failure("invalid PROXY header", error)
-            metrics.header_error(error.reason)
-            self.discard()
+            self._finish(Outcome("invalid PROXY header", error, None, error.reason))
             return
         except OSError as error:
-            self._log.failure("connection failed before the relay started", error)
-            metrics.header_error(READ_ERROR)
-            self.discard()
+            self._finish(Outcome(_BEFORE_RELAY, error, None, READ_ERROR))
             return
-        except BaseException:
-            self.discard()
+        except BaseException as error:
+            self._finish(Outcome(_BEFORE_RELAY, repr(error)))
             raise
-        pair = Pair(self._sock, conn_up.sock, services.config.idle_timeout, services.pipes)
-        with self._lock:
-            self._pair = pair
-            aborted = self._aborted
-        log = self._log
-        if log.failures:
-            log = log.bind(
-                **{
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
-                    logs.TARGET_ADDR: _peer_text(conn_up.sock),
-                }
-            )
-            if conn_up.fallback:
-                log.notice("client port in use here: connected from an ephemeral port instead")
-        if aborted:
-            pair.close()
-            log.failure("daemon is stopping", reason=STOPPING)
-            services.tracker.remove(self)
-            return
-        log.state("connection established")
-        metrics.opened()
-        try:
-            if payload:
-                conn_up.sock.sendall(payload)  # what came with the header goes first
-                pair.to_target[0] += len(payload)
-            elif services.parking is not None and not pair.input_waiting():
-                # Nothing to relay yet: wait in the parking lot, holding no thread.
-                services.parking.park(
-                    pair,
-                    lambda: self._start_relay(pair, log),
-                    lambda error: self._relay_failed(pair, log, error),
-                )
-                return
-        except (OSError, RuntimeError) as error:
-            self._relay_failed(pair, log, error)
-            return
-        self._start_relay(pair, log)
-
-    def _start_relay(self, pair: Pair, log: logs.ConnectionLog) -> None:
-        """Relay both ways: backward on another worker, forward on this thread."""
-        try:
-            self._services.pool.submit(lambda: self._relay(pair, pair.backward, log))
-        except (OSError, RuntimeError) as error:
-            self._relay_failed(pair, log, error)
-            return
-        self._relay(pair, pair.forward, log)
-
-    def _relay_failed(self, pair: Pair, log: logs.ConnectionLog, error: BaseException) -> None:
-        pair.close()
-        log.failure("relay could not start", error)
-        self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
-        self._services.tracker.remove(self)
-
-    def discard(self) -> None:
-        """Close and forget a connection whose relay never started."""
-        self._close_client()
-        self._services.tracker.remove(self)
-
-    def _relay(self, pair: Pair, direction: Callable[[], bool], log: logs.ConnectionLog) -> None:
-        if not direction():
-            return  # the sibling direction is still running; it reports
-        fields = {
-            "bytesToTarget": pair.to_target[0],
-            "bytesToClient": pair.to_client[0],
-            "durationSeconds": round(pair.duration, 6),
-        }
-        error = pair.error
-        with self._lock:
-            aborted = self._aborted
-        if pair.idle:
-            timeout = self._services.config.idle_timeout
-            detail = f"no data in either direction for {timeout:g}s"
-            log.failure("idle timeout", detail, reason=IDLE_TIMEOUT, **fields)
-        elif error is not None and not (aborted and error.errno in PEER_GONE):
-            log.failure("connection ended with an error", error, **fields)
-        else:
-            log.state("connection closed", **fields)
-        self._services.metrics.closed(pair.to_target[0], pair.to_client[0])
-        self._services.tracker.remove(self)
-
-    # -------------------------------------------------------------- header
+        self._relay(conn_up, payload)
 
     def _read_header(self) -> tuple[ProxyHeader, bytes] | None:
         """The header and the bytes that came after it, or None when parked to wait for more.
@@ -334,17 +337,163 @@ class Connection:
             parking.park_sockets(
                 (self._sock,),
                 self.serve,
-                self._resume_failed,
+                self._header_stopped,
                 timeout=max(remaining, 0.001),
-                abandon=self.discard,
+                abandon=lambda: self._header_stopped(_STOPPED),
             )
         except RuntimeError as error:  # the lot is closed: the daemon is stopping
             raise RefusedError(STOPPING, "daemon is stopping", str(error)) from error
         return True
 
-    def _resume_failed(self, error: BaseException) -> None:
-        self._log.failure("connection failed before the relay started", error)
-        self.discard()
+    def _header_stopped(self, error: BaseException | str) -> None:
+        """A parked header cannot be read on: the pool or the lot refused (stopping)."""
+        self._finish(Outcome("daemon is stopping", str(error), STOPPING, STOPPING))
+
+    # -------------------------------------------------------------- relay
+
+    def _relay(self, conn_up: upstream.Upstream, payload: bytes) -> None:
+        """Relay both ways: backward on another worker, forward on this thread; or, with
+        nothing to relay yet, park both directions at once."""
+        services = self._services
+        pair = Pair(
+            self._sock,
+            conn_up.sock,
+            services.config.idle_timeout,
+            services.pipes,
+            grace=services.grace if services.parking is not None else 0.0,
+        )
+        with self._lock:
+            self._pair = pair
+            aborted = self._aborted
+            if not aborted:
+                self._state = State.RELAYING
+                self._threads = 1  # this one
+        if self._log.failures:
+            self._log = self._log.bind(
+                **{
+                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
+                    logs.TARGET_ADDR: _peer_text(conn_up.sock),
+                }
+            )
+            if conn_up.fallback:
+                self._log.notice(
+                    "client port in use here: connected from an ephemeral port instead"
+                )
+        if aborted:
+            self._finish(Outcome("daemon is stopping", None, STOPPING))
+            return
+        self._log.state("connection established")
+        services.metrics.opened()
+        self._opened = True
+        parking = services.parking
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if payload:
+                conn_up.sock.sendall(payload)  # what came with the header goes first
+                pair.to_target[0] += len(payload)
+            # With a payload the answer comes next: no need to look (the lot sees the rest).
+            client_ready, upstream_ready = (False, False) if payload else pair.ready()
+            if parking is not None and not (payload or client_ready or upstream_ready):
+                # Nothing to relay yet: both directions wait in the lot, holding no thread.
+                self._release()
+                self._wait(pair, FORWARD)
+                self._wait(pair, BACKWARD)
+                return
+        except OSError as error:
+            self._finish(Outcome("relay could not start", error))
+            return
+        # This thread takes the direction that moves next: the client's data if it has some,
+        # else the backend's answer.  The other one gets a worker only if its source has
+        # something already; otherwise it waits in the lot (or for this thread: see _run).
+        mine = FORWARD if client_ready or parking is None else BACKWARD
+        if parking is None or (upstream_ready if mine == FORWARD else client_ready):
+            with self._lock:
+                self._threads += 1  # the other direction, about to get a worker
+            try:
+                services.pool.submit(lambda: self._run(pair, 1 - mine))
+            except (OSError, RuntimeError) as error:
+                self._release()
+                self._lost(pair, error)  # ends the pair: the run below sees it at once
+        else:
+            self._wait(pair, 1 - mine)
+        self._run(pair, mine)
+
+    def _run(self, pair: Pair, side: int) -> None:
+        """Run direction ``side`` on this thread (counted in ``_threads``) until it is quiet
+        (then it parks) or ends (the last one to end finishes the connection).  A direction
+        that ends while the other one is parked hands this thread over to it: a request and
+        its answer, and the close that follows, need no second thread."""
+        step = pair.run(side)
+        if step is Step.QUIET:
+            self._release()
+            self._wait(pair, side)
+        elif step is Step.LAST:
+            self._finish(self._ending(pair))
+        elif self._services.parking is not None and self._services.parking.withdraw(
+            pair.source(1 - side)
+        ):
+            self._run(pair, 1 - side)
+        else:
+            self._release()
+
+    def _ending(self, pair: Pair) -> Outcome:
+        """The outcome of a relay whose directions have both ended."""
+        if pair.idle:
+            timeout = self._services.config.idle_timeout
+            detail = f"no data in either direction for {timeout:g}s"
+            return Outcome("idle timeout", detail, IDLE_TIMEOUT)
+        error = pair.error
+        with self._lock:
+            aborted = self._aborted
+        if error is not None and not (aborted and error.errno in PEER_GONE):
+            return Outcome("connection ended with an error", error)
+        return Outcome("connection closed", failure=False)
+
+    def _release(self) -> None:
+        """A direction leaves its thread; with none left on one, the connection is parked."""
+        with self._lock:
+            self._threads -= 1
+            if self._threads or self._state is not State.RELAYING:
+                return
+            self._state = State.PARKED
+            self._services.metrics.parked()
+
+    def _take(self) -> None:
+        """A parked direction is back on a thread."""
+        with self._lock:
+            self._threads += 1
+            if self._state is State.PARKED:
+                self._state = State.RELAYING
+                self._services.metrics.resumed()
+
+    def _wait(self, pair: Pair, side: int) -> None:
+        """Park direction ``side`` (holding no thread) until its source has something,
+        or until the pair would be idle for the whole idle timeout."""
+        parking = self._services.parking
+        try:
+            if parking is None:  # a relay without a lot has no grace, so it is never quiet
+                raise RuntimeError("no parking lot")
+            parking.park_sockets(
+                (pair.source(side),),
+                lambda: self._resume(pair, side),
+                lambda error: self._lost(pair, error),
+                timeout=pair.time_to_idle(),
+                expire=pair.expire_if_idle,
+                abandon=lambda: self._lost(pair, _STOPPED),
+            )
+        except (OSError, RuntimeError) as error:
+            self._lost(pair, error)
+
+    def _resume(self, pair: Pair, side: int) -> None:
+        self._take()
+        self._run(pair, side)
+
+    def _lost(self, pair: Pair, error: BaseException | str) -> None:
+        """A direction holds no thread and cannot get one: the pair ends with ``error``."""
+        if not isinstance(error, OSError):
+            error = ConnectionAbortedError(errno.ECONNABORTED, str(error))
+        if pair.end(error) is Step.LAST:
+            self._finish(self._ending(pair))
 
     # -------------------------------------------------------------- upstream
 

@@ -253,6 +253,108 @@ def test_udp_refuses_a_v1_header(loadgen: Path) -> None:
     assert "udp: --proxy none or v2" in result.stderr
 
 
+# ------------------------------------------------------------------------- idle-active
+
+PING = b"PING\r\n"
+
+
+class Answerer:
+    """Accepts connections; answers each one's first request with ``answer(request)``, then
+    keeps it open (the client closes)."""
+
+    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.ended: list[bytes] = []  # what each connection sent after its request, to its end
+        self._answer = answer
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set() and len(self._threads) < 100:
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,))
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while not data.endswith(PING):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            self.requests.append(data)
+            conn.sendall(self._answer(data))
+            rest = b""
+            while chunk := conn.recv(4096):
+                rest += chunk
+            self.ended.append(rest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(10)
+        for thread in self._threads:
+            thread.join(10)
+        self.server.close()
+
+
+def _idle_active(loadgen: Path, port: int, conns: int) -> list[dict[str, object]]:
+    """Run ``idle-active`` until its connections are opened, then close its stdin; its JSON
+    lines (the ``opened`` event, then the result)."""
+    argv = [
+        *(str(loadgen), "idle-active", "--connect", f"127.0.0.1:{port}"),
+        *("--conns", str(conns), "--duration", "20", "--proxy", "v1"),
+    ]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        try:
+            first = json.loads(child.stdout.readline())
+            child.stdin.close()
+            out = child.stdout.read()  # to its end: bounded by --duration
+        finally:
+            if child.wait(30) is None:
+                child.kill()
+    assert child.returncode == 0
+    return [first, json.loads(out.strip().splitlines()[-1])]
+
+
+def test_idle_active_connections_count_once_their_echo_is_back(loadgen: Path) -> None:
+    server = Answerer(lambda request: PING)
+    try:
+        opened, result = _idle_active(loadgen, server.port, 5)
+    finally:
+        server.close()
+    assert opened == {"event": "opened", "opened": 5, "failed": 0}
+    assert result["alive"] == 5
+    assert result["mismatches"] == 0
+    assert len(server.requests) == 5
+    for request in server.requests:  # the header, then the request at once
+        parsed = parse(request)
+        assert isinstance(parsed, Parsed)
+        assert request[parsed.consumed :] == PING
+    assert server.ended == [b""] * 5  # quiet after the echo: nothing more was sent
+
+
+def test_idle_active_checks_the_echo(loadgen: Path) -> None:
+    server = Answerer(lambda request: b"PONG\r\n")
+    try:
+        _opened, result = _idle_active(loadgen, server.port, 3)
+    finally:
+        server.close()
+    assert result["mismatches"] == 3
+
+
 def test_udp_idle_opens_each_flow_once_and_holds_it_until_stdin_closes(loadgen: Path) -> None:
     """One datagram per flow (sent again until echoed), a report, then silence until stdin ends."""
     dropped_once: set[bytes] = set()

@@ -302,3 +302,33 @@ def test_interrupted_run_stops_everything_and_deletes_the_namespace(signum: int)
     assert "bench: interrupted; every process stopped, namespace deleted" in stderr
     assert "Traceback" not in stderr
     _assert_nothing_left(proc.pid, tag)
+
+
+@pytest.mark.timeout(180)
+def test_idle_active_holds_connections_that_went_quiet_after_a_request(tmp_path: Path) -> None:
+    """idle-active: each connection's request was echoed (the client counts it opened only
+    then), the connections stay open through the quiet period, and mmproxy's threads per
+    connection are read after it."""
+    tag = uuid.uuid4().hex
+    out = tmp_path / "results.json"
+    pid, _stdout, stderr = _run_ok(
+        tag,
+        *("--only", "idle-active", "--repeats", "1", "--idle-connections", "40"),
+        *("--json", str(out)),
+    )
+    steps = [line for line in stderr.splitlines() if line.startswith("[")]
+    assert [line.split(": ")[0] for line in steps] == [
+        "[1/2] repeat 1/1 idle-active via direct",
+        "[2/2] repeat 1/1 idle-active via mmproxy",
+    ]
+    runs = {run["target"]: run for run in json.loads(out.read_text())["runs"]}
+    proxied = runs["mmproxy"]
+    assert proxied["error"] is None
+    assert proxied["client"]["opened"] == 40
+    assert proxied["client"]["mismatches"] == 0
+    assert proxied["client"]["alive"] == 40
+    assert proxied["client"]["quiet_seconds"] > 0
+    assert proxied["figures"]["held"] == 40
+    assert proxied["figures"]["threads_per_conn"] is not None
+    assert "quiet_seconds" not in runs["direct"]["client"]  # nothing to wait for without a proxy
+    _assert_nothing_left(pid, tag)

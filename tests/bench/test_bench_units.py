@@ -199,6 +199,17 @@ def test_idle_figures_divide_the_proxys_growth_by_the_connections_held() -> None
     assert idle_figures(0, Usage(0.0, 10, 1, 1))["rss_kib_per_conn"] is None
 
 
+def test_idle_active_is_an_idle_workload_read_after_a_quiet_period() -> None:
+    workload = BY_NAME["idle-active"]
+    assert (workload.kind, workload.server, workload.client) == ("idle", "echo", "idle-active")
+    assert workload.quiet > 1  # past mmproxy's grace, and its burst's workers retiring
+    assert workload.conns is None  # --idle-connections
+    assert all(other.quiet == 0 for other in WORKLOADS if other is not workload)
+    assert [metric.key for metric in workload.metrics] == [
+        metric.key for metric in BY_NAME["idle"].metrics
+    ]
+
+
 def test_every_workload_has_figures_and_a_unique_name() -> None:
     assert len(set(NAMES)) == len(NAMES) == len(WORKLOADS)
     for workload in WORKLOADS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -23,12 +23,31 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+def park(
+    lot: ParkingLot,
+    pair: Pair,
+    resume: Callable[[], None],
+    failed: Callable[[BaseException], None],
+    idle_timeout: float = 0.0,
+) -> None:
+    """Park both sockets of ``pair`` as one spot, expired (shut down as idle) at the timeout."""
+    lot.park_sockets(
+        (pair.client, pair.upstream),
+        resume,
+        failed,
+        timeout=idle_timeout,
+        expire=pair.expire,
+        abandon=pair.close,
+    )
+
+
 class Rig:
     """Connections, a pool and a lot; everything opened is closed at the end."""
 
     def __init__(self, idle_timeout: float = 0.0) -> None:
         self.pool = WorkerPool(idle_timeout=5)
-        self.lot = ParkingLot(self.pool, idle_timeout)
+        self.lot = ParkingLot(self.pool)
+        self.idle_timeout = idle_timeout
         self.lot.start()
         self.sockets: list[socket.socket] = []
         self.resumed: list[Pair] = []
@@ -47,7 +66,7 @@ class Rig:
                 self.resumed.append(pair)
                 self._changed.notify_all()
 
-        self.lot.park(pair, resume, self.failures.append)
+        park(self.lot, pair, resume, self.failures.append, self.idle_timeout)
 
     def wait_resumed(self, count: int, timeout: float = 5.0) -> list[Pair]:
         with self._changed:
@@ -144,6 +163,21 @@ def test_a_pool_that_refuses_the_job_gets_the_failure_reported(rig: Rig) -> None
     assert rig.resumed == []
 
 
+def test_a_spot_withdrawn_before_it_is_handed_over_never_runs(rig: Rig) -> None:
+    client, daemon_client, daemon_upstream, _backend = rig.legs()
+    pair = Pair(daemon_client, daemon_upstream)
+    rig.park(pair)
+    assert rig.lot.withdraw(daemon_upstream)  # any socket of the spot takes it all back
+    assert len(rig.lot) == 0
+    assert not rig.lot.withdraw(daemon_client), "gone already"
+    client.sendall(b"x")
+    time.sleep(0.1)
+    assert rig.resumed == []
+    rig.park(pair)  # its sockets can wait again
+    assert rig.wait_resumed(1) == [pair]
+    assert not rig.lot.withdraw(daemon_client), "handed over: too late"
+
+
 def test_closing_the_lot_closes_what_is_still_parked() -> None:
     rig = Rig()
     client, daemon_client, daemon_upstream, _backend = rig.legs()
@@ -156,7 +190,7 @@ def test_closing_the_lot_closes_what_is_still_parked() -> None:
     assert client.recv(1) == b""
     late = Pair(*tcp_pair())
     with pytest.raises(RuntimeError, match="closed"):
-        rig.lot.park(late, lambda: None, lambda _error: None)
+        park(rig.lot, late, lambda: None, lambda _error: None)
     late.close()  # refused: the caller still owns it
     rig.pool.close()
     for sock in rig.sockets:

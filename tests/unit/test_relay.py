@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmproxy import relay
-from mmproxy.relay import Pair, open_pipe, pump, set_receive_timeout
+from mmproxy.relay import BACKWARD, FORWARD, Pair, Step, open_pipe, pump, set_receive_timeout
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -54,12 +54,22 @@ def start_pair(
     return pair, threads, finished
 
 
+def owner(pair: Pair, side: int) -> bool:
+    """Run one direction as its owner does without a parking lot: True when it ended the pair
+    (and the owner then closed it)."""
+    step = pair.run(side)
+    assert step is not Step.QUIET, "no grace: a direction is never quiet"
+    if step is Step.LAST:
+        pair.close()
+    return step is Step.LAST
+
+
 def run_directions(pair: Pair) -> tuple[list[threading.Thread], list[bool]]:
     """Start both directions of ``pair``, each on its own thread."""
     finished: list[bool] = []
     threads = [
-        threading.Thread(target=lambda: finished.append(pair.forward())),
-        threading.Thread(target=lambda: finished.append(pair.backward())),
+        threading.Thread(target=lambda: finished.append(owner(pair, FORWARD))),
+        threading.Thread(target=lambda: finished.append(owner(pair, BACKWARD))),
     ]
     for thread in threads:
         thread.start()
@@ -229,7 +239,7 @@ def test_traffic_one_way_keeps_the_pair_open_without_polling(
     wakeups = [0]
     original = relay.IdleWatch.expired
 
-    def counting(self: relay.IdleWatch, side: int, src: socket.socket) -> bool:
+    def counting(self: relay.IdleWatch, side: int, src: socket.socket | None) -> bool:
         wakeups[0] += 1
         return original(self, side, src)
 
@@ -275,12 +285,12 @@ def test_pipe_budget_is_taken_while_data_flows_and_given_back(
     budget = relay.PipeBudget(1)
     pair = Pair(daemon_client, daemon_upstream, pipes=budget)
     finished: list[bool] = []
-    forward = threading.Thread(target=lambda: finished.append(pair.forward()))
+    forward = threading.Thread(target=lambda: finished.append(owner(pair, FORWARD)))
     forward.start()
     client.sendall(b"up")
     assert backend.recv(2) == b"up"
     assert budget.held == 1  # the forward direction holds the only pipe
-    backward = threading.Thread(target=lambda: finished.append(pair.backward()))
+    backward = threading.Thread(target=lambda: finished.append(owner(pair, BACKWARD)))
     backward.start()
     backend.sendall(b"down")
     assert client.recv(4) == b"down"  # copied: no pipe was left
