@@ -212,6 +212,8 @@ def _log_start(logger: logging.Logger, config: Config) -> None:
     if allow_list.allows_everyone:
         logger.warning("allowed subnets not set: every peer may send PROXY headers")
     else:
+        for cidr in allow_list.cidrs:
+            logger.info(logs.MSG_ALLOWED_SUBNET, extra={"subnet": cidr})
         logger.info("allowed subnets", extra={"path": allow_list.path, "count": allow_list.count})
 
 

@@ -33,7 +33,7 @@ from mmproxy import logs, notify, policy, runtime, upstream
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
-from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
     REFUSED_NOT_ALLOWED,
@@ -46,6 +46,7 @@ from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
+from mmproxy.watchdog import Watchdog
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -90,8 +91,12 @@ def run(config: Config, log: logging.Logger) -> int:
         sockets = open_listeners(config, kind)
     except OSError as error:
         log.error(
-            f"cannot listen on {config.listen}: {error.strerror or error}",
-            extra={logs.LISTEN_ADR: str(config.listen)},
+            logs.MSG_BIND_FAILED,
+            extra={
+                logs.LISTEN_ADR: str(config.listen),
+                logs.PROTOCOL: config.protocol,
+                logs.ERROR: f"cannot listen on {config.listen}: {error.strerror or error}",
+            },
         )
         return EXIT_FAILURE
     metrics: Metrics = NO_METRICS
@@ -150,6 +155,7 @@ def run(config: Config, log: logging.Logger) -> int:
     if gil_problem:
         log.warning(f"free-threaded Python, but {gil_problem}; the relay is slower with the GIL")
     ready["gil"] = runtime.gil_enabled()
+    watchdog: Watchdog | None = None
     if metrics_server is not None:
         metrics_server.start()
         log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
@@ -157,7 +163,14 @@ def run(config: Config, log: logging.Logger) -> int:
         log.info("ready", extra=ready)
         what = "datagrams" if config.protocol == "udp" else "connections"
         tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
-        server.stop(wait_for_stop(log, allow_list, destinations))
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            watchdog = Watchdog(interval, server.healthy, log)
+            watchdog.start()
+        cause = wait_for_stop(log, allow_list, destinations)
+        if watchdog is not None:
+            watchdog.stop()  # the acceptors stop next: systemd's stop timeout takes over
+        server.stop(cause)
     finally:
         if metrics_server is not None:
             metrics_server.close()
@@ -278,13 +291,13 @@ class Server:
         self._parking = ParkingLot(self._pool)
         self._services = Services(
             config,
-            logs.ConnectionLog(log, config.verbose),
+            logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
             self._pool,
             self._tracker,
             metrics,
             pipes,
             self._parking,
-            destinations,
+            destinations=destinations,
         )
         self._acceptors = [
             Acceptor(sock, number, self._admit, log, self._wait_for_room)
@@ -315,16 +328,28 @@ class Server:
         finally:
             metrics.accept_paused(False)
 
+    def healthy(self) -> bool:
+        """Every acceptor thread is serving (what the systemd watchdog vouches for)."""
+        return all(acceptor.alive() for acceptor in self._acceptors)
+
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
         """Runs on an acceptor thread: decide before a byte is read, then hand over."""
         services = self._services
         services.metrics.accepted()
         if not self._allow_list.current.allows(peer[0]):
+            if services.log.failures:
+                services.log.failure(
+                    logs.MSG_ORIGIN_NOT_ALLOWED,
+                    "the peer is not in the allowed subnets",
+                    reason=NOT_ALLOWED,
+                    **{
+                        logs.REMOTE_ADDR: logs.go_address(*peer),
+                        logs.LOCAL_ADDR: logs.local_address(sock),
+                        logs.LISTENER_NUM: number,
+                    },
+                )
             sock.close()
             services.metrics.refused(REFUSED_NOT_ALLOWED)
-            services.log.bind(
-                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: number}
-            ).failure("peer is not in the allowed subnets", reason=NOT_ALLOWED)
             return
         connection = Connection(sock, peer, number, services)
         if not self._tracker.add(connection):  # waits at the cap; False: stopping

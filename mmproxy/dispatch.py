@@ -277,10 +277,14 @@ class Dispatcher(ListenerThread):
             ) from error
         log = shared.flow_log
         if log.failures:
+            balancer = logs.go_address(str(sender[0]), int(sender[1]))
             log = log.bind(
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
+                    logs.REMOTE_ADDR: balancer,
+                    logs.DOWNSTREAM_ADDR: balancer,  # go-mmproxy's name for it in UDP mode
+                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
+                    if client is not None
+                    else logs.UNKNOWN_CLIENT,
                     logs.TARGET_ADDR: str(target),
                     logs.LISTENER_NUM: self.number,
                 }
@@ -295,7 +299,7 @@ class Dispatcher(ListenerThread):
         shared.metrics.udp_flow_opened()
         if conn_up.fallback:
             log.notice("client port in use here: the flow uses an ephemeral port instead")
-        log.state("flow started")
+        log.state(logs.MSG_NEW_CONNECTION)
         return flow
 
     def _flow_limit(self) -> None:
@@ -361,9 +365,10 @@ class Dispatcher(ListenerThread):
         self._shared.metrics.udp_dropped(reason, count)
         log = self._shared.flow_log
         if log.failures:
+            detail_text = str(detail)
             log.drop(
-                message,
-                detail if isinstance(detail, BaseException) else (str(detail) or None),
+                logs.udp_drop_message(reason),
+                f"{message}: {detail_text}" if detail_text else message,
                 **{
                     logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
                     logs.LISTENER_NUM: self.number,

@@ -191,7 +191,7 @@ class Replies:
                 self.counts[f"dropped.{SEND_FAILED}"] += 1
                 continue
             except OSError as error:
-                flow.log.drop("cannot read a reply from the target", error)
+                flow.log.drop(logs.MSG_UDP_READ_FAILED, error)
                 break
             replies.append(bytes(view[:size]))
         if not replies:

@@ -105,6 +105,15 @@ def open_listeners(config: Config, kind: int = socket.SOCK_STREAM) -> list[socke
     return sockets
 
 
+def listener_fields(config: Config, sockets: list[socket.socket]) -> dict[str, object]:
+    """What go-mmproxy puts on every per-connection record: ``protocol`` and ``listenAdr``.
+
+    Every listener shares one address (SO_REUSEPORT); with port 0 it is the port the
+    kernel chose for the first.
+    """
+    return {logs.PROTOCOL: config.protocol, logs.LISTEN_ADR: logs.local_address(sockets[0])}
+
+
 def _grow_receive_buffer(sock: socket.socket) -> None:
     """A UDP listener queues bursts in its receive buffer: make it large.
 
@@ -156,6 +165,10 @@ class ListenerThread:
             },
         )
 
+    def alive(self) -> bool:
+        """Serving: the thread runs and was not told to stop."""
+        return self._thread.is_alive() and not self.stopping.is_set()
+
     def stop(self) -> None:
         self.stopping.set()
         with contextlib.suppress(OSError):  # ENOTCONN on an unconnected UDP socket, yet it wakes
@@ -175,6 +188,7 @@ class ListenerThread:
                     logs.LISTENER_NUM: self.number,
                     logs.ERROR: f"{errno.errorcode.get(error.errno or 0, '?')}: {error.strerror}",
                     "suppressed": suppressed,
+                    "pauseSeconds": BACK_OFF,  # then it tries again (go-mmproxy's listener ends)
                 },
             )
         self.stopping.wait(BACK_OFF)
@@ -217,7 +231,7 @@ class Acceptor(ListenerThread):
                 if self.stopping.is_set() or error.errno in STOPPED_ERRORS:
                     return
                 if error.errno not in PEER_ERRORS:
-                    self._pause_after(error, "accept failed; pausing before the next try")
+                    self._pause_after(error, logs.MSG_ACCEPT_FAILED)
                 continue
             try:
                 self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
+from mmproxy import tlv
 from mmproxy.errors import HeaderError
 
 LOGGER_NAME = "mmproxy"
@@ -57,6 +59,129 @@ DROP_DATAGRAM = "dropDatagram"  # ours: UDP's counterpart of dropConnection
 ERROR = "error"
 # Ours: the HeaderError reason code (mmproxy.errors.Reason).
 REASON = "reason"
+DOWNSTREAM_ADDR = "downstreamAddr"  # go-mmproxy's name for a UDP flow's load balancer
+UNKNOWN_CLIENT = "UNKNOWN"  # clientAddr of a header without addresses (LOCAL, UNKNOWN)
+
+# go-mmproxy's messages (path-network/go-mmproxy), written for the same events at
+# the same verbosity so that pipelines matching on ``msg`` keep working.  Where an
+# event has more detail in mmproxy, it goes in fields (``reason``, ``error``, byte
+# counts), never in a different ``msg``.  The README's log table lists each one.
+# -- start-up and listeners
+MSG_ALLOWED_SUBNET = "allowed subnet"  # INFO, one per entry of the file
+MSG_LISTENING = "listening"  # INFO, one per listening socket
+MSG_BIND_FAILED = "failed to bind listener"  # ERROR, start-up stops
+MSG_ACCEPT_FAILED = "failed to accept new connection"  # go: ERROR and the listener ends
+# -- TCP connections (DEBUG; -v 1 for failures, -v 2 for state changes)
+MSG_ORIGIN_NOT_ALLOWED = "connection origin not in allowed subnets"
+MSG_NEW_CONNECTION = "new connection"
+MSG_READ_HEADER_FAILED = "failed to read PROXY header"
+MSG_PARSE_HEADER_FAILED = "failed to parse PROXY header"
+MSG_HEADER_PARSED = "successfully parsed PROXY header"
+MSG_UPSTREAM_FAILED = "failed to establish upstream connection"
+MSG_UPSTREAM_ESTABLISHED = "successfully established upstream connection"
+MSG_NODELAY_DOWNSTREAM = "successfully set NoDelay on downstream connection"
+MSG_NODELAY_UPSTREAM = "successfully set NoDelay on upstream connection"
+MSG_WRITE_UPSTREAM_FAILED = "failed to write data to upstream connection"
+MSG_CONNECTION_BROKEN = "connection broken"
+MSG_CONNECTION_CLOSING = "connection closing"
+# -- UDP datagrams and flows (DEBUG)
+MSG_PACKET_NOT_ALLOWED = "packet origin not in allowed subnets"
+MSG_UDP_CONNECT_FAILED = "failed to connect to upstream"
+MSG_UDP_WRITE_FAILED = "failed to write to upstream socket"  # go: ERROR
+MSG_UDP_READ_FAILED = "failed to read from upstream"
+# -- UDP drops go-mmproxy has no message for (its design never meets them): mmproxy's own
+MSG_UDP_NO_FLOW = "datagram without a flow"
+MSG_UDP_FLOW_LIMIT = "UDP flow limit reached"
+
+# Which message a refusal's ``reason`` code is logged with.  Codes not listed are the
+# PROXY parser's (mmproxy.errors.Reason) and the other header checks: go-mmproxy
+# reports all of those as a header it failed to parse.
+_TCP_MESSAGE_OF_REASON = {
+    "not_allowed": MSG_ORIGIN_NOT_ALLOWED,
+    "header_timeout": MSG_READ_HEADER_FAILED,
+    "read_error": MSG_READ_HEADER_FAILED,
+    "bad_destination": MSG_UPSTREAM_FAILED,  # go dials what the header names, and fails
+    "upstream_failed": MSG_UPSTREAM_FAILED,
+}
+_UDP_MESSAGE_OF_REASON = {
+    "not_allowed": MSG_PACKET_NOT_ALLOWED,
+    "bad_destination": MSG_UDP_CONNECT_FAILED,
+    "upstream_failed": MSG_UDP_CONNECT_FAILED,
+    "send_failed": MSG_UDP_WRITE_FAILED,
+    "no_flow": MSG_UDP_NO_FLOW,
+    "flow_limit": MSG_UDP_FLOW_LIMIT,
+}
+
+
+def tcp_refusal_message(reason: str) -> str:
+    """go-mmproxy's ``msg`` for a TCP connection refused with ``reason``."""
+    return _TCP_MESSAGE_OF_REASON.get(reason, MSG_PARSE_HEADER_FAILED)
+
+
+def udp_drop_message(reason: str) -> str:
+    """go-mmproxy's ``msg`` for a datagram dropped with ``reason``."""
+    return _UDP_MESSAGE_OF_REASON.get(reason, MSG_PARSE_HEADER_FAILED)
+
+
+# TLVs shown at -v 2 on MSG_HEADER_PARSED: stable field names, each value cut to
+# this many characters so that a sender cannot make a log line grow without bound.
+TLV_FIELD_MAX = 256
+TLV_ALPN = "tlvAlpn"
+TLV_AUTHORITY = "tlvAuthority"
+TLV_UNIQUE_ID = "tlvUniqueId"  # hex
+TLV_NETNS = "tlvNetns"
+TLV_SSL = "tlvSsl"  # true when the client used TLS to reach the sender
+TLV_SSL_VERIFIED = "tlvSslVerified"  # a client certificate was presented and verified
+TLV_SSL_VERSION = "tlvSslVersion"
+TLV_SSL_CN = "tlvSslCn"
+TLV_SSL_CIPHER = "tlvSslCipher"
+TLV_SSL_SIG_ALG = "tlvSslSigAlg"
+TLV_SSL_KEY_ALG = "tlvSslKeyAlg"
+TLV_AWS_VPCE_ID = "tlvAwsVpceId"
+TLV_AZURE_LINK_ID = "tlvAzureLinkId"
+TLV_GCP_PSC_ID = "tlvGcpPscConnectionId"
+_SSL_TEXT_FIELDS = (
+    (tlv.PP2_SUBTYPE_SSL_VERSION, TLV_SSL_VERSION),
+    (tlv.PP2_SUBTYPE_SSL_CN, TLV_SSL_CN),
+    (tlv.PP2_SUBTYPE_SSL_CIPHER, TLV_SSL_CIPHER),
+    (tlv.PP2_SUBTYPE_SSL_SIG_ALG, TLV_SSL_SIG_ALG),
+    (tlv.PP2_SUBTYPE_SSL_KEY_ALG, TLV_SSL_KEY_ALG),
+)
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= TLV_FIELD_MAX:
+        return text
+    return text[: TLV_FIELD_MAX - 3] + "..."
+
+
+def tlv_fields(tlvs: tuple[tlv.Tlv, ...]) -> dict[str, object]:
+    """Log fields for the TLVs an operator looks for; the first of each type wins."""
+    fields: dict[str, object] = {}
+    for item in tlvs:
+        if isinstance(item, tlv.Alpn):
+            fields.setdefault(TLV_ALPN, _bounded(item.protocol.decode("ascii", "backslashreplace")))
+        elif isinstance(item, tlv.Authority):
+            fields.setdefault(TLV_AUTHORITY, _bounded(item.host))
+        elif isinstance(item, tlv.UniqueId):
+            fields.setdefault(TLV_UNIQUE_ID, _bounded(item.unique_id.hex()))
+        elif isinstance(item, tlv.Netns):
+            fields.setdefault(TLV_NETNS, _bounded(item.name))
+        elif isinstance(item, tlv.Ssl) and TLV_SSL not in fields:
+            fields[TLV_SSL] = item.client_used_tls
+            fields[TLV_SSL_VERIFIED] = item.certificate_verified
+            for subtype, name in _SSL_TEXT_FIELDS:
+                text = item.text(subtype)
+                if text is not None:
+                    fields[name] = _bounded(text)
+        elif isinstance(item, tlv.AwsVpceId):
+            fields.setdefault(TLV_AWS_VPCE_ID, _bounded(item.vpce_id))
+        elif isinstance(item, tlv.AzureLinkId):
+            fields.setdefault(TLV_AZURE_LINK_ID, item.link_id)
+        elif isinstance(item, tlv.GcpPscConnectionId):
+            fields.setdefault(TLV_GCP_PSC_ID, item.connection_id)
+    return fields
+
 
 _CORE_KEYS = frozenset({"time", "level", "msg"})
 # Attributes every LogRecord has; whatever else a record carries came from extra=.
@@ -70,6 +195,15 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 def go_address(host: str, port: int) -> str:
     """``host:port`` as Go writes it, with brackets around an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_address(sock: socket.socket) -> str:
+    """The socket's own address as Go writes it (``localAddr``), or ``?`` when it has none."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return go_address(str(host), int(port))
 
 
 def _timestamp(created: float) -> str:

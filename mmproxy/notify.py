@@ -47,3 +47,24 @@ def notify(*assignments: str, environ: Mapping[str, str] | None = None) -> bool:
         sock.connect(address)
         sock.sendall(message)
     return True
+
+
+WATCHDOG = "WATCHDOG=1"
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings, or None when systemd asks for none.
+
+    systemd sets ``$WATCHDOG_USEC`` from the unit's ``WatchdogSec=`` (and
+    ``$WATCHDOG_PID`` to the process it means); pinging at half that period, as
+    sd_watchdog_enabled(3) advises, leaves room for one late wake-up.
+    """
+    env = os.environ if environ is None else environ
+    pid = env.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None

@@ -34,12 +34,12 @@ import time
 from dataclasses import dataclass
 
 from mmproxy import logs, policy, upstream
-from mmproxy.config import Config
+from mmproxy.config import Config, Endpoint
 from mmproxy.errors import HeaderError, Reason, RefusedError
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
-from mmproxy.protocol import Command, NeedMore, ProxyHeader, Transport, parse
+from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import BACKWARD, FORWARD, PEER_GONE, UNLIMITED, Pair, PipeBudget, Step
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
@@ -72,8 +72,8 @@ class Services:
     metrics: Metrics = NO_METRICS
     pipes: PipeBudget = UNLIMITED
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
-    destinations: policy.Destinations | None = None  # with -dynamic-destination
     grace: float = QUIET_GRACE  # seconds a quiet direction keeps its thread (with a lot)
+    destinations: policy.Destinations | None = None  # with -dynamic-destination
 
 
 class Tracker:
@@ -188,8 +188,13 @@ class Connection:
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
-                **{logs.REMOTE_ADDR: logs.go_address(*peer), logs.LISTENER_NUM: listener_num}
+                **{
+                    logs.REMOTE_ADDR: logs.go_address(*peer),
+                    logs.LOCAL_ADDR: logs.local_address(sock),
+                    logs.LISTENER_NUM: listener_num,
+                }
             )
+            self._log.state(logs.MSG_NEW_CONNECTION)  # allowed, taken up: go-mmproxy's first
         # _lock guards _state, _pair, _aborted, _threads and the close (abort() shuts down
         # under it, so it never touches a descriptor number already closed and reused).
         self._lock = threading.Lock()
@@ -280,17 +285,24 @@ class Connection:
                 return  # parked until more of the header arrives
             header, payload = found
             metrics.header_parsed(time.monotonic() - self._started)
+            _check_transport(header)  # a parse failure to go-mmproxy: before "parsed" is said
+            if self._log.failures:
+                self._log_header(header)
             with self._lock:
                 self._state = State.CONNECTING
             conn_up = self._connect(header)
         except RefusedError as refusal:
-            self._finish(Outcome(refusal.message, refusal.detail, refusal.reason, refusal.reason))
+            message = logs.tcp_refusal_message(refusal.reason)
+            self._finish(Outcome(message, str(refusal), refusal.reason, refusal.reason))
             return
         except HeaderError as error:
-            self._finish(Outcome("invalid PROXY header", error, None, error.reason))
+            # A peer that closed before sending a byte is a failed read, as go-mmproxy has it.
+            failed_read = error.reason == Reason.INCOMPLETE and not self._buffer
+            message = logs.MSG_READ_HEADER_FAILED if failed_read else logs.MSG_PARSE_HEADER_FAILED
+            self._finish(Outcome(message, error, None, error.reason))
             return
         except OSError as error:
-            self._finish(Outcome(_BEFORE_RELAY, error, None, READ_ERROR))
+            self._finish(Outcome(logs.MSG_READ_HEADER_FAILED, error, READ_ERROR, READ_ERROR))
             return
         except BaseException as error:
             self._finish(Outcome(_BEFORE_RELAY, repr(error)))
@@ -368,28 +380,28 @@ class Connection:
             if not aborted:
                 self._state = State.RELAYING
                 self._threads = 1  # this one
-        if self._log.failures:
-            self._log = self._log.bind(
-                **{
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source),
-                    logs.TARGET_ADDR: _peer_text(conn_up.sock),
-                }
+        if conn_up.fallback:
+            self._log.notice(
+                "client port in use here: connected from an ephemeral port instead",
+                upstreamSource=logs.local_address(conn_up.sock),
             )
-            if conn_up.fallback:
-                self._log.notice(
-                    "client port in use here: connected from an ephemeral port instead"
-                )
         if aborted:
             self._finish(Outcome("daemon is stopping", None, STOPPING))
             return
-        self._log.state("connection established")
+        self._log.state(logs.MSG_UPSTREAM_ESTABLISHED)
         services.metrics.opened()
         self._opened = True
         parking = services.parking
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)
+            self._log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it already
             if payload:
-                conn_up.sock.sendall(payload)  # what came with the header goes first
+                try:
+                    conn_up.sock.sendall(payload)  # what came with the header goes first
+                except OSError as error:
+                    self._finish(Outcome(logs.MSG_WRITE_UPSTREAM_FAILED, error))
+                    return
                 pair.to_target[0] += len(payload)
             # With a payload the answer comes next: no need to look (the lot sees the rest).
             client_ready, upstream_ready = (False, False) if payload else pair.ready()
@@ -446,8 +458,8 @@ class Connection:
         with self._lock:
             aborted = self._aborted
         if error is not None and not (aborted and error.errno in PEER_GONE):
-            return Outcome("connection ended with an error", error)
-        return Outcome("connection closed", failure=False)
+            return Outcome(logs.MSG_CONNECTION_BROKEN, error)
+        return Outcome(logs.MSG_CONNECTION_CLOSING, failure=False)
 
     def _release(self) -> None:
         """A direction leaves its thread; with none left on one, the connection is parked."""
@@ -495,21 +507,38 @@ class Connection:
         if pair.end(error) is Step.LAST:
             self._finish(self._ending(pair))
 
+    def _log_header(self, header: ProxyHeader) -> None:
+        """From here on every record carries ``clientAddr`` and ``targetAddr``, as in
+        go-mmproxy; at -v 2 ``successfully parsed PROXY header`` says so, with the TLVs."""
+        client = header.client
+        client_text = logs.UNKNOWN_CLIENT if client is None else str(client)
+        target = str(self._target_of(header))
+        self._log = self._log.bind(**{logs.CLIENT_ADDR: client_text, logs.TARGET_ADDR: target})
+        if self._log.states:
+            self._log.state(logs.MSG_HEADER_PARSED, **logs.tlv_fields(header.tlvs))
+
     # -------------------------------------------------------------- upstream
+
+    def _target_of(self, header: ProxyHeader) -> Endpoint:
+        """The header's destination with -dynamic-destination, else -4 or -6 by family.
+
+        The family is the client's, or the balancer's for a header without addresses.
+        """
+        destination = header.destination
+        if self._services.config.dynamic_destination and isinstance(destination, InetAddress):
+            return Endpoint(upstream.plain_address(destination.host), destination.port)
+        client = header.client
+        host = ipaddress.ip_address(self._peer.partition("%")[0]) if client is None else client.host
+        config = self._services.config
+        return config.target4 if upstream.plain_address(host).version == 4 else config.target6
 
     def _connect(self, header: ProxyHeader) -> upstream.Upstream:
         config = self._services.config
-        if header.transport == Transport.DGRAM and header.command == Command.PROXY:
-            raise RefusedError(
-                WRONG_TRANSPORT,
-                "wrong transport in PROXY header",
-                "the header announces DGRAM (UDP) on a TCP listener",
-            )
         timeout = config.connect_timeout
         peer = ipaddress.ip_address(self._peer.partition("%")[0])
         route = policy.decide(header, peer, config, self._services.destinations)
         try:
-            if route.source is None:
+            if route.source is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: none to impersonate
                 return upstream.connect_plain(route.target, mark=config.mark, timeout=timeout)
             return upstream.connect_spoofed(
                 route.source, route.target, mark=config.mark, timeout=timeout
@@ -526,17 +555,18 @@ class Connection:
             ) from error
 
 
+def _check_transport(header: ProxyHeader) -> None:
+    if header.transport == Transport.DGRAM and header.command == Command.PROXY:
+        raise RefusedError(
+            WRONG_TRANSPORT,
+            "wrong transport in PROXY header",
+            "the header announces DGRAM (UDP) on a TCP listener",
+        )
+
+
 def _header_timeout(received: int, timeout: float) -> RefusedError:
     return RefusedError(
         HEADER_TIMEOUT,
         "PROXY header timeout",
         f"no complete header within {timeout:g}s ({received} bytes received)",
     )
-
-
-def _peer_text(sock: socket.socket) -> str:
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return "?"
-    return logs.go_address(str(address[0]), int(address[1]))

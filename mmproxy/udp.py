@@ -40,7 +40,7 @@ from mmproxy.flows import (
     Route,
     Sender,
 )
-from mmproxy.listener import Throttle
+from mmproxy.listener import Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.protocol import ProxyHeader, Transport, parse_complete
 
@@ -66,7 +66,7 @@ class UdpServer:
         shared = Shared(
             config=config,
             log=log,
-            flow_log=logs.ConnectionLog(log, config.verbose),
+            flow_log=logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
             allow_list=allow_list,
             metrics=metrics,
             budget=self._budget,
@@ -90,6 +90,10 @@ class UdpServer:
     def start(self) -> None:
         for dispatcher in self._dispatchers:
             dispatcher.start("udp")
+
+    def healthy(self) -> bool:
+        """Every dispatcher thread is serving (what the systemd watchdog vouches for)."""
+        return all(dispatcher.alive() for dispatcher in self._dispatchers)
 
     def stop(self, cause: str) -> None:
         """Stop reading, close every flow, report the totals."""

@@ -299,3 +299,9 @@ def test_mmproxy_never_imports_bench(module: str) -> None:
 )
 def test_bench_imports_flow_one_way(module: str, forbidden: set[str]) -> None:
     assert not _imports(module, BENCH) & forbidden
+
+
+def test_watchdog_knows_only_notify() -> None:
+    """The watchdog pings for whatever health check the daemon hands it; it knows no server."""
+    mmproxy_imports = {name for name in _imports("watchdog.py") if name.startswith("mmproxy")}
+    assert mmproxy_imports <= {"mmproxy", "mmproxy.notify"}, mmproxy_imports

@@ -10,14 +10,20 @@ services from starting in containers; nothing here starts them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mmproxy.metrics import PrometheusMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -99,8 +105,9 @@ def test_unit_is_hardened_as_the_issue_asks() -> None:
     assert unit["ExecStartPre"] == [f"{INSTALLED_PATH} routing apply"]
     assert unit["ExecStart"] == [INSTALLED_PATH]
     assert unit["ExecStopPost"] == [f"{INSTALLED_PATH} routing remove"]
-    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
-    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    # CAP_NET_BIND_SERVICE: a transient user may not bind ports below 1024 without it.
+    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
+    assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
     assert unit["DynamicUser"] == ["yes"]
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"]
@@ -110,6 +117,8 @@ def test_unit_is_hardened_as_the_issue_asks() -> None:
     assert {"AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"} == set(families)
     # The stop timeout leaves room for the default 30 s drain.
     assert int(unit["TimeoutStopSec"][0].rstrip("s")) > 30
+    # A watchdog (mmproxy pings at half of it while its acceptors serve), and a restart after it.
+    assert int(unit["WatchdogSec"][0].rstrip("s")) >= 10
 
 
 def test_environment_example_is_a_valid_configuration(tmp_path: Path) -> None:
@@ -201,3 +210,122 @@ def test_nginx_example_is_valid(tmp_path: Path) -> None:
         .replace("proxy_protocol on", "proxy_protocol v2")
     )
     assert nginx_check(broken, tmp_path).returncode != 0
+
+
+# --------------------------------------------------------------------------- Grafana dashboard
+
+DASHBOARD = CONTRIB / "grafana-dashboard.json"
+# Names of series: mmproxy's own, and prometheus_client's process and platform collectors.
+SERIES_NAME = re.compile(r"\b((?:mmproxy|process|python)_[a-z0-9_]+)\b")
+SELECTOR = re.compile(r"\b((?:mmproxy|process|python)_[a-z0-9_]+)\{([^}]*)\}")
+GROUPING = re.compile(r"\bby \(([^)]*)\)")
+SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus when it scrapes
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name mmproxy's registry exports, with its label names.
+
+    Each recording method is called once first, so that families whose label values appear
+    only with use (drops by reason) have a sample to show their labels.
+    """
+    metrics = PrometheusMetrics()
+    metrics.accepted()
+    metrics.refused("not_allowed")
+    metrics.header_parsed(0.001)
+    metrics.header_error("incomplete")
+    metrics.upstream_failed()
+    metrics.opened()
+    metrics.closed(1, 1)
+    metrics.udp_flow_opened()
+    metrics.udp_flow_closed()
+    metrics.udp_datagram("to_target")
+    metrics.udp_dropped("no_flow")
+    series: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
+    queries = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    variables = dashboard["templating"]["list"]
+    queries += [item["query"]["query"] for item in variables if item["type"] == "query"]
+    return queries
+
+
+def unknown_series(queries: list[str], series: dict[str, set[str]]) -> list[str]:
+    """What the queries ask for that the registry does not export: names, then labels."""
+    problems = []
+    for query in queries:
+        names = SERIES_NAME.findall(query)
+        if not names:
+            problems.append(f"no series in {query!r}")
+        problems += [f"{name} (in {query!r})" for name in names if name not in series]
+        for name, matchers in SELECTOR.findall(query):
+            for matcher in filter(None, (part.strip() for part in matchers.split(","))):
+                label = re.split(r"[=!~]", matcher, maxsplit=1)[0].strip()
+                if label not in series.get(name, set()) | SCRAPE_LABELS:
+                    problems.append(f"label {label} of {name} (in {query!r})")
+        known = SCRAPE_LABELS.union(*(series.get(name, set()) for name in names))
+        for grouping in GROUPING.findall(query):
+            problems += [
+                f"grouping label {label} (in {query!r})"
+                for label in (part.strip() for part in grouping.split(","))
+                if label not in known
+            ]
+    return problems
+
+
+def test_dashboard_queries_only_exported_series() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries(dashboard)
+    assert len(queries) >= 10
+    assert unknown_series(queries, exported_series()) == []
+
+
+def test_dashboard_covers_every_mmproxy_metric() -> None:
+    """Connections, refusals, header errors and latency, bytes, UDP flows and drops: each
+    family mmproxy exports has a panel (build_info feeds the instance picker)."""
+    queries = " ".join(dashboard_queries(json.loads(DASHBOARD.read_text())))
+    queried = set(SERIES_NAME.findall(queries))
+    registry = PrometheusMetrics().registry
+    families = [family.name for family in registry.collect() if family.name.startswith("mmproxy_")]
+    assert len(families) >= 10
+    suffixes = ("", "_total", "_info", "_bucket", "_sum", "_count")
+    missing = [name for name in families if not queried & {name + end for end in suffixes}]
+    assert missing == [], missing
+
+
+def test_dashboard_check_catches_a_wrong_name_or_label() -> None:
+    """The check above is alive: a misspelt series, label or grouping is reported."""
+    series = exported_series()
+    good = 'sum by (reason) (rate(mmproxy_connections_refused_total{instance=~"x"}[5m]))'
+    assert unknown_series([good], series) == []
+    for broken in (
+        good.replace("refused_total", "refusd_total"),
+        good.replace("instance=~", "reasn=~"),
+        good.replace("by (reason)", "by (direction)"),
+        "sum(rate(up[5m]))",
+    ):
+        assert unknown_series([broken], series), broken
+
+
+def test_dashboard_is_importable() -> None:
+    """What Grafana needs to import it: unique panel ids, a place on the grid for each, one
+    data source variable every query goes through, unique query ids within a panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(set(ids)) == len(ids)
+    for panel in panels:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        targets = panel.get("targets", [])
+        assert len({target["refId"] for target in targets}) == len(targets), panel["title"]
+        for target in targets:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    (source,) = [item for item in dashboard["templating"]["list"] if item["type"] == "datasource"]
+    assert (source["name"], source["query"]) == ("datasource", "prometheus")

@@ -12,7 +12,7 @@ as in go-mmproxy) or written a line that is not JSON: each test checks those for
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from daemon_runner import DRAIN_TIMEOUT, HEADER_TIMEOUT, Daemon, StartDaemon
@@ -75,6 +75,7 @@ def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDae
         drain_timeout: float = DRAIN_TIMEOUT,
         ns: NetNamespace | None = None,
         nofile: int | None = None,
+        wrapper: Sequence[str] = (),
     ) -> Daemon:
         flags = [
             *("-l", listen),
@@ -87,7 +88,7 @@ def mmproxy(net: Net, backend4: Backend, backend6: Backend) -> Iterator[StartDae
             *(("-listeners", str(listeners)) if listeners != 1 else ()),
             *extra,
         ]
-        daemon = Daemon(ns or net.ns, flags, listeners=listeners, nofile=nofile)
+        daemon = Daemon(ns or net.ns, flags, listeners=listeners, nofile=nofile, wrapper=wrapper)
         started.append(daemon)
         return daemon
 

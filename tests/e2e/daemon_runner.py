@@ -42,6 +42,7 @@ class Daemon:
         args: Sequence[str],
         listeners: int = 1,
         nofile: int | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.args = list(args)
         self.expected_listeners = listeners
@@ -54,7 +55,7 @@ class Daemon:
             [
                 # prlimit (util-linux) sets the descriptor limit for tests of the connection cap.
                 *(("prlimit", f"--nofile={nofile}:{nofile}") if nofile else ()),
-                *("ip", "netns", "exec", namespace.name, sys.executable, "-m", "mmproxy"),
+                *("ip", "netns", "exec", namespace.name, *wrapper, sys.executable, "-m", "mmproxy"),
                 *self.args,
             ],
             stdin=subprocess.DEVNULL,
@@ -175,3 +176,20 @@ class Daemon:
 
 
 StartDaemon = Callable[..., Daemon]
+
+
+def run_to_exit(
+    namespace: NetNamespace, *flags: str, timeout: float = 20.0, wrapper: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mmproxy FLAGS`` in ``namespace`` to its exit (for start-up failures).
+
+    ``wrapper`` goes between entering the namespace and the interpreter (``setpriv ...``).
+    """
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace.name, *wrapper, sys.executable, "-m", "mmproxy", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        check=False,
+    )

@@ -21,6 +21,7 @@ import os
 import random
 import selectors
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -341,6 +342,15 @@ def send_then_sink(payload: bytes) -> Handler:
         conn.recv_to_eof()
 
     return handler
+
+
+LINGER_ZERO = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def reset_after_first_read(conn: BackendConnection) -> None:
+    """Read once, then abort the connection (RST) when the handler returns."""
+    conn.recv()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
 
 
 class Backend:

@@ -207,7 +207,8 @@ def assert_backend_saw_client(
     daemon = stack.mmproxy
     established = daemon.wait_for(
         lambda log: (
-            log.get("msg") == "connection established" and log.get("clientAddr") == client_addr
+            log.get("msg") == "successfully established upstream connection"
+            and log.get("clientAddr") == client_addr
         )
     )
     assert established, f"mmproxy logged no connection from {client_addr}\n{daemon.describe()}"

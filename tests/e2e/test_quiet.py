@@ -149,7 +149,7 @@ def test_one_direction_parks_while_the_other_streams(
     lines = bytes(received[:-4]).split(b"\n")
     assert lines[-1] == b""
     assert [int(line) for line in lines[:-1]] == list(range(len(lines) - 1))
-    (closed,) = daemon.wait_for(is_msg("connection closed"), timeout=10)
+    (closed,) = daemon.wait_for(is_msg("connection closing"), timeout=10)
     assert closed["bytesToTarget"] == 4
     assert closed["bytesToClient"] == len(received)
 
@@ -167,7 +167,7 @@ def test_half_close_of_a_parked_connection_is_relayed(
         sock.sendall(b"last words")
         sock.shutdown(socket.SHUT_WR)
         assert recv_to_eof(sock, Deadline(10)) == b"last words"
-    (closed,) = daemon.wait_for(is_msg("connection closed"), timeout=10)
+    (closed,) = daemon.wait_for(is_msg("connection closing"), timeout=10)
     assert (closed["bytesToTarget"], closed["bytesToClient"]) == (15, 15)
     assert backend4.wait_done(timeout=5)[0].eof
 
@@ -234,6 +234,6 @@ def test_sigterm_drains_parked_connections_and_wakes_the_rest(
             sock.close()
     assert code == 0, daemon.describe()
     assert took < drain + 2.5, took
-    closed = daemon.wait_for(is_msg("connection closed"), 20, timeout=5)
+    closed = daemon.wait_for(is_msg("connection closing"), 20, timeout=5)
     assert sorted(line["bytesToTarget"] for line in closed) == [2] * 10 + [5] * 10
     assert daemon.wait_for(lambda line: "drain ended" in str(line.get("msg")), timeout=5)

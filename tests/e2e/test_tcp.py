@@ -18,7 +18,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +27,8 @@ from pathlib import Path
 import pytest
 from daemon_runner import HEADER_TIMEOUT, Daemon, LogLine, StartDaemon
 from netns import (
+    LINGER_ZERO,
     Backend,
-    BackendConnection,
     ClientAddresses,
     Deadline,
     Net,
@@ -38,6 +37,7 @@ from netns import (
     greet_then_echo,
     namespace,
     recv_to_eof,
+    reset_after_first_read,
     send_then_sink,
     sink_then_digest,
     sink_then_send,
@@ -82,7 +82,7 @@ def is_loopback(host: str) -> bool:
 
 def is_closed_line(line: LogLine) -> bool:
     """The last log line of a relayed connection (-v 2)."""
-    return line.get("msg") == "connection closed"
+    return line.get("msg") == "connection closing"
 
 
 # ------------------------------------------------------------ addresses are preserved
@@ -268,8 +268,6 @@ def test_backend_half_closes_first(
 
 # ------------------------------------------------------------------------- resets
 
-LINGER_ZERO = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
-
 
 def test_client_reset_ends_the_upstream(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
@@ -292,10 +290,6 @@ def test_backend_reset_ends_the_client_connection(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
     """A backend that aborts (RST) makes mmproxy close the client side promptly."""
-
-    def reset_after_first_read(conn: BackendConnection) -> None:
-        conn.recv()
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
 
     daemon = mmproxy()
     backend4.handler = reset_after_first_read

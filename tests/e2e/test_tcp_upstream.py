@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from daemon_runner import Daemon, StartDaemon
+from daemon_runner import Daemon, StartDaemon, run_to_exit
 from netns import (
     Backend,
     ClientAddresses,
@@ -213,14 +211,7 @@ def test_listen_transparent_accepts_for_a_non_local_address(
         backend = Backend(sockets, "127.0.0.1")
         try:
             flags = ["-l", f"{TPROXY_ADDRESS}:0", "-4", backend.target()]
-            refused = subprocess.run(
-                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "mmproxy", *flags],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                cwd="/",
-                check=False,
-            )
+            refused = run_to_exit(ns, *flags)
             assert refused.returncode == 1, refused
             assert "Traceback" not in refused.stderr
             (error,) = [line for line in refused.stdout.splitlines() if '"ERROR"' in line]

@@ -207,10 +207,10 @@ def test_backend_sees_the_client_and_its_reply_reaches_the_balancer(
     assert balancer.recv() == show(client).encode() + b"|query-1"
     assert balancer.recv() == show(client).encode() + b"|query-2"
     assert backend.wait_count(2) == [(client, b"query-1"), (client, b"query-2")]
-    started = daemon.wait_for(lambda line: line.get("msg") == "flow started")
+    started = daemon.wait_for(lambda line: line.get("msg") == "new connection")
     assert started[0]["clientAddr"] == show(client)
     assert started[0]["remoteAddr"] == show(balancer.sock.getsockname())
-    assert len(log_lines(daemon, "flow started")) == 1, "both datagrams used one flow"
+    assert len(log_lines(daemon, "new connection")) == 1, "both datagrams used one flow"
 
 
 def test_ipv4_mapped_client_goes_to_the_ipv4_target(rig: UdpRig) -> None:
@@ -249,7 +249,8 @@ def test_two_clients_behind_one_balancer_get_two_flows(rig: UdpRig) -> None:
     assert replies == sorted([show(carol).encode() + b"|c", show(dave).encode() + b"|d"])
     peers = {peer for peer, _ in rig.udp4.wait_count(12)}
     assert {alice, bob, carol, dave} <= peers
-    started = daemon.wait_for(lambda line: line.get("msg") == "flow started", count=4)
+    # The log line is read by another thread than the reply: wait for it, do not sample.
+    started = daemon.wait_for(lambda line: line.get("msg") == "new connection", count=4)
     assert len(started) == 4, daemon.describe()
 
 
@@ -306,7 +307,7 @@ def test_listeners_share_the_port(rig: UdpRig) -> None:
     assert {peer for peer, _ in rig.udp4.wait_count(12)} == set(clients)
     # the kernel spread the 12 balancer ports over the sockets (all on one: p = 3 * 3**-12),
     # each served by its dispatcher's thread, and nothing else holds a thread
-    started = daemon.wait_for(lambda line: line.get("msg") == "flow started", count=12)
+    started = daemon.wait_for(lambda line: line.get("msg") == "new connection", count=12)
     assert len({line["listenerNum"] for line in started}) > 1
     with open(f"/proc/{daemon.proc.pid}/status") as status:
         threads = next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
@@ -340,7 +341,7 @@ def test_idle_flow_is_closed_and_a_new_datagram_opens_a_new_one(rig: UdpRig) -> 
     balancer.send(dgram_header(client) + b"two")
     assert balancer.recv() == show(client).encode() + b"|two"
     # The log line is read by another thread than the reply: wait for it, do not sample.
-    started = daemon.wait_for(lambda line: line.get("msg") == "flow started", count=2)
+    started = daemon.wait_for(lambda line: line.get("msg") == "new connection", count=2)
     assert len(started) == 2, daemon.describe()
     assert rig.udp4.wait_count(2) == [(client, b"one"), (client, b"two")]
 
@@ -358,7 +359,7 @@ def test_replies_keep_a_flow_alive(rig: UdpRig) -> None:
     closed = daemon.wait_for(lambda line: line.get("msg") == "flow closed", timeout=10)
     assert closed, daemon.describe()
     assert float(closed[0]["durationSeconds"]) >= 3.0  # type: ignore[arg-type]
-    assert len(log_lines(daemon, "flow started")) == 1
+    assert len(log_lines(daemon, "new connection")) == 1
 
 
 # ----------------------------------------------------------------------------- header modes

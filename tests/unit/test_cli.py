@@ -526,7 +526,7 @@ def test_check_config_fails_on_a_bad_file(fake_daemon: FakeDaemon, tmp_path: Pat
 def test_start_up_log_lines(fake_daemon: FakeDaemon, subnets_file: Path) -> None:
     result = invoke(["-allowed-subnets", str(subnets_file), "-l", "127.0.0.1:25577", "-v", "1"])
     assert result.exit_code == 0
-    starting, allowed = (json.loads(line) for line in result.stdout.splitlines())
+    starting, *subnets, allowed = (json.loads(line) for line in result.stdout.splitlines())
     assert starting["level"] == "INFO"
     assert starting["msg"] == "starting"
     assert starting["version"] == mmproxy.__version__
@@ -534,6 +534,9 @@ def test_start_up_log_lines(fake_daemon: FakeDaemon, subnets_file: Path) -> None
     assert isinstance(starting["gil"], bool)
     assert starting["listen"] == "127.0.0.1:25577"
     assert starting["verbose"] == 1
+    # go-mmproxy's line per subnet, then mmproxy's summary.
+    assert [(line["level"], line["msg"]) for line in subnets] == [("INFO", "allowed subnet")] * 2
+    assert all(isinstance(line["subnet"], str) for line in subnets)
     assert allowed == {
         "time": allowed["time"],
         "level": "INFO",

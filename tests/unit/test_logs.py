@@ -8,11 +8,12 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mmproxy import logs
+from mmproxy import flows, logs, tcp, tlv
 from mmproxy.errors import HeaderError, Reason
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -295,7 +296,7 @@ def emit_all(verbose: int) -> list[dict[str, Any]]:
     conn = logs.ConnectionLog(logger, verbose).bind(remoteAddr="192.0.2.1:40000")
     conn.state("new connection")
     conn.failure("failed to read PROXY header", HeaderError(Reason.INCOMPLETE, "closed"))
-    conn.state("connection closed")
+    conn.state("connection closing")
     return json_lines(stream)
 
 
@@ -317,7 +318,7 @@ def test_verbosity_2_shows_state_changes_too() -> None:
         "daemon failure",
         "new connection",
         "failed to read PROXY header",
-        "connection closed",
+        "connection closing",
     ]
 
 
@@ -402,3 +403,63 @@ def test_notice_appears_from_v1_without_dropping() -> None:
             assert line["x"] == 1
             assert line["remoteAddr"] == "192.0.2.1:1"
             assert "dropConnection" not in line
+
+
+# --- go-mmproxy's messages ------------------------------------------------------
+
+
+def go_messages() -> dict[str, str]:
+    return {name: value for name, value in vars(logs).items() if name.startswith("MSG_")}
+
+
+def test_every_refusal_reason_has_a_message() -> None:
+    """Each reason code the relays log maps to go-mmproxy's message for that event."""
+    assert logs.tcp_refusal_message(tcp.NOT_ALLOWED) == "connection origin not in allowed subnets"
+    assert logs.tcp_refusal_message(tcp.HEADER_TIMEOUT) == "failed to read PROXY header"
+    assert logs.tcp_refusal_message(tcp.UPSTREAM_FAILED) == (
+        "failed to establish upstream connection"
+    )
+    assert logs.tcp_refusal_message(tcp.WRONG_TRANSPORT) == "failed to parse PROXY header"
+    assert logs.tcp_refusal_message(Reason.V1_BAD_SYNTAX.value) == "failed to parse PROXY header"
+    assert logs.udp_drop_message(flows.NOT_ALLOWED) == "packet origin not in allowed subnets"
+    assert logs.udp_drop_message(flows.UPSTREAM_FAILED) == "failed to connect to upstream"
+    assert logs.udp_drop_message(flows.SEND_FAILED) == "failed to write to upstream socket"
+    assert logs.udp_drop_message(flows.WRONG_VERSION) == "failed to parse PROXY header"
+    for reason in (flows.NO_FLOW, flows.FLOW_LIMIT):
+        assert logs.udp_drop_message(reason) != "failed to parse PROXY header"
+
+
+def test_readme_log_table_lists_every_message() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Messages", 1)[1].split("\n\n", 2)[1]
+    missing = [msg for msg in go_messages().values() if f"| `{msg}` |" not in table]
+    assert not missing, missing
+
+
+def test_tlv_fields_are_named_and_bounded() -> None:
+    fields = logs.tlv_fields(
+        (
+            tlv.Authority("x" * 5000),
+            tlv.Authority("second"),  # the first of a type wins
+            tlv.Alpn(b"\xffh2"),
+            tlv.UniqueId(bytes(128)),
+            tlv.Netns("blue"),
+            tlv.AwsVpceId("vpce-0123"),
+            tlv.AzureLinkId(7),
+            tlv.GcpPscConnectionId(1 << 40),
+            tlv.Ssl(tlv.PP2_CLIENT_SSL, 1, (tlv.SslString(tlv.PP2_SUBTYPE_SSL_CIPHER, "c"),)),
+        )
+    )
+    assert len(fields["tlvAuthority"]) == logs.TLV_FIELD_MAX
+    assert fields["tlvAlpn"] == "\\xffh2"
+    assert fields["tlvUniqueId"] == "00" * 128
+    assert fields["tlvNetns"] == "blue"
+    assert fields["tlvAwsVpceId"] == "vpce-0123"
+    assert fields["tlvAzureLinkId"] == 7
+    assert fields["tlvGcpPscConnectionId"] == 1 << 40
+    assert (fields["tlvSsl"], fields["tlvSslVerified"], fields["tlvSslCipher"]) == (
+        True,
+        False,
+        "c",
+    )
+    assert all(len(str(value)) <= logs.TLV_FIELD_MAX for value in fields.values())
