@@ -1,8 +1,12 @@
 """Provides a free-threaded CPython (``--disable-gil``) on a machine that has none.
 
 ``python3 -m bench.freethreaded`` prints the path of a free-threaded ``python3.13t`` on stdout,
-building it first if the cache holds none.  Progress goes to stderr; a failure is one line on
-stderr and exit status 1, so a caller (``.ci/run``) can say why and carry on without it.
+building it first if the cache holds none.  Progress goes to stderr.  When the interpreter
+cannot be had on this machine (not Linux, no apt-get or Debian keyring, no Debian archive in the
+apt sources, the archive or the build packages out of reach) it says why in one line and exits
+with :data:`EXIT_UNAVAILABLE` (3), which ``.ci/run`` treats as "skip this leg".  Any other
+failure (a build step failing, an interpreter that is not free-threaded, a bug here) is one line
+and exit status 1, and fails CI.
 
 Where the source comes from: the upstream tarball of CPython 3.13 as Debian's archive ships it
 (the ``.orig.tar.xz`` of the source package ``python3.13``), fetched with ``apt-get source``
@@ -58,8 +62,20 @@ APT_TIMEOUT = 600
 BUILD_TIMEOUT = 3600
 
 
-class Unavailable(RuntimeError):  # noqa: N818 (the name says what the caller meets)
-    """No free-threaded interpreter can be had here; the message says why in one line."""
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 3  # distinct from 1 (failure) and 2 (argparse's usage error)
+
+
+class NoInterpreterError(RuntimeError):
+    """No free-threaded interpreter came of it; the message says why in one line."""
+
+
+class Unavailable(NoInterpreterError):  # noqa: N818 (the name says what the caller meets)
+    """This machine lacks what it takes to get one (a platform, a tool, the archive)."""
+
+
+class BuildFailed(NoInterpreterError):  # noqa: N818
+    """Everything was there, and the build still failed: a real failure."""
 
 
 def _log(message: str) -> None:
@@ -109,19 +125,26 @@ def archive_uri(sources: Sequence[Path] = ()) -> str:
     raise Unavailable("no Debian archive found in the system's apt sources")
 
 
-def _run(command: Sequence[str], timeout: float, cwd: Path | None = None, what: str = "") -> None:
+def _run(
+    command: Sequence[str],
+    timeout: float,
+    cwd: Path | None = None,
+    what: str = "",
+    failure: type[NoInterpreterError] = Unavailable,
+) -> None:
+    """Run one step; raise ``failure`` (one line) when it fails, times out or cannot start."""
     try:
         result = subprocess.run(
             list(command), cwd=cwd, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
-        raise Unavailable(f"{what or command[0]} did not finish in {timeout:.0f} s") from exc
+        raise failure(f"{what or command[0]} did not finish in {timeout:.0f} s") from exc
     except OSError as exc:
-        raise Unavailable(f"{what or command[0]} could not run: {exc.strerror}") from exc
+        raise failure(f"{what or command[0]} could not run: {exc.strerror}") from exc
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
         errors = [line for line in lines if re.search(r"\b(E:|error)", line, re.IGNORECASE)]
-        raise Unavailable(f"{what or command[0]} failed: {(errors or lines)[-1].strip()}")
+        raise failure(f"{what or command[0]} failed: {(errors or lines)[-1].strip()}")
 
 
 def install_build_packages() -> None:
@@ -214,12 +237,13 @@ def build(tarball: Path, root: Path, jobs: int) -> Path:
         BUILD_TIMEOUT,
         cwd=source,
         what="configure",
+        failure=BuildFailed,
     )
-    _run(["make", f"-j{jobs}"], BUILD_TIMEOUT, cwd=source, what="make")
-    _run(["make", "install"], BUILD_TIMEOUT, cwd=source, what="make install")
+    _run(["make", f"-j{jobs}"], BUILD_TIMEOUT, cwd=source, what="make", failure=BuildFailed)
+    _run(["make", "install"], BUILD_TIMEOUT, cwd=source, what="make install", failure=BuildFailed)
     python = prefix / "bin" / "python3.13t"
     if not is_free_threaded(python):
-        raise Unavailable(f"{python} was built but is not a free-threaded interpreter")
+        raise BuildFailed(f"{python} was built but is not a free-threaded interpreter")
     # The link is written last and atomically, so a half-finished build is never "installed".
     link = root / "current.tmp"
     link.unlink(missing_ok=True)
@@ -257,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         python = provide(args.cache.resolve(), max(1, args.jobs))
     except Unavailable as exc:
-        _log(f"no free-threaded interpreter: {exc}")
-        return 1
+        _log(f"no free-threaded interpreter: UNAVAILABLE on this machine: {exc}")
+        return EXIT_UNAVAILABLE
+    except Exception as exc:  # noqa: BLE001 - any other failure is one line and fails CI
+        _log(f"no free-threaded interpreter: FAILED: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
     print(python)
     return 0
 

@@ -201,7 +201,7 @@ def free_threaded(
         _say(f"no free-threaded CPython in {root} yet: building one (minutes, once)")
     try:
         interpreter = provide(root, os.cpu_count() or 1)
-    except freethreaded.Unavailable as error:
+    except freethreaded.NoInterpreterError as error:
         raise InterpreterError(f"--free-threaded: no free-threaded interpreter: {error}") from None
     python = ensure_venv(interpreter, root / "venv", REPO, run)
     check_mmproxy(python, "--free-threaded", run)

@@ -62,8 +62,14 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("close-after", "close_after", _INT, 60,
           "Number of seconds after which UDP socket will be cleaned up", _env("CLOSE_AFTER")),
     _Flag("dynamic-destination", "dynamic_destination", _BOOL, False,
-          "Traffic will be forwarded to the destination specified in the PROXY protocol header",
+          "Traffic will be forwarded to the destination specified in the PROXY protocol header "
+          "(needs -allowed-subnets; only to this host's own addresses unless "
+          "--allowed-destinations says otherwise)",
           _env("DYNAMIC_DESTINATION")),
+    _Flag("allowed-destinations", "allowed_destinations", click.STRING, None,
+          "With -dynamic-destination: a file of the subnets headers may send traffic to, "
+          "in the -allowed-subnets format (not set: this host's own addresses only)",
+          _env("ALLOWED_DESTINATIONS"), go=False, metavar="PATH"),
     _Flag("listen-transparent", "listen_transparent", _BOOL, False,
           "Listen with IP_TRANSPARENT, accepting traffic for any address routed to this host",
           _env("LISTEN_TRANSPARENT")),
@@ -82,6 +88,9 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-udp-flows", "max_udp_flows", _INT, 0,
           "With -p udp: most flows open at once (0: derived from the descriptor limit)",
           _env("MAX_UDP_FLOWS"), go=False),
+    _Flag("max-connections", "max_connections", _INT, 0,
+          "Most TCP connections at once; at the cap, accepting pauses (0: derived from the "
+          "descriptor limit)", _env("MAX_CONNECTIONS"), go=False),
     _Flag("idle-timeout", "idle_timeout", _Seconds(), 0.0,
           "Seconds a relayed connection may pass no data in either direction before it is "
           "closed (0: never)", _env("IDLE_TIMEOUT"), go=False),

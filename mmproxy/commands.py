@@ -168,13 +168,19 @@ def routing_apply(table: int, mark: int) -> int:
 @routing_group.command("remove")
 @_routing_options
 def routing_remove(table: int, mark: int) -> int:
-    """Delete exactly those rules and routes, where present (idempotent)."""
+    """Delete the rules and routes that apply added, where present (idempotent).
+
+    Copies made by hand or by another program (without mmproxy's protocol mark) are kept.
+    """
     try:
         results = routing.remove(table, mark)
     except routing.RoutingError as error:
         _fatal("routing remove", _permission_hint(error))
-    for piece, count in results:
-        click.echo(f"{'removed' if count else 'absent':8} {piece.command('del')}")
+    for piece, removed, kept in results:
+        if kept and not removed:
+            click.echo(f"kept     {piece.command()} (not added by mmproxy routing apply)")
+        else:
+            click.echo(f"{'removed' if removed else 'absent':8} {piece.command('del')}")
     return 0
 
 

@@ -38,6 +38,7 @@ MAX_CONNECT_TIMEOUT = 3600.0
 MAX_DRAIN_TIMEOUT = 86400.0
 MAX_UDP_FLOWS = 1 << 20  # one descriptor and one thread each
 MAX_IDLE_TIMEOUT = 7 * 86400.0
+MAX_CONNECTIONS = 1 << 24  # two descriptors and up to two threads each
 
 # A DNS name as RFC 1123 allows it: dot-separated labels of letters, digits and
 # inner hyphens.  Anything else is neither an address nor a name.
@@ -206,6 +207,9 @@ class Config:
     routing_check: bool = True  # warn at start-up about missing policy routing
     idle_timeout: float = 0.0  # seconds with no data either way before closing; 0: off
     relay: Relay = "splice"  # how established TCP pairs are relayed (sockmap: in the kernel)
+    # Where -dynamic-destination may connect; None: this host's own addresses only.
+    allowed_destinations: AllowList | None = None
+    max_connections: int = 0  # TCP connections at once; 0: derived from the descriptor limit
 
     def summary(self) -> dict[str, object]:
         """A JSON-serialisable view, for the start-up log and ``--check-config``.
@@ -238,6 +242,10 @@ class Config:
             "routingCheck": self.routing_check,
             "idleTimeout": self.idle_timeout,
             "relay": self.relay,
+            "allowedDestinations": (
+                None if self.allowed_destinations is None else self.allowed_destinations.path
+            ),
+            "maxConnections": self.max_connections,
         }
 
 
@@ -264,6 +272,8 @@ def build_config(
     no_routing_check: bool = False,
     idle_timeout: float = 0.0,
     relay: str = "splice",
+    allowed_destinations: str | None = None,
+    max_connections: int = 0,
 ) -> Config:
     """Check every value and build the :class:`Config`.
 
@@ -271,7 +281,8 @@ def build_config(
     ``-allowed-subnets``, ``-listeners``, ``-mark``, ``-v``, ``-close-after``,
     ``--header-timeout``, ``--log-format``, ``--connect-timeout``,
     ``--drain-timeout``, ``--udp-header``, ``--max-udp-flows``, ``--metrics``,
-    ``--idle-timeout``, ``--relay``).  Checks run in flag order, so the first bad flag is
+    ``--idle-timeout``, ``--relay``, ``-dynamic-destination``, ``--allowed-destinations``,
+    ``--max-connections``).  Checks run in flag order, so the first bad flag is
     the one reported.  The allowed-subnets file is read here; an empty
     ``allowed_subnets`` (or None) allows every peer.
     """
@@ -305,6 +316,8 @@ def build_config(
     _check_seconds("--idle-timeout", idle_timeout, MAX_IDLE_TIMEOUT, zero_ok=True)
     if relay not in RELAYS:
         raise FlagError("--relay", f'"{relay}" is not a relay; use splice, sockmap or auto')
+    destinations = _destinations(dynamic_destination, allow_list, allowed_destinations)
+    _check_range("--max-connections", max_connections, 0, MAX_CONNECTIONS)
     return Config(
         protocol=protocol,
         listen=listen_ep,
@@ -327,7 +340,27 @@ def build_config(
         routing_check=not no_routing_check,
         idle_timeout=float(idle_timeout),
         relay=relay,
+        allowed_destinations=destinations,
+        max_connections=max_connections,
     )
+
+
+def _destinations(dynamic: bool, allow_list: AllowList, path: str | None) -> AllowList | None:
+    """The ``--allowed-destinations`` list; refuses ``-dynamic-destination`` open to everyone."""
+    if dynamic and allow_list.allows_everyone:
+        raise FlagError(
+            "-dynamic-destination",
+            "needs -allowed-subnets: without it anyone who reaches the port "
+            "chooses where mmproxy connects",
+        )
+    if path is None:
+        return None
+    if not dynamic:
+        raise FlagError("--allowed-destinations", "only applies with -dynamic-destination")
+    try:
+        return AllowList.from_file(path)
+    except ConfigError as error:
+        raise FlagError("--allowed-destinations", str(error)) from error
 
 
 def _check_seconds(flag: str, value: float, high: float, *, zero_ok: bool = False) -> None:

@@ -27,15 +27,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from mmproxy import logs, notify, runtime, upstream
-from mmproxy.acl import AllowListHolder
+from mmproxy import logs, notify, policy, runtime, upstream
+from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
 from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
-    REFUSED_CONNECTION_LIMIT,
     REFUSED_NOT_ALLOWED,
     Metrics,
     MetricsServer,
@@ -64,6 +64,8 @@ FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = (
     65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
 )
+WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
+SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
 # Pairs the kernel relay's maps hold at most (2 entries each); more go to splice, counted.
 MAX_KERNEL_PAIRS = 65536
@@ -89,7 +91,8 @@ def run(config: Config, log: logging.Logger) -> int:
             log.warning(f"{missing} (see: mmproxy routing check)")
     room = limit - FDS_RESERVED - config.listeners
     pipe_fds = room // PIPE_SHARE
-    capacity = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+    budget = max(1, (room - pipe_fds) // FDS_PER_CONNECTION)
+    capacity = config.max_connections or budget
     kernel: KernelRelay | None = None
     if config.protocol == "tcp":
         try:
@@ -127,10 +130,19 @@ def run(config: Config, log: logging.Logger) -> int:
             return EXIT_FAILURE
         metrics = prometheus
     allow_list = AllowListHolder(config.allow_list)  # what SIGHUP replaces
+    try:
+        destinations = policy.Destinations.for_config(config)  # and this, its list
+    except ConfigError as error:
+        for sock in sockets:
+            sock.close()
+        if kernel is not None:
+            kernel.close()
+        log.error(str(error))
+        return EXIT_FAILURE
     server: Server | UdpServer
     if config.protocol == "udp":
         flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
-        server = UdpServer(config, log, sockets, flows, allow_list, metrics)
+        server = UdpServer(config, log, sockets, flows, allow_list, metrics, destinations)
         ready: dict[str, object] = {"maxUdpFlows": flows, "descriptorLimit": limit}
         if flows > room // FDS_PER_FLOW:
             log.warning(
@@ -140,9 +152,22 @@ def run(config: Config, log: logging.Logger) -> int:
             )
     else:
         pipes = PipeBudget(max(1, pipe_fds // 2))
-        server = Server(config, log, sockets, capacity, allow_list, metrics, pipes, kernel)
-        ready = {"maxConnections": capacity, "maxPipes": pipes.limit, "descriptorLimit": limit}
-        ready["relay"] = "splice" if kernel is None else "sockmap"
+        server = Server(
+            config, log, sockets, capacity, allow_list, metrics, pipes, kernel, destinations
+        )
+        ready = {
+            "maxConnections": capacity,
+            "maxWorkers": server.max_workers,
+            "maxPipes": pipes.limit,
+            "descriptorLimit": limit,
+            "relay": "splice" if kernel is None else "sockmap",
+        }
+        if capacity > budget:
+            log.warning(
+                "--max-connections exceeds what the descriptor limit allows; "
+                "connections beyond it will fail",
+                extra=ready,
+            )
     server.start()
     # Every import the daemon makes has happened by now: the GIL is as it will stay.
     gil_problem = runtime.gil_problem()
@@ -161,7 +186,7 @@ def run(config: Config, log: logging.Logger) -> int:
         if interval is not None:
             watchdog = Watchdog(interval, server.healthy, log)
             watchdog.start()
-        cause = wait_for_stop(log, allow_list)
+        cause = wait_for_stop(log, allow_list, destinations)
         if watchdog is not None:
             watchdog.stop()  # the acceptors stop next: systemd's stop timeout takes over
         server.stop(cause)
@@ -200,29 +225,45 @@ def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRe
     return kernel
 
 
-def wait_for_stop(log: logging.Logger, allow_list: AllowListHolder) -> str:
-    """Block until SIGTERM/SIGINT, reloading the allowed subnets on SIGHUP; return the signal."""
+def wait_for_stop(
+    log: logging.Logger,
+    allow_list: AllowListHolder,
+    destinations: policy.Destinations | None = None,
+) -> str:
+    """Block until SIGTERM/SIGINT, reloading the allow-lists on SIGHUP; return the signal."""
     while True:
         signum = signal.sigwait(HANDLED_SIGNALS)
         if signum in STOP_SIGNALS:
             return signal.Signals(signum).name
         reload_allow_list(log, allow_list)
+        if destinations is not None:
+            reload_destinations(log, destinations)
 
 
 def reload_allow_list(log: logging.Logger, allow_list: AllowListHolder) -> None:
     """SIGHUP: re-read the allowed-subnets file; on any error keep the list in force."""
-    try:
-        new = allow_list.reload()
-    except ConfigError as error:
-        log.warning(
-            "allowed subnets not reloaded: keeping the previous list",
-            extra={logs.ERROR: str(error)},
-        )
-        return
-    if new is None:
+    if allow_list.current.path is None:
         log.info("SIGHUP: nothing to reload (no -allowed-subnets file)")
         return
-    log.info("allowed subnets reloaded", extra={"path": new.path, "count": new.count})
+    reload_list(log, "allowed subnets", allow_list.reload)
+
+
+def reload_destinations(log: logging.Logger, destinations: policy.Destinations) -> None:
+    """SIGHUP: re-read ``--allowed-destinations``; on any error keep the list in force."""
+    reload_list(log, "allowed destinations", destinations.reload)
+
+
+def reload_list(log: logging.Logger, name: str, reload: Callable[[], AllowList | None]) -> None:
+    """Run ``reload`` and log the outcome; the list in force stays when the file has an error."""
+    try:
+        new = reload()
+    except ConfigError as error:
+        log.warning(
+            f"{name} not reloaded: keeping the previous list", extra={logs.ERROR: str(error)}
+        )
+        return
+    if new is not None:
+        log.info(f"{name} reloaded", extra={"path": new.path, "count": new.count})
 
 
 def routed_families(config: Config) -> list[socket.AddressFamily]:
@@ -286,13 +327,17 @@ class Server:
         metrics: Metrics = NO_METRICS,
         pipes: PipeBudget = UNLIMITED,
         kernel: KernelRelay | None = None,
+        destinations: policy.Destinations | None = None,
     ) -> None:
         self._config = config
         self._kernel = kernel
         self._log = log
         self._allow_list = allow_list
         self._tracker = Tracker(capacity)
-        self._pool = WorkerPool()
+        # Each connection holds at most two workers (header and connect, then one per direction).
+        self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
+        self._pool = WorkerPool(max_workers=self.max_workers)
+        metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
         self._parking = ParkingLot(self._pool)
         self._services = Services(
             config,
@@ -303,9 +348,11 @@ class Server:
             pipes,
             self._parking,
             kernel=kernel,
+            destinations=destinations,
         )
         self._acceptors = [
-            Acceptor(sock, number, self._admit, log) for number, sock in enumerate(sockets)
+            Acceptor(sock, number, self._admit, log, self._wait_for_room)
+            for number, sock in enumerate(sockets)
         ]
         self._full = Throttle(10.0)
 
@@ -313,6 +360,24 @@ class Server:
         self._parking.start()
         for acceptor in self._acceptors:
             acceptor.start(self._config.protocol)
+
+    def _wait_for_room(self) -> bool:
+        """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
+        tracker = self._tracker
+        if tracker.wait_for_room(0):
+            return True
+        metrics = self._services.metrics
+        metrics.accept_paused(True)
+        suppressed = self._full.ready()
+        if suppressed is not None:
+            self._log.warning(
+                "connection limit reached: not accepting until a connection ends",
+                extra={"maxConnections": tracker.capacity, "suppressed": suppressed},
+            )
+        try:
+            return tracker.wait_for_room()
+        finally:
+            metrics.accept_paused(False)
 
     def healthy(self) -> bool:
         """Every acceptor thread is serving (what the systemd watchdog vouches for)."""
@@ -338,15 +403,8 @@ class Server:
             services.metrics.refused(REFUSED_NOT_ALLOWED)
             return
         connection = Connection(sock, peer, number, services)
-        if not self._tracker.add(connection):
+        if not self._tracker.add(connection):  # waits at the cap; False: stopping
             sock.close()
-            services.metrics.refused(REFUSED_CONNECTION_LIMIT)
-            suppressed = self._full.ready()
-            if suppressed is not None:
-                self._log.warning(
-                    "connection limit reached (file descriptors): refusing new connections",
-                    extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
-                )
             return
         try:
             self._pool.submit(connection.serve)
@@ -355,6 +413,7 @@ class Server:
 
     def stop(self, cause: str) -> None:
         """Stop accepting, drain live connections, then shut the rest down."""
+        self._tracker.close()  # wakes acceptors paused at the cap
         for acceptor in self._acceptors:
             acceptor.stop()
         live = len(self._tracker)

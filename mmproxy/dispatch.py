@@ -57,6 +57,7 @@ from mmproxy.flows import (
 )
 from mmproxy.listener import RESOURCE_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import TO_TARGET, Metrics
+from mmproxy.policy import Destinations
 from mmproxy.protocol import V2_FIXED_LENGTH, V2_SIGNATURE
 
 READ_BATCH = 64  # datagrams read from the listening socket per turn of the loop
@@ -80,6 +81,7 @@ class Shared:
     route_of: RouteOf  # parse a datagram's header and choose its route (UdpServer)
     full: Throttle  # the flow-limit warning's
     dropping: Throttle  # the kernel-drop warning's
+    destinations: Destinations | None = None  # with -dynamic-destination (mmproxy.policy)
 
 
 class Dispatcher(ListenerThread):
@@ -98,6 +100,7 @@ class Dispatcher(ListenerThread):
         self.replies = Replies(self.loop, shared.budget, shared.metrics)
         self.flows: dict[FlowKey, Flow] = {}
         self.routes: dict[tuple[Sender, bytes], Flow] = {}  # the route cache (see above)
+        self._generation: tuple[int, int] | None = None  # of the destinations it was filled by
         self._pending: dict[Flow, list[bytes]] = {}  # payloads of this batch, per flow
         self._latest: dict[Sender, Flow] = {}  # --udp-header first: each sender's latest flow
         self._deadlines: list[tuple[float, int, Flow]] = []  # heap; the int breaks ties
@@ -163,6 +166,9 @@ class Dispatcher(ListenerThread):
         if not self._shared.allow_list.current.allows(sender[0]):
             self._dropped(NOT_ALLOWED, "peer is not in the allowed subnets", "", sender)
             return
+        destinations = self._shared.destinations
+        if destinations is not None and destinations.generation() != self._generation:
+            self._forget_routes(destinations.generation())  # a reload or an address change
         buffer = self._buffer
         if size >= V2_FIXED_LENGTH and buffer.startswith(V2_SIGNATURE):
             end = V2_FIXED_LENGTH + (buffer[14] << 8 | buffer[15])
@@ -179,6 +185,13 @@ class Dispatcher(ListenerThread):
             self._dropped(drop.reason, drop.message, drop.detail, sender)
         except HeaderError as error:
             self._dropped(error.reason.value, "invalid PROXY header", error, sender)
+
+    def _forget_routes(self, generation: tuple[int, int]) -> None:
+        """Empty the route cache: the next datagram of each flow is checked afresh."""
+        self.routes.clear()
+        for flow in self.flows.values():
+            flow.headers.clear()
+        self._generation = generation
 
     def _queue(self, flow: Flow, payload: bytes) -> None:
         """Send ``payload`` on ``flow`` at the end of this batch (see :meth:`_flush`)."""

@@ -58,3 +58,17 @@ class HeaderError(MmproxyError):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class RefusedError(MmproxyError):
+    """A connection (TCP) or datagram (UDP) is not relayed, for a reason other than its bytes.
+
+    ``reason`` is the log code and metric label, ``message`` the fixed log
+    message (``msg``) and ``detail`` the specifics (the ``error`` field).
+    """
+
+    def __init__(self, reason: str, message: str, detail: str = "") -> None:
+        super().__init__(f"{message}: {detail}" if detail else message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail

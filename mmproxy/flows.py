@@ -24,6 +24,7 @@ from typing import Any
 
 from mmproxy import logs
 from mmproxy.config import Endpoint, IPAddress
+from mmproxy.errors import RefusedError
 from mmproxy.eventloop import EventLoop
 from mmproxy.metrics import TO_CLIENT, Metrics
 
@@ -36,7 +37,6 @@ REPLY_BATCH = 64  # replies read from one flow per turn before the loop serves t
 NOT_ALLOWED = "not_allowed"
 WRONG_VERSION = "wrong_version"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
 UPSTREAM_FAILED = "upstream_failed"
 NO_FLOW = "no_flow"
 FLOW_LIMIT = "flow_limit"
@@ -50,14 +50,7 @@ FlowKey = tuple[Sender, tuple[str, int] | None, Endpoint]
 Route = tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]
 
 
-class DroppedError(Exception):
-    """This datagram is dropped; ``reason`` is the log code and counter name."""
-
-    def __init__(self, reason: str, message: str, detail: str = "") -> None:
-        super().__init__(f"{message}: {detail}" if detail else message)
-        self.reason = reason
-        self.message = message
-        self.detail = detail
+DroppedError = RefusedError  # a datagram that is not relayed: the same idea as for TCP
 
 
 class Flow:

@@ -195,15 +195,26 @@ class ListenerThread:
 
 
 class Acceptor(ListenerThread):
-    """Accepts connections on one listening TCP socket and hands each to ``on_accept``."""
+    """Accepts connections on one listening TCP socket and hands each to ``on_accept``.
+
+    ``room`` (optional) is called before each ``accept()`` and blocks while the daemon is at
+    its connection cap: the kernel's backlog holds new connections meanwhile (backpressure).
+    It returns False when the daemon is stopping, which ends the loop.
+    """
 
     THREAD_NAME = "mmproxy-accept"
 
     def __init__(
-        self, sock: socket.socket, number: int, on_accept: OnAccept, log: logging.Logger
+        self,
+        sock: socket.socket,
+        number: int,
+        on_accept: OnAccept,
+        log: logging.Logger,
+        room: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(sock, number, log)
         self._on_accept = on_accept
+        self._room = room
 
     def stop(self) -> None:
         """Stop accepting, then close the listening socket (nothing else uses it)."""
@@ -212,6 +223,8 @@ class Acceptor(ListenerThread):
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
+            if self._room is not None and not self._room():
+                return
             try:
                 conn, peer = self.sock.accept()
             except OSError as error:

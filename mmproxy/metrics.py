@@ -9,16 +9,22 @@ is the base class, whose methods do nothing.
 :class:`PrometheusMetrics` keeps its collectors in a private registry, not
 prometheus_client's global one, so several can live in one process (tests) and
 nothing else in the process leaks into the scrape.  :class:`MetricsServer`
-serves that registry over HTTP from a thread of its own until :meth:`close`.
+serves that registry over HTTP until :meth:`close`: one thread accepts, and
+:data:`METRICS_WORKERS` threads answer; while all of them are busy the
+acceptor waits, so more scrapers wait in the kernel's backlog instead of
+costing a thread each.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import socketserver
 import threading
-from http.server import ThreadingHTTPServer
+from collections.abc import Callable
+from http.server import HTTPServer
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,18 +45,19 @@ NAMESPACE = "mmproxy"
 
 # Refusals before a byte is read.
 REFUSED_NOT_ALLOWED = "not_allowed"  # the peer is not in the allowed subnets
-REFUSED_CONNECTION_LIMIT = "connection_limit"  # no descriptors left for one more connection
-REFUSED_REASONS = (REFUSED_NOT_ALLOWED, REFUSED_CONNECTION_LIMIT)
+REFUSED_REASONS = (REFUSED_NOT_ALLOWED,)
 
 # Header failures that are not parse errors (the parser's are the Reason codes).
 HEADER_TIMEOUT = "header_timeout"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
+BAD_SOURCE = "bad_source"  # a source no real client can have (mmproxy.policy)
+BAD_DESTINATION = "bad_destination"  # a -dynamic-destination target the policy refuses
 READ_ERROR = "read_error"  # the peer reset the connection (or similar) while sending its header
 HEADER_REASONS = (
     *(reason.value for reason in Reason),
     HEADER_TIMEOUT,
     WRONG_TRANSPORT,
+    BAD_SOURCE,
     BAD_DESTINATION,
     READ_ERROR,
 )
@@ -63,6 +70,9 @@ KERNEL_FALLBACK_REASONS = ("insert_failed", "busy", "ended")
 
 # Seconds from accept to a complete header: a local load balancer sends it at
 # once (well under a millisecond); slow or split headers take longer.
+METRICS_WORKERS = 4  # threads answering scrapes; Prometheus sends one at a time per target
+_CLOSE_POLL = 0.5  # seconds between looks at "closing" while every worker is busy
+
 HEADER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -94,6 +104,12 @@ class Metrics:
 
     def kernel_relay(self, fallback: str | None) -> None:
         """``--relay sockmap``: a pair went to the kernel (None), or stayed with splice and why."""
+
+    def limits(self, max_connections: int, max_workers: int, workers: Callable[[], int]) -> None:
+        """The caps in force, and how to read the worker threads alive now."""
+
+    def accept_paused(self, paused: bool) -> None:
+        """An acceptor stopped calling accept() at the connection cap (True), or resumed."""
 
     def parked(self) -> None:
         """A relayed connection gave its last thread back: it waits in the parking lot."""
@@ -193,6 +209,33 @@ class PrometheusMetrics(Metrics):
             namespace=ns,
             registry=r,
         )
+        self._max_connections = Gauge(
+            "max_connections",
+            "Most TCP connections at once (--max-connections)",
+            namespace=ns,
+            registry=r,
+        )
+        self._max_workers = Gauge(
+            "max_worker_threads",
+            "Most worker threads the pool may have",
+            namespace=ns,
+            registry=r,
+        )
+        self._workers = Gauge(
+            "worker_threads", "Worker threads alive now (busy or idle)", namespace=ns, registry=r
+        )
+        self._paused = Gauge(
+            "accept_paused",
+            "Acceptors not calling accept() now: the connection cap is reached (backpressure)",
+            namespace=ns,
+            registry=r,
+        )
+        self._pauses = Counter(
+            "accept_pauses",
+            "Times an acceptor paused at the connection cap",
+            namespace=ns,
+            registry=r,
+        )
         self._udp_flows_opened = Counter(
             "udp_flows_opened", "UDP flows opened", namespace=ns, registry=r
         )
@@ -254,6 +297,18 @@ class PrometheusMetrics(Metrics):
         else:
             self._kernel_fallbacks.labels(fallback).inc()
 
+    def limits(self, max_connections: int, max_workers: int, workers: Callable[[], int]) -> None:
+        self._max_connections.set(max_connections)
+        self._max_workers.set(max_workers)
+        self._workers.set_function(workers)
+
+    def accept_paused(self, paused: bool) -> None:
+        if paused:
+            self._paused.inc()
+            self._pauses.inc()
+        else:
+            self._paused.dec()
+
     def parked(self) -> None:
         self._parked.inc()
 
@@ -283,12 +338,48 @@ class _Handler(MetricsHandler):
     timeout = 10  # seconds a scraper may take to send its request
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck scraper must not hold up the daemon's exit
+class _Server(HTTPServer):
+    """An HTTPServer whose requests go to a fixed set of workers (see the module docstring)."""
+
+    request_queue_size = 64  # the listen backlog: where scrapers wait while workers are busy
 
     def __init__(self, endpoint: Endpoint, handler: type[MetricsHandler]) -> None:
         self.address_family = endpoint.family
+        self.closing = threading.Event()
+        self._slots = threading.BoundedSemaphore(METRICS_WORKERS)
+        self._requests: queue.SimpleQueue[tuple[socket.socket, object] | None] = queue.SimpleQueue()
+        self._workers = [
+            # Daemon threads: a stuck scraper must not hold up the daemon's exit.
+            threading.Thread(target=self._work, name=f"metrics-{n}", daemon=True)
+            for n in range(METRICS_WORKERS)
+        ]
         super().__init__(endpoint.sockaddr, handler)
+        for worker in self._workers:
+            worker.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Runs on the serving thread: while every worker is busy, nothing more is accepted.
+        while not self._slots.acquire(timeout=_CLOSE_POLL):
+            if self.closing.is_set():
+                self.shutdown_request(request)
+                return
+        self._requests.put((request, client_address))
+
+    def _work(self) -> None:
+        while (item := self._requests.get()) is not None:
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one scraper's trouble is not the server's
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._workers:
+            self._requests.put(None)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look the host's FQDN up, a DNS query that
@@ -324,6 +415,7 @@ class MetricsServer:
 
     def close(self) -> None:
         """Stop serving and close the listening socket; idempotent."""
+        self._server.closing.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)

@@ -27,6 +27,12 @@ worker whose wait times out removes itself from the stack: if that fails, a
 submitter took it meanwhile and its job is on the way, so it waits for it.
 The thread set and counter, touched only when a thread starts or ends, stay
 under a lock.
+
+``max_workers`` bounds the threads.  The daemon sizes it so that every admitted
+connection (or flow) can have its threads; it is the backstop, not the
+throttle: admission (``--max-connections``) pauses accepting first.  At the
+bound, a submitter waits up to ``full_wait`` seconds for a worker that is
+finishing its job, then gets :class:`PoolFullError`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 Job = Callable[[], None]
@@ -43,12 +50,18 @@ Job = Callable[[], None]
 # the GIL, 90-220 KiB free-threaded) go soon after the burst, now that quiet connections give
 # their threads back.
 DEFAULT_IDLE_TIMEOUT = 5.0
+FULL_WAIT = 1.0  # seconds a submitter waits at max_workers for a worker to come free
+_FULL_POLL = 0.005  # seconds between looks at the idle stack while waiting at the bound
 
 _log = logging.getLogger(__name__)
 
 
 class PoolClosedError(RuntimeError):
     """Raised by :meth:`WorkerPool.submit` after :meth:`WorkerPool.close`."""
+
+
+class PoolFullError(RuntimeError):
+    """Raised by :meth:`WorkerPool.submit` when ``max_workers`` are busy and stay busy."""
 
 
 # Where an idle worker waits: its own queue, which gets one job (or None: retire).
@@ -58,9 +71,17 @@ _Slot = queue.SimpleQueue[Job | None]
 class WorkerPool:
     """Runs each submitted job at once on an idle worker or a new thread."""
 
-    def __init__(self, name: str = "mmproxy-worker", idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
+    def __init__(
+        self,
+        name: str = "mmproxy-worker",
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_workers: int | None = None,
+        full_wait: float = FULL_WAIT,
+    ):
         self._name = name
         self._idle_timeout = idle_timeout
+        self.max_workers = max_workers  # None: unbounded
+        self._full_wait = full_wait
         self._lock = threading.Lock()
         self._waiting: list[_Slot] = []  # idle workers, most recently idle last
         self._threads: set[threading.Thread] = set()
@@ -77,16 +98,31 @@ class WorkerPool:
         """
         if self._closed:
             raise PoolClosedError("the worker pool is closed")
-        try:
-            slot = self._waiting.pop()  # atomic: each idle worker goes to one submitter
-        except IndexError:
-            pass
-        else:
-            slot.put(job)
-            return
+        deadline = None
+        while True:
+            try:
+                slot = self._waiting.pop()  # atomic: each idle worker goes to one submitter
+            except IndexError:
+                pass
+            else:
+                slot.put(job)
+                return
+            if self._start(job):
+                return
+            # At max_workers: a worker finishing its job is about to join the idle stack.
+            now = time.monotonic()
+            deadline = now + self._full_wait if deadline is None else deadline
+            if now >= deadline:
+                raise PoolFullError(f"all {self.max_workers} worker threads are busy")
+            time.sleep(_FULL_POLL)
+
+    def _start(self, job: Job) -> bool:
+        """Start a new worker for ``job``; False at ``max_workers``."""
         with self._lock:
             if self._closed:
                 raise PoolClosedError("the worker pool is closed")
+            if self.max_workers is not None and len(self._threads) >= self.max_workers:
+                return False
             self._started += 1
             thread = threading.Thread(
                 target=self._work, args=(job,), name=f"{self._name}-{self._started}", daemon=True
@@ -98,6 +134,7 @@ class WorkerPool:
             with self._lock:
                 self._threads.discard(thread)
             raise
+        return True
 
     def _work(self, job: Job | None) -> None:
         slot: _Slot = queue.SimpleQueue()

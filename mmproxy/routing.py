@@ -15,8 +15,13 @@ table, 123 unless ``--table`` says otherwise; the fwmark rules only with
 
 Each is a :class:`Piece`; :class:`Netlink` tells whether one is present (a
 rule or route with the same selectors, table and type; its priority and
-protocol do not matter), adds it, or deletes every copy of it.  Nothing here
-parses ``ip``'s output.  The IPv6 pieces are left out on a host without IPv6.
+protocol do not matter, so rules made by hand count), adds it, or deletes it.
+What ``apply`` adds carries the netlink protocol attribute :data:`PROTOCOL`
+(``FRA_PROTOCOL`` on rules, ``rtm_protocol`` on routes; ``ip`` shows it as
+``proto 109``), and ``remove`` deletes only what carries it: a rule that an
+operator or another proxy made stays, even when it is the same rule.
+Nothing here parses ``ip``'s output.  The IPv6 pieces are left out on a host
+without IPv6.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ RESERVED_TABLES = frozenset({0, 253, 254, 255})
 MAX_TABLE = 2**32 - 1
 
 FR_ACT_TO_TBL = 1  # a rule's action: look the route up in its table
+# The protocol mmproxy's rules and routes carry: 0-4 are the kernel's, and iproute2's
+# rt_protos names 8-18, 42, 99 and 186-192 for routing daemons; 109 is none of them.
+PROTOCOL = 109
 RTN_LOCAL = 2  # a route's type: deliver locally
 _LOOPBACK = {
     socket.AF_INET: ipaddress.ip_network("127.0.0.0/8"),
@@ -128,6 +136,13 @@ def transparent_families() -> dict[str, str | None]:
 
 def _attr(message: Any, name: str) -> Any:
     return message.get_attr(name)
+
+
+def _protocol(message: Any, kind: Kind) -> int:
+    """Who made a rule (``FRA_PROTOCOL``) or a route (``rtm_protocol``, the header's field)."""
+    if kind == "route":
+        return int(message["proto"])
+    return int(_attr(message, "FRA_PROTOCOL") or 0)
 
 
 def _table(message: Any, attr: str) -> int:
@@ -249,10 +264,14 @@ class Netlink:
             raise
         return True
 
-    def delete(self, piece: Piece) -> int:
-        """Delete every copy of ``piece``; returns how many there were."""
+    def delete(self, piece: Piece) -> tuple[int, int]:
+        """Delete every copy of ``piece`` that ``apply`` added; returns (deleted, kept).
+
+        Kept: copies without mmproxy's :data:`PROTOCOL`, made by someone else.
+        """
         found = self.find(piece)
-        for message in found:
+        ours = [message for message in found if _protocol(message, piece.kind) == PROTOCOL]
+        for message in ours:
             function, kwargs = self._request(piece)
             if piece.kind != "route":
                 kwargs["priority"] = _attr(message, "FRA_PRIORITY") or 0
@@ -261,7 +280,7 @@ class Netlink:
             except RoutingError as error:
                 if error.errno not in (errno.ENOENT, errno.ESRCH):  # deleted meanwhile
                     raise
-        return len(found)
+        return len(ours), len(found) - len(ours)
 
     def _request(self, piece: Piece) -> tuple[Any, dict[str, Any]]:
         """The pyroute2 call and its keyword arguments that add or delete ``piece``."""
@@ -274,11 +293,12 @@ class Netlink:
                 "type": "local",
                 "oif": self.loopback_index(),
                 "table": piece.table,
+                "proto": PROTOCOL,
             }
             if not v6:
                 kwargs["scope"] = "host"  # what ip(8) sets for an IPv4 local route
             return self._ipr.route, kwargs
-        kwargs = {"family": piece.family, "table": piece.table}
+        kwargs = {"family": piece.family, "table": piece.table, "protocol": PROTOCOL}
         if piece.kind == "fwmark":
             kwargs.update(fwmark=piece.mark, fwmask=0xFFFFFFFF)
         else:
@@ -310,11 +330,11 @@ def apply(table: int = DEFAULT_TABLE, mark: int = 0) -> list[tuple[Piece, bool]]
         return [(piece, netlink.add(piece)) for piece in pieces(table, mark, ipv6=ipv6_available())]
 
 
-def remove(table: int = DEFAULT_TABLE, mark: int = 0) -> list[tuple[Piece, int]]:
-    """Delete the pieces (every copy); returns each piece and how many copies went."""
+def remove(table: int = DEFAULT_TABLE, mark: int = 0) -> list[tuple[Piece, int, int]]:
+    """Delete the pieces ``apply`` added; returns each piece, copies deleted and copies kept."""
     with Netlink() as netlink:
         ordered = reversed(pieces(table, mark, ipv6=ipv6_available()))
-        return [(piece, netlink.delete(piece)) for piece in ordered]
+        return [(piece, *netlink.delete(piece)) for piece in ordered]
 
 
 def startup_problems(

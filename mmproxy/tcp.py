@@ -35,9 +35,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from mmproxy import logs, upstream
+from mmproxy import logs, policy, upstream
 from mmproxy.config import Config, Endpoint
-from mmproxy.errors import HeaderError, Reason
+from mmproxy.errors import HeaderError, Reason, RefusedError
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
@@ -53,7 +53,6 @@ RECV_SIZE = 16384
 NOT_ALLOWED = "not_allowed"
 HEADER_TIMEOUT = "header_timeout"
 WRONG_TRANSPORT = "wrong_transport"
-BAD_DESTINATION = "bad_destination"
 UPSTREAM_FAILED = "upstream_failed"
 STOPPING = "stopping"
 IDLE_TIMEOUT = "idle_timeout"
@@ -63,20 +62,6 @@ _BEFORE_RELAY = "connection failed before the relay started"
 # Seconds a relay direction may wait for its source on a thread before it parks that socket
 # and gives the thread back (bench/README.md: how it was chosen).
 QUIET_GRACE = 0.25
-
-
-class RefusedError(Exception):
-    """This connection cannot be relayed.
-
-    ``reason`` is the log code, ``message`` the fixed log message (``msg``) and
-    ``detail`` the specifics (the ``error`` field).
-    """
-
-    def __init__(self, reason: str, message: str, detail: str) -> None:
-        super().__init__(f"{message}: {detail}")
-        self.reason = reason
-        self.message = message
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,28 +77,52 @@ class Services:
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
     grace: float = QUIET_GRACE  # seconds a quiet direction keeps its thread (with a lot)
     kernel: KernelRelay | None = None  # --relay sockmap: established pairs go to the kernel
+    destinations: policy.Destinations | None = None  # with -dynamic-destination
 
 
 class Tracker:
-    """The live connections, capped so that each one can get the descriptors it needs."""
+    """The live connections, capped (``--max-connections``): at the cap, admission waits.
+
+    :meth:`wait_for_room` is what an acceptor calls before ``accept()``, so that at the cap
+    new connections wait in the kernel's backlog instead of costing threads here.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._live: set[Connection] = set()
         self._changed = threading.Condition()
+        self._closed = False  # no more admissions: the daemon is stopping
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Wait until a connection may be added; False when closed (or on timeout)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity, timeout)
+            return not self._closed and len(self._live) < self.capacity
 
     def add(self, connection: Connection) -> bool:
-        """Register ``connection``; False when at capacity."""
+        """Register ``connection``, waiting for room at the cap; False once closed.
+
+        Another listener's acceptor may have taken the last slot since this one's
+        :meth:`wait_for_room`: then this waits, holding one accepted socket.
+        """
         with self._changed:
-            if len(self._live) >= self.capacity:
+            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity)
+            if self._closed:
                 return False
             self._live.add(connection)
             return True
 
+    def close(self) -> None:
+        """Admit no more connections; wakes acceptors waiting for room."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
     def remove(self, connection: Connection) -> None:
         with self._changed:
+            was_full = len(self._live) >= self.capacity
             self._live.discard(connection)
-            if not self._live:
+            if was_full or not self._live:
                 self._changed.notify_all()
 
     def __len__(self) -> int:
@@ -557,27 +566,14 @@ class Connection:
 
     def _connect(self, header: ProxyHeader) -> upstream.Upstream:
         config = self._services.config
-        client = header.client
-        target = self._target_of(header)
-        if target.port == 0:
-            raise RefusedError(
-                BAD_DESTINATION,
-                "unusable destination in PROXY header",
-                f"destination {header.destination} has port 0",
-            )
         timeout = config.connect_timeout
+        peer = ipaddress.ip_address(self._peer.partition("%")[0])
+        route = policy.decide(header, peer, config, self._services.destinations)
         try:
-            if client is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: no address to impersonate
-                return upstream.connect_plain(target, mark=config.mark, timeout=timeout)
-            host = upstream.plain_address(client.host)
-            if target.host.version != host.version:
-                raise RefusedError(
-                    BAD_DESTINATION,
-                    "unusable destination in PROXY header",
-                    f"source {client} and destination {target} differ in family",
-                )
+            if route.source is None:  # LOCAL, UNKNOWN, UNSPEC, AF_UNIX: none to impersonate
+                return upstream.connect_plain(route.target, mark=config.mark, timeout=timeout)
             return upstream.connect_spoofed(
-                (host, client.port), target, mark=config.mark, timeout=timeout
+                route.source, route.target, mark=config.mark, timeout=timeout
             )
         except PermissionError as error:
             raise RefusedError(

@@ -28,12 +28,11 @@ import logging
 import socket
 from collections import Counter
 
-from mmproxy import logs, upstream
+from mmproxy import logs, policy
 from mmproxy.acl import AllowListHolder
-from mmproxy.config import Config, Endpoint
+from mmproxy.config import Config
 from mmproxy.dispatch import Dispatcher, Shared
 from mmproxy.flows import (
-    BAD_DESTINATION,
     WRONG_TRANSPORT,
     WRONG_VERSION,
     DroppedError,
@@ -43,7 +42,7 @@ from mmproxy.flows import (
 )
 from mmproxy.listener import Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
-from mmproxy.protocol import InetAddress, Transport, parse_complete
+from mmproxy.protocol import ProxyHeader, Transport, parse_complete
 
 
 class UdpServer:
@@ -57,8 +56,10 @@ class UdpServer:
         capacity: int,
         allow_list: AllowListHolder,
         metrics: Metrics = NO_METRICS,
+        destinations: policy.Destinations | None = None,
     ) -> None:
         self._config = config
+        self._destinations = destinations
         self.log = log
         self._budget = FlowBudget(capacity)
         self._sockets = sockets
@@ -70,6 +71,7 @@ class UdpServer:
             metrics=metrics,
             budget=self._budget,
             route_of=self._route_of,
+            destinations=destinations,
             full=Throttle(10.0),
             dropping=Throttle(10.0),
         )
@@ -132,31 +134,12 @@ class UdpServer:
                 "wrong transport in PROXY header",
                 "the header announces STREAM (TCP) on a UDP listener",
             )
-        return self._route(header.client, header.destination, sender), parsed.consumed
+        return self._route(header, sender), parsed.consumed
 
-    def _route(self, client: InetAddress | None, destination: object, sender: Sender) -> Route:
+    def _route(self, header: ProxyHeader, sender: Sender) -> Route:
         """The flow key, the address to impersonate (None: none) and the target."""
-        config = self._config
-        if client is None:  # LOCAL, UNSPEC, AF_UNIX: the balancer's own traffic
-            host = upstream.plain_address(ipaddress.ip_address(str(sender[0]).partition("%")[0]))
-            source = None
-        else:
-            host = upstream.plain_address(client.host)
-            source = (host, client.port)
-        target = config.target4 if host.version == 4 else config.target6
-        if config.dynamic_destination and isinstance(destination, InetAddress):
-            if destination.port == 0:
-                raise DroppedError(
-                    BAD_DESTINATION,
-                    "unusable destination in PROXY header",
-                    f"destination {destination} has port 0",
-                )
-            target = Endpoint(upstream.plain_address(destination.host), destination.port)
-            if target.host.version != host.version:
-                raise DroppedError(
-                    BAD_DESTINATION,
-                    "unusable destination in PROXY header",
-                    f"source {client} and destination {destination} differ in family",
-                )
+        peer = ipaddress.ip_address(str(sender[0]).partition("%")[0])
+        route = policy.decide(header, peer, self._config, self._destinations)
+        source = route.source
         key_client = None if source is None else (str(source[0]), source[1])
-        return (sender, key_client, target), source, target
+        return (sender, key_client, route.target), source, route.target

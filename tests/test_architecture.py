@@ -128,6 +128,24 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
             "sockmap.py",
             {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"},
         ),
+        # The trust policy: below both transports, one decision for both; no sockets of its own.
+        (
+            "policy.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.udp",
+                "mmproxy.dispatch",
+                "mmproxy.flows",
+                "mmproxy.eventloop",
+                "mmproxy.daemon",
+                "mmproxy.listener",
+                "mmproxy.relay",
+                "mmproxy.pool",
+                "mmproxy.metrics",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
         (
             "udp.py",
             {

@@ -529,3 +529,26 @@ def exchange(sock: socket.socket, payload: bytes, deadline: Deadline) -> bytes:
     finally:
         view.release()
     raise AssertionError(f"exchange unfinished: sent {sent}/{len(payload)}, got {len(received)}")
+
+
+def accept_queue(ns: NetNamespace, port: int) -> int:
+    """Connections the kernel has completed on a TCP listener in ``ns`` that wait for accept()
+    (``ss``'s Recv-Q of the listening socket)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns.name, "ss", "-ltnH", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return sum(int(line.split()[1]) for line in done.stdout.splitlines() if line.strip())
+
+
+def wait_accept_queue(ns: NetNamespace, port: int, count: int, timeout: float = 10.0) -> int:
+    """Wait until ``count`` connections wait in the listener's accept queue; return the count."""
+    deadline = Deadline(timeout)
+    while True:
+        queued = accept_queue(ns, port)
+        if queued >= count or deadline.expired():
+            return queued
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ These tests also interrupt it (Ctrl-C) and kill it outright, since a newcomer wi
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -55,6 +56,12 @@ def is_gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+def _someone_elses(name: str) -> bool:
+    """A namespace another run made: ``mmproxy-<what>-<pid>`` of a process that is not ours."""
+    found = re.fullmatch(r"mmproxy-[a-z0-9-]+-(\d+)", name)
+    return found is not None and int(found.group(1)) != os.getpid()
+
+
 def test_demo_shows_every_client_and_cleans_up() -> None:
     names, rules = netns_names(), host_rules()
     done = subprocess.run(DEMO, capture_output=True, text=True, timeout=120, cwd="/", check=False)
@@ -71,10 +78,9 @@ def test_demo_shows_every_client_and_cleans_up() -> None:
         assert f"  backend: connection from {client}" in lines
     assert "all 4 matched" in done.stdout
     assert is_gone(mmproxy_pid(done.stdout))
-    # Nothing new.  Other runs on a shared machine (a benchmark, another suite) may add and
-    # remove their own namespaces meanwhile; those carry their tool's prefix and pid.
-    others = ("mmproxy-bench-", "mmproxy-test-")
-    assert {name for name in netns_names() - names if not name.startswith(others)} == set()
+    # Nothing new.  Other runs on a shared machine (a benchmark, another suite's tests) may add
+    # and remove their own namespaces meanwhile; those are named "mmproxy-<what>-<their pid>".
+    assert {name for name in netns_names() - names if not _someone_elses(name)} == set()
     assert host_rules() == rules
 
 

@@ -339,11 +339,21 @@ def test_udp_refusals(rig: UdpRig, tmp_path: Path) -> None:
     assert bad["error"]
 
 
+def _loopback_subnets(tmp_path: Path) -> str:
+    """-dynamic-destination needs -allowed-subnets (README: Security); the tests' balancers
+    connect from loopback."""
+    subnets = tmp_path / "subnets"
+    subnets.write_text("127.0.0.0/8\n")
+    return str(subnets)
+
+
 def test_unusable_destination_is_an_upstream_failure(
-    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses
+    net: Net, mmproxy: StartDaemon, addresses: ClientAddresses, tmp_path: Path
 ) -> None:
     """-dynamic-destination with port 0 in the header: go-mmproxy would dial it and fail."""
-    daemon = mmproxy("-dynamic-destination", verbose=1)
+    daemon = mmproxy(
+        "-dynamic-destination", "-allowed-subnets", _loopback_subnets(tmp_path), verbose=1
+    )
     with connect(net, daemon) as sock:
         send_allowing_reset(sock, header(addresses.v4(), ("127.0.0.1", 0), 2))
         wait_closed(sock, 5)
@@ -352,8 +362,9 @@ def test_unusable_destination_is_an_upstream_failure(
     assert line["targetAddr"] == "127.0.0.1:0"
 
 
-def test_udp_unusable_destination_is_a_failed_connect(rig: UdpRig) -> None:
-    daemon = rig.start("-dynamic-destination", verbose=1)
+def test_udp_unusable_destination_is_a_failed_connect(rig: UdpRig, tmp_path: Path) -> None:
+    subnets = _loopback_subnets(tmp_path)
+    daemon = rig.start("-dynamic-destination", "-allowed-subnets", subnets, verbose=1)
     balancer = rig.balancer(daemon)
     balancer.send(dgram_header(rig.addresses.v4(), ("127.0.0.1", 0)) + b"nowhere")
     (line,) = records(daemon, "failed to connect to upstream")

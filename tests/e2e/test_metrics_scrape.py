@@ -15,9 +15,20 @@ from pathlib import Path
 
 import pytest
 from daemon_runner import Daemon, StartDaemon
-from netns import Backend, ClientAddresses, Deadline, Net, exchange, recv_to_eof, wait_closed
+from netns import (
+    Backend,
+    ClientAddresses,
+    Deadline,
+    Net,
+    exchange,
+    recv_to_eof,
+    wait_accept_queue,
+    wait_closed,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from test_tcp import connect, header, send_allowing_reset
+
+from mmproxy.metrics import METRICS_WORKERS
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -125,7 +136,7 @@ def test_connection_outcomes_are_counted(
     )
     assert value(samples, "mmproxy_connections_accepted_total") == 4
     assert value(samples, "mmproxy_connections_refused_total", reason="not_allowed") == 1
-    assert value(samples, "mmproxy_connections_refused_total", reason="connection_limit") == 0
+    assert value(samples, "mmproxy_accept_pauses_total") == 0
     assert value(samples, "mmproxy_header_errors_total", reason="not_proxy_protocol") == 1
     assert value(samples, "mmproxy_header_errors_total", reason="v1_bad_syntax") == 0
     assert value(samples, "mmproxy_upstream_connect_failures_total") == 1
@@ -185,3 +196,25 @@ def test_metrics_address_in_use_stops_start_up(net: Net, backend4: Backend) -> N
     errors = [line for line in done.stdout.splitlines() if '"ERROR"' in line]
     assert len(errors) == 1, done.stdout
     assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in errors[0]
+
+
+def test_metrics_server_answers_from_a_bounded_pool(net: Net, mmproxy: StartDaemon) -> None:
+    """Scrapers that connect and say nothing take the few metrics workers; more of them wait
+    in the kernel's backlog (a thread each before), and once they go a scrape is answered."""
+    daemon = mmproxy("--metrics", "127.0.0.1:0")
+    address = metrics_address(daemon)
+    host, _, port = address.rpartition(":")
+    silent = []
+    try:
+        for _ in range(METRICS_WORKERS + 6):
+            silent.append(net.sockets.connect((host, int(port))))  # noqa: PERF401 - closed below
+        # 4 with the workers, 1 with the accepting thread (waiting for a worker), 5 queued.
+        assert wait_accept_queue(net.ns, int(port), 5) >= 5
+        for sock in silent:
+            sock.close()
+        silent.clear()
+        samples = scrape(net, address)
+        assert value(samples, "mmproxy_connections_accepted_total") == 0
+    finally:
+        for sock in silent:
+            sock.close()

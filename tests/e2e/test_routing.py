@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from daemon_runner import Daemon
@@ -23,6 +24,8 @@ RULE4 = "from 127.0.0.1/8 iif lo lookup 123"
 RULE6 = "from ::1 iif lo lookup 123"
 ROUTE4 = "local default dev lo"
 ROUTE6 = "local default dev lo"
+# What `routing apply` adds carries mmproxy's protocol mark (routing.PROTOCOL).
+MARKED = " proto 109"
 
 PIECES = [
     "ip rule add from 127.0.0.1/8 iif lo table 123",
@@ -100,10 +103,11 @@ def test_apply_adds_exactly_the_readme_setup_and_is_idempotent(
     done = tool(ns, "routing", "apply")
     assert done.returncode == 0, done
     assert done.stdout.splitlines() == [f"added    {piece}" for piece in PIECES]
-    assert custom_rules(ns, "-4") == [RULE4]
-    assert custom_rules(ns, "-6") == [RULE6]
+    assert custom_rules(ns, "-4") == [RULE4 + MARKED]
+    assert custom_rules(ns, "-6") == [RULE6 + MARKED]
     assert table_routes(ns, "-4") == [ROUTE4]
     assert table_routes(ns, "-6") == [ROUTE6]
+    assert "proto 109" in ip_show(ns, "-4", "route", "show", "table", "123")
 
     checked = tool(ns, "routing", "check")
     assert checked.returncode == 0, checked
@@ -113,8 +117,8 @@ def test_apply_adds_exactly_the_readme_setup_and_is_idempotent(
     again = tool(ns, "routing", "apply")
     assert again.returncode == 0, again
     assert again.stdout.splitlines() == [f"present  {piece}" for piece in PIECES]
-    assert custom_rules(ns, "-4") == [RULE4]  # no second copy
-    assert custom_rules(ns, "-6") == [RULE6]
+    assert custom_rules(ns, "-4") == [RULE4 + MARKED]  # no second copy
+    assert custom_rules(ns, "-6") == [RULE6 + MARKED]
 
 
 def test_remove_deletes_them_and_is_idempotent(bare: tuple[NetNamespace, Net]) -> None:
@@ -144,11 +148,11 @@ def test_mark_and_table(bare: tuple[NetNamespace, Net]) -> None:
         "added    ip rule add fwmark 42 lookup 100",
         "added    ip -6 rule add fwmark 42 lookup 100",
     ]
-    assert custom_rules(ns, "-4") == ["from 127.0.0.1/8 iif lo lookup 100",
-                                      "from all fwmark 0x2a lookup 100"]  # fmt: skip
+    assert custom_rules(ns, "-4") == ["from 127.0.0.1/8 iif lo lookup 100" + MARKED,
+                                      "from all fwmark 0x2a lookup 100" + MARKED]  # fmt: skip
     assert custom_rules(ns, "-6") == [
-        "from ::1 iif lo lookup 100",
-        "from all fwmark 0x2a lookup 100",
+        "from ::1 iif lo lookup 100" + MARKED,
+        "from all fwmark 0x2a lookup 100" + MARKED,
     ]
     assert table_routes(ns, "-4", 100) == [ROUTE4]
 
@@ -169,16 +173,40 @@ def test_mark_and_table(bare: tuple[NetNamespace, Net]) -> None:
     assert table_routes(ns, "-4", 100) == []
 
 
-def test_rules_added_with_ip_are_recognised_and_removed() -> None:
-    """The setup as the README's ``ip`` commands make it (kernel-chosen priorities)."""
+def test_rules_added_with_ip_are_recognised_and_kept() -> None:
+    """The setup as the README's ``ip`` commands make it (kernel-chosen priorities): check
+    accepts it, apply adds nothing, and remove (the unit's ExecStopPost) leaves it alone, since
+    mmproxy did not add it (an operator, or another proxy on this host, relies on it)."""
     with namespace(f"mmproxy-routing-ip-{os.getpid()}", routes=True) as (ns, _sockets):
+        rules4, rules6 = custom_rules(ns, "-4"), custom_rules(ns, "-6")
+        assert rules4 == [RULE4]
         assert tool(ns, "routing", "check").returncode == 0
+        applied = tool(ns, "routing", "apply")
+        assert applied.stdout.splitlines() == [f"present  {piece}" for piece in PIECES]
         done = tool(ns, "routing", "remove")
         assert done.returncode == 0, done
-        assert done.stdout.count("removed  ") == 4
-        assert custom_rules(ns, "-4") == []
-        assert custom_rules(ns, "-6") == []
-        assert table_routes(ns, "-4") == []
+        assert done.stdout.count("kept     ") == 4, done.stdout
+        assert "not added by mmproxy routing apply" in done.stdout
+        assert custom_rules(ns, "-4") == rules4
+        assert custom_rules(ns, "-6") == rules6
+        assert table_routes(ns, "-4") == [ROUTE4]
+        assert table_routes(ns, "-6") == [ROUTE6]
+        assert tool(ns, "routing", "check").returncode == 0
+
+
+def test_remove_takes_only_its_own_beside_a_hand_made_copy(bare: tuple[NetNamespace, Net]) -> None:
+    """The same rule twice, one by hand and one by apply (with another table for the rest):
+    remove deletes the marked one and keeps the other."""
+    ns, _ = bare
+    assert tool(ns, "routing", "apply").returncode == 0
+    ns.ip("rule", "add", "from", "127.0.0.1/8", "iif", "lo", "table", "123", "priority", "100")
+    assert custom_rules(ns, "-4") == [RULE4, RULE4 + MARKED]
+    done = tool(ns, "routing", "remove")
+    assert done.returncode == 0, done
+    assert "removed  ip rule del from 127.0.0.1/8 iif lo table 123" in done.stdout
+    assert custom_rules(ns, "-4") == [RULE4]
+    assert custom_rules(ns, "-6") == []
+    assert table_routes(ns, "-4") == []
 
 
 def test_applied_routing_lets_mmproxy_relay(
@@ -250,15 +278,20 @@ def test_daemon_warns_once_per_missing_piece(bare: tuple[NetNamespace, Net]) -> 
         assert not [line for line in daemon.logs if line.get("level") == "ERROR"]
 
 
-def test_daemon_checks_only_for_backends_on_loopback(bare: tuple[NetNamespace, Net]) -> None:
+def test_daemon_checks_only_for_backends_on_loopback(
+    bare: tuple[NetNamespace, Net], tmp_path: Path
+) -> None:
     """The routes are for replies from a backend on loopback: remote backends need none of them
     (with -dynamic-destination any destination may be local, so the check stays on)."""
     ns, _ = bare
+    subnets = tmp_path / "subnets"
+    subnets.write_text("127.0.0.0/8\n")
+    dynamic = ["-dynamic-destination", "-allowed-subnets", str(subnets)]
     remote = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[2001:db8::9]:443"]
     half = ["-l", "127.0.0.1:0", "-4", "203.0.113.9:443", "-6", "[::1]:443"]
     daemons = []
     try:
-        for flags in (remote, half, [*remote, "-dynamic-destination"]):
+        for flags in (remote, half, [*remote, *dynamic]):
             daemons.append(Daemon(ns, flags))  # noqa: PERF401 - kept at once, for the finally
         for daemon in daemons:
             assert daemon.stop() == 0

@@ -384,11 +384,15 @@ def test_dynamic_destination_connects_to_the_header_destination(
     backend6: Backend,
     addresses: ClientAddresses,
     v6: bool,
+    tmp_path: Path,
 ) -> None:
-    """With -dynamic-destination the header's destination wins over -4/-6."""
+    """With -dynamic-destination the header's destination wins over -4/-6 (here an address of
+    this host, which is all it may be without --allowed-destinations)."""
     other = Backend(net.sockets, "::1" if v6 else "127.0.0.2")
+    subnets = tmp_path / "subnets"
+    subnets.write_text("127.0.0.0/8\n")
     try:
-        daemon = mmproxy("-dynamic-destination")
+        daemon = mmproxy("-dynamic-destination", "-allowed-subnets", str(subnets))
         source = addresses.v6() if v6 else addresses.v4()
         with connect(net, daemon) as sock:
             sock.sendall(header(source, other.address, 2))

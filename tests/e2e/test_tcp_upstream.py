@@ -16,7 +16,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from daemon_runner import Daemon, StartDaemon, run_to_exit
-from netns import Backend, ClientAddresses, Deadline, Net, exchange, namespace, wait_closed
+from netns import (
+    Backend,
+    ClientAddresses,
+    Deadline,
+    Net,
+    exchange,
+    namespace,
+    wait_accept_queue,
+    wait_closed,
+)
 
 from mmproxy.protocol import InetAddress, ProxyHeader, Transport, encode
 
@@ -68,11 +77,16 @@ def test_client_port_in_use_falls_back_to_an_ephemeral_port(
     """A header naming an address:port already bound here (client and mmproxy on one host)
     is relayed from an ephemeral port of the same address, and logged at -v 1."""
     daemon = mmproxy(verbose=1)
-    taken = ("127.0.0.1", daemon.port)  # mmproxy's own listening socket holds this one
+    # A transparent listener holds a client's address:port here (loopback sources are refused).
+    holder = net.sockets.server("198.51.100.254", 0, transparent=True)
+    taken = holder.getsockname()[:2]
     wire = f"PROXY TCP4 {taken[0]} 127.0.0.1 {taken[1]} 443\r\n".encode()
-    with connect(net, daemon) as sock:
-        sock.sendall(wire)
-        assert exchange(sock, b"fallback", Deadline(10)) == b"fallback"
+    try:
+        with connect(net, daemon) as sock:
+            sock.sendall(wire)
+            assert exchange(sock, b"fallback", Deadline(10)) == b"fallback"
+    finally:
+        holder.close()
     ((seen_host, seen_port),) = backend4.peers()
     assert seen_host == taken[0]
     assert seen_port != taken[1]
@@ -128,11 +142,11 @@ def test_descriptors_and_threads_per_connection(
             clients.append(sock)
             backend4.wait_connections(number + 1)  # one at a time: one worker serves them all
         assert wait_value(lambda: daemon_fds(daemon), base_fds + 2 * count) == base_fds + 2 * count
-        # The worker that read the headers waits in the pool for the next job (workers retire
+        # The workers that read the headers wait in the pool for the next job (workers retire
         # after 30 s idle); no thread is held per idle connection.  With a thread each this
-        # would be base + 40.
-        time.sleep(0.2)
-        assert daemon_threads(daemon) <= base_threads + 2, daemon_threads(daemon) - base_threads
+        # would be base + 40.  A loaded machine may start a few workers (the next header can
+        # arrive before the last worker is back in the pool), never one per connection.
+        assert daemon_threads(daemon) <= base_threads + 8, daemon_threads(daemon) - base_threads
         for sock in clients:
             sock.settimeout(10)
             sock.sendall(b"ping")
@@ -148,8 +162,9 @@ def test_connection_cap_follows_the_descriptor_limit(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
     """With few descriptors, mmproxy caps connections so each one it takes can get its 2
-    sockets; past the cap it closes new ones at accept (and says so), and serves again once a
-    slot frees.  Pipes are not budgeted: when they run out, a direction copies instead."""
+    sockets; at the cap it stops accepting (and says so): the next connection waits in the
+    kernel's backlog and is served once a slot frees.  Pipes are not budgeted: when they run
+    out, a direction copies instead."""
     daemon = mmproxy(nofile=100, verbose=0)
     (ready,) = daemon.wait_for(lambda line: line.get("msg") == "ready")
     cap = int(ready["maxConnections"])
@@ -171,26 +186,13 @@ def test_connection_cap_follows_the_descriptor_limit(
             sock.settimeout(10)
             sock.sendall(b"ok")
             assert sock.recv(2) == b"ok"
-        refused = open_one(stack)
-        assert wait_closed(refused, 5) < 2
-        assert len(backend4.peers()) == cap
+        waiting = open_one(stack)  # at the cap: it waits in the kernel's backlog
+        assert wait_accept_queue(net.ns, daemon.port, 1) == 1
         assert daemon.wait_for(lambda line: "connection limit" in str(line.get("msg")))
         held[0].shutdown(socket.SHUT_WR)
         assert wait_closed(held[0], 5) < 5  # the echo backend ends it; its slot frees
-        assert _served_within(lambda: open_one(stack), Deadline(5))
+        assert exchange(waiting, b"again", Deadline(10)) == b"again"
     assert len(backend4.peers()) == cap + 1
-
-
-def _served_within(open_one: Callable[[], socket.socket], deadline: Deadline) -> bool:
-    """Open connections until one is relayed (the freed slot is released a moment after the
-    client sees its EOF); bounded by ``deadline``."""
-    while not deadline.expired():
-        sock = open_one()
-        try:
-            return exchange(sock, b"again", Deadline(5)) == b"again"
-        except (AssertionError, ConnectionResetError, BrokenPipeError):
-            time.sleep(0.05)  # refused at the cap: the slot is not free yet
-    return False
 
 
 TPROXY_ADDRESS = "203.0.113.251"

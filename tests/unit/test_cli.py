@@ -128,11 +128,13 @@ def test_kzemek_readme(
     assert config.allow_list.cidrs == ("203.0.113.0/24",)
 
 
-def test_transparent_and_dynamic_destination_readme(fake_daemon: FakeDaemon) -> None:
+def test_transparent_and_dynamic_destination_readme(
+    fake_daemon: FakeDaemon, subnets_file: Path
+) -> None:
     config = run_config(
         fake_daemon,
         "-l 0.0.0.0:25577 -4 127.0.0.1:25578 -6 [::1]:25578 "
-        "-listen-transparent -dynamic-destination",
+        f"-listen-transparent -dynamic-destination -allowed-subnets {subnets_file}",
     )
     assert config.listen_transparent is True
     assert config.dynamic_destination is True
@@ -173,6 +175,8 @@ def test_defaults_equal_go_mmproxys(fake_daemon: FakeDaemon) -> None:
         "maxUdpFlows": 0,
         "metrics": None,
         "routingCheck": True,
+        "allowedDestinations": None,
+        "maxConnections": 0,
     }
     assert config.allow_list.allows_everyone
 
@@ -225,8 +229,11 @@ def test_digit_flags(fake_daemon: FakeDaemon) -> None:
         *((word, False) for word in ("false", "FALSE", "False", "f", "F", "0")),
     ],
 )
-def test_go_bool_words(fake_daemon: FakeDaemon, word: str, value: bool) -> None:
-    config = run_config(fake_daemon, f"-dynamic-destination={word} --listen-transparent={word}")
+def test_go_bool_words(fake_daemon: FakeDaemon, subnets_file: Path, word: str, value: bool) -> None:
+    config = run_config(
+        fake_daemon,
+        f"-dynamic-destination={word} --listen-transparent={word} -allowed-subnets {subnets_file}",
+    )
     assert config.dynamic_destination is value
     assert config.listen_transparent is value
 
@@ -283,7 +290,6 @@ def test_double_dash_ends_flags(fake_daemon: FakeDaemon) -> None:
         ("P", "udp", "protocol", "udp"),
         ("PROTOCOL", "udp", "protocol", "udp"),
         ("CLOSE_AFTER", "5", "close_after", 5),
-        ("DYNAMIC_DESTINATION", "true", "dynamic_destination", True),
         ("LISTEN_TRANSPARENT", "1", "listen_transparent", True),
         ("HEADER_TIMEOUT", "2.5", "header_timeout", 2.5),
         ("CONNECT_TIMEOUT", "0.5", "connect_timeout", 0.5),
@@ -292,6 +298,7 @@ def test_double_dash_ends_flags(fake_daemon: FakeDaemon) -> None:
         ("LOG_FORMAT", "text", "log_format", "text"),
         ("UDP_HEADER", "first", "udp_header", "first"),
         ("MAX_UDP_FLOWS", "500", "max_udp_flows", 500),
+        ("MAX_CONNECTIONS", "64", "max_connections", 64),
     ],
 )
 def test_every_flag_reads_its_environment_variable(
@@ -300,6 +307,26 @@ def test_every_flag_reads_its_environment_variable(
     config = run_config(fake_daemon, [], env={f"MMPROXY_{name}": value})
     actual = getattr(config, field)
     assert (str(actual) if field in ("listen", "target4", "target6") else actual) == expected
+
+
+def test_dynamic_destination_and_its_lists_from_environment(
+    fake_daemon: FakeDaemon, subnets_file: Path
+) -> None:
+    env = {
+        "MMPROXY_DYNAMIC_DESTINATION": "true",
+        "MMPROXY_ALLOWED_SUBNETS": str(subnets_file),
+        "MMPROXY_ALLOWED_DESTINATIONS": str(subnets_file),
+    }
+    config = run_config(fake_daemon, [], env=env)
+    assert config.dynamic_destination is True
+    assert config.allowed_destinations is not None
+    assert config.allowed_destinations.path == str(subnets_file)
+
+
+def test_dynamic_destination_open_to_everyone_is_one_error_line(fake_daemon: FakeDaemon) -> None:
+    line = assert_one_error_line(invoke("-dynamic-destination"), "-dynamic-destination")
+    assert "-dynamic-destination: needs -allowed-subnets" in line
+    assert not fake_daemon.configs
 
 
 def test_allowed_subnets_from_environment(fake_daemon: FakeDaemon, subnets_file: Path) -> None:

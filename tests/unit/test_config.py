@@ -327,8 +327,9 @@ def test_each_invalid_value_names_its_flag(overrides: dict[str, Any], flag: str)
         {"relay": "auto"},
         {"idle_timeout": 7 * 86400.0},
         {"listen": "127.0.0.1:0"},
-        {"dynamic_destination": True, "listen_transparent": True},
         {"udp_header": "first"},
+        {"max_connections": 0},
+        {"max_connections": 1 << 24},
         {"max_udp_flows": 0},
         {"max_udp_flows": 1 << 20},
     ],
@@ -389,6 +390,8 @@ def test_summary_is_json_serialisable(tmp_path: Path) -> None:
         "routingCheck": False,
         "idleTimeout": 600.0,
         "relay": "splice",
+        "allowedDestinations": None,
+        "maxConnections": 0,
     }
 
 
@@ -396,3 +399,45 @@ def test_summary_when_everyone_is_allowed() -> None:
     summary = config().summary()
     assert summary["allowedSubnets"] is None
     assert summary["allowedSubnetsCount"] is None
+
+
+def test_dynamic_destination_needs_allowed_subnets(tmp_path: Path) -> None:
+    with pytest.raises(FlagError) as caught:
+        config(dynamic_destination=True)
+    assert caught.value.flag == "-dynamic-destination"
+    assert "-allowed-subnets" in caught.value.reason
+    subnets = tmp_path / "subnets"
+    subnets.write_text("192.0.2.0/24\n")
+    built = config(dynamic_destination=True, allowed_subnets=str(subnets))
+    assert built.dynamic_destination is True
+    assert built.allowed_destinations is None  # this host's own addresses
+
+
+def test_allowed_destinations_is_read_and_checked(tmp_path: Path) -> None:
+    subnets = tmp_path / "subnets"
+    subnets.write_text("192.0.2.0/24\n")
+    listed = tmp_path / "destinations"
+    listed.write_text("10.0.0.0/8 # the backends\n")
+    built = config(
+        dynamic_destination=True, allowed_subnets=str(subnets), allowed_destinations=str(listed)
+    )
+    assert built.allowed_destinations is not None
+    assert built.allowed_destinations.cidrs == ("10.0.0.0/8",)
+    assert built.summary()["allowedDestinations"] == str(listed)
+    with pytest.raises(FlagError) as caught:
+        config(allowed_destinations=str(listed))
+    assert caught.value.flag == "--allowed-destinations"
+    listed.write_text("10.0.0.0/33\n")
+    with pytest.raises(FlagError) as caught:
+        config(
+            dynamic_destination=True,
+            allowed_subnets=str(subnets),
+            allowed_destinations=str(listed),
+        )
+    assert f"{listed}:1" in str(caught.value)
+
+
+def test_max_connections_out_of_range() -> None:
+    with pytest.raises(FlagError) as caught:
+        config(max_connections=-1)
+    assert caught.value.flag == "--max-connections"

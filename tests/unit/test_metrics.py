@@ -15,7 +15,6 @@ from mmproxy.metrics import (
     HEADER_REASONS,
     NO_METRICS,
     READ_ERROR,
-    REFUSED_CONNECTION_LIMIT,
     REFUSED_NOT_ALLOWED,
     TO_CLIENT,
     TO_TARGET,
@@ -39,7 +38,7 @@ def test_connection_outcomes_are_counted() -> None:
     metrics.upstream_failed()
     assert value(metrics, "mmproxy_connections_accepted_total") == 3
     assert value(metrics, "mmproxy_connections_refused_total", reason="not_allowed") == 1
-    assert value(metrics, "mmproxy_connections_refused_total", reason="connection_limit") == 0
+    assert value(metrics, "mmproxy_connections_refused_total", reason="connection_limit") is None
     assert value(metrics, "mmproxy_header_errors_total", reason="v1_bad_syntax") == 1
     assert value(metrics, "mmproxy_header_errors_total", reason="read_error") == 1
     assert value(metrics, "mmproxy_header_errors_total", reason="v2_bad_crc") == 0
@@ -50,7 +49,7 @@ def test_every_known_reason_is_exported_from_the_start() -> None:
     metrics = PrometheusMetrics()
     for reason in HEADER_REASONS:
         assert value(metrics, "mmproxy_header_errors_total", reason=reason) == 0, reason
-    for reason in (REFUSED_NOT_ALLOWED, REFUSED_CONNECTION_LIMIT):
+    for reason in (REFUSED_NOT_ALLOWED,):
         assert value(metrics, "mmproxy_connections_refused_total", reason=reason) == 0
     for direction in (TO_TARGET, TO_CLIENT):
         assert value(metrics, "mmproxy_relayed_bytes_total", direction=direction) == 0
@@ -165,3 +164,21 @@ def test_server_bind_failure_raises() -> None:
             MetricsServer(
                 Endpoint(ipaddress.ip_address("127.0.0.1"), port), PrometheusMetrics().registry
             )
+
+
+def test_limits_and_accept_pauses() -> None:
+    """The caps, the live worker count (read at scrape time) and the acceptors' pauses."""
+    metrics = PrometheusMetrics()
+    workers = [5]
+    metrics.limits(100, 216, lambda: workers[0])
+    assert value(metrics, "mmproxy_max_connections") == 100
+    assert value(metrics, "mmproxy_max_worker_threads") == 216
+    assert value(metrics, "mmproxy_worker_threads") == 5
+    workers[0] = 7
+    assert value(metrics, "mmproxy_worker_threads") == 7
+    metrics.accept_paused(True)
+    metrics.accept_paused(True)
+    assert value(metrics, "mmproxy_accept_paused") == 2
+    metrics.accept_paused(False)
+    assert value(metrics, "mmproxy_accept_paused") == 1
+    assert value(metrics, "mmproxy_accept_pauses_total") == 2

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mmproxy.pool import PoolClosedError, WorkerPool
+from mmproxy.pool import PoolClosedError, PoolFullError, WorkerPool
 
 
 def wait_until(predicate: object, timeout: float = 5.0) -> bool:
@@ -165,3 +165,34 @@ def test_the_worker_idle_last_is_reused_first() -> None:
         assert wait_until(lambda: pool.idle == 3)
     finally:
         pool.close(timeout=5.0)
+
+
+def test_max_workers_bounds_the_threads_and_a_freed_worker_is_reused() -> None:
+    """At max_workers a submit waits for a worker to come free; if none does, PoolFullError."""
+    pool = WorkerPool(max_workers=2, full_wait=0.05)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(10)
+
+    try:
+        pool.submit(hold)
+        pool.submit(hold)
+        assert started.acquire(timeout=10)
+        assert started.acquire(timeout=10)
+        with pytest.raises(PoolFullError):
+            pool.submit(hold)
+        assert pool.size == 2
+        release.set()
+        done = threading.Event()
+        deadline = time.monotonic() + 10  # the released workers come back to the idle stack
+        while pool.idle == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool.submit(done.set)
+        assert done.wait(10)
+        assert pool.size <= 2
+    finally:
+        release.set()
+        pool.close(timeout=5)
