@@ -189,6 +189,8 @@ def run(config: Config, log: logging.Logger) -> int:
         cause = wait_for_stop(log, allow_list, destinations)
         if watchdog is not None:
             watchdog.stop()  # the acceptors stop next: systemd's stop timeout takes over
+        if config.protocol == "udp":  # TCP's Server.stop says so with its drain's status
+            tell_systemd(log, notify.STOPPING, "STATUS=closing UDP flows")
         server.stop(cause)
     finally:
         if metrics_server is not None:

@@ -38,8 +38,11 @@ def messages(sock: socket.socket) -> list[str]:
     return sock.recv(4096).decode().split("\n")
 
 
-def test_ready_then_stopping(notify_socket: socket.socket, mmproxy: StartDaemon) -> None:
-    daemon = mmproxy(listeners=2)
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_ready_then_stopping(
+    notify_socket: socket.socket, mmproxy: StartDaemon, protocol: str
+) -> None:
+    daemon = mmproxy("-p", protocol, listeners=2)
     ready = messages(notify_socket)
     assert ready[0] == "READY=1"
     assert any(item.startswith("STATUS=") for item in ready)

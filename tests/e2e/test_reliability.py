@@ -103,8 +103,8 @@ def settle(read: Callable[[], int], at_most: int, timeout: float = 10.0) -> int:
     return value
 
 
-# Idle pool workers retire after 30 s (mmproxy.pool): a thread count above the expected level
-# must come down within that, or the threads are stuck, not idle.
+# Idle pool workers retire after 5 s (mmproxy.pool): a thread count above the expected level
+# must come down well within this, or the threads are stuck, not idle.
 THREADS_SETTLE = 40.0
 
 
@@ -505,9 +505,12 @@ def test_no_leak_after_many_short_connections(
     assert run_short_connections(net, daemon, count, workers, 150) == count
     elapsed = time.monotonic() - start
     fds = settle(lambda: Usage.of(daemon).fds, before.fds)
+    # RSS is compared once the burst's extra pool workers have retired: on free-threaded
+    # CPython each live thread holds allocator pages of its own, which are not a leak.
+    threads = settled_threads(daemon, before.threads)
     after = Usage.of(daemon)
     assert fds == before.fds
-    assert settled_threads(daemon, before.threads + 2 * workers) <= before.threads + 2 * workers
+    assert threads <= before.threads + 2 * workers
     assert after.rss - before.rss < 8 * MIB, (before, after)
     assert len(backend4.peers()) == count + 1000
     figure(f"{count} short connections: took", f"{elapsed:.1f}s")
