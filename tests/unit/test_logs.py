@@ -431,7 +431,7 @@ def test_every_refusal_reason_has_a_message() -> None:
 
 def test_readme_log_table_lists_every_message() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme.split("### Messages", 1)[1].split("\n\n", 2)[1]
+    table = readme.split("#### Messages", 1)[1].split("\n\n", 2)[1]
     missing = [msg for msg in go_messages().values() if f"| `{msg}` |" not in table]
     assert not missing, missing
 
