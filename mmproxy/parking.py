@@ -6,7 +6,12 @@ on a GIL build, ~90 KiB or more on a free-threaded one, where each thread also o
 pages for everything it ever allocated.  So what waits for a quiet socket is *parked*: the
 socket joins one epoll set served by one thread, and holds no thread until it has something to
 say (data, an end, an error, or a shutdown from another thread).  Then its job goes to the
-worker pool.
+worker pool, unless the spot can ``move`` what came on the lot's own thread: a spot with a
+``move`` is given the lot's scratch buffer first and stays parked (its descriptors stay
+registered, no epoll_ctl per message) when that was enough; otherwise it leaves the lot and
+the job ``move`` returned runs on the lot's thread (which must never block).  A spot being
+moved is ``busy``: :meth:`ParkingLot.withdraw` leaves it alone, so only one thread ever
+serves a parked direction.
 
 The TCP connection parks a relay direction whose source has been quiet for a grace (its own
 source socket: a quiet direction parks while the other one streams, and a pair with both
@@ -44,10 +49,14 @@ from mmproxy.pool import Job, WorkerPool
 # Readable, ended (either way) or failed: any of them means the relay has work to do.
 EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
 BATCH = 256  # events taken per epoll_wait
+SCRATCH = 64 * 1024  # bytes; the lot's buffer for moves (a read that fills it is bulk)
 
 _log = logging.getLogger(__name__)
 
 OnFailure = Callable[[BaseException], None]
+# Given the lot's scratch buffer: None to stay parked, or a job to run on the lot's thread
+# once the spot has left the lot.
+Move = Callable[[bytearray], Job | None]
 
 
 @dataclass(eq=False)
@@ -57,8 +66,10 @@ class _Spot:
     expire: Callable[[], None]  # runs (on the lot's thread) before resume when the time is up
     abandon: Callable[[], None]  # runs when the lot closes with the spot still parked
     deadline: float
+    move: Move | None = None
     fds: tuple[int, ...] = field(default=())
     left: bool = False  # handed over (or the lot closed): no longer ours
+    busy: bool = False  # its move runs on the lot's thread now: nobody else may take it
 
 
 def _nothing() -> None:
@@ -68,7 +79,7 @@ def _nothing() -> None:
 class ParkingLot:
     """One thread waiting on every parked socket."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, scratch: int = SCRATCH) -> None:
         self._pool = pool
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
@@ -79,6 +90,7 @@ class ParkingLot:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
+        self._scratch = bytearray(scratch)  # only the lot's thread uses it
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mmproxy-parking", daemon=True)
 
@@ -99,16 +111,18 @@ class ParkingLot:
         timeout: float,
         expire: Callable[[], None] = _nothing,
         abandon: Callable[[], None],
+        move: Move | None = None,
     ) -> None:
         """Hold ``sockets`` until one has something or ``timeout`` seconds pass (0: never).
 
         Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
         out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
-        the lot closes first.  Raises OSError when a socket cannot be registered, and
+        the lot closes first.  With ``move``, readiness runs that first (module docstring).
+        Raises OSError when a socket cannot be registered, and
         RuntimeError once the lot is closing; the caller then still has the sockets.
         """
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
-        spot = _Spot(resume, failed, expire, abandon, deadline)
+        spot = _Spot(resume, failed, expire, abandon, deadline, move)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the parking lot is closed")
@@ -138,11 +152,12 @@ class ParkingLot:
         """Take back the spot ``sock`` waits in, before it is handed over.
 
         True when it was still parked: it has left the lot and its jobs will never run (the
-        caller runs the work itself).  False when it is not here, or already handed over.
+        caller runs the work itself).  False when it is not here, already handed over, or
+        being moved on the lot's thread right now.
         """
         with self._lock:
             spot = self._by_fd.get(sock.fileno())
-            if spot is None or spot.left:
+            if spot is None or spot.left or spot.busy:
                 return False
             self._leave(spot)
             return True
@@ -180,17 +195,26 @@ class ParkingLot:
                 _log.exception("the parking lot's epoll failed")
                 return
             ready: list[_Spot] = []
+            moving: list[_Spot] = []
             with self._lock:
+                # Deadlines first: a spot that expired is handed over, not moved.
+                expired = self._expired(time.monotonic())
                 for fd, _mask in events:
                     if fd == self._wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
                         continue
                     spot = self._by_fd.get(fd)
-                    if spot is not None and not spot.left:
+                    if spot is None or spot.left or spot.busy:
+                        continue
+                    if spot.move is not None:
+                        spot.busy = True
+                        moving.append(spot)
+                    else:
                         self._leave(spot)
                         ready.append(spot)
-                expired = self._expired(time.monotonic())
+            for spot in moving:
+                self._move(spot)
             for spot in expired:
                 spot.expire()
             for spot in (*ready, *expired):
@@ -228,6 +252,23 @@ class ParkingLot:
             self._by_fd.pop(fd, None)
             with contextlib.suppress(OSError):  # already gone from the set: nothing to undo
                 self._epoll.unregister(fd)
+
+    def _move(self, spot: _Spot) -> None:
+        """Run ``spot``'s move; it stays parked, or leaves and its follow-up runs here."""
+        try:
+            then = spot.move(self._scratch) if spot.move is not None else None
+        except Exception:  # noqa: BLE001 - a bug in a move must not stop the lot
+            _log.exception("a parked spot's move failed")
+            then = lambda: self._hand_over(spot)  # noqa: E731
+        with self._lock:
+            spot.busy = False
+            if then is not None:
+                self._leave(spot)
+        if then is not None:
+            try:
+                then()
+            except Exception:  # noqa: BLE001
+                _log.exception("a parked spot's follow-up failed")
 
     def _hand_over(self, spot: _Spot) -> None:
         try:

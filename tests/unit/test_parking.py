@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mmproxy.parking import ParkingLot
+from mmproxy.parking import SCRATCH, ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import Pair
 
@@ -145,7 +146,8 @@ def test_an_idle_pair_is_expired_and_handed_over() -> None:
         assert 0.25 <= time.monotonic() - started < 3
         assert pair.idle
         assert not busy.idle
-        assert pair.input_waiting(), "the expired pair was shut down, so its relay ends at once"
+        shut_down = select.select([pair.client, pair.upstream], [], [], 0)[0]
+        assert shut_down, "the expired pair was shut down, so its relay ends at once"
     finally:
         rig.close()
 
@@ -285,3 +287,113 @@ def test_the_deadline_heap_follows_what_is_parked_not_what_passed_through() -> N
         assert len(rig.lot._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
     finally:
         rig.close()
+
+
+class Mover:
+    """A spot's move for the tests: drains what arrived, then says what the test asked for."""
+
+    def __init__(self, sock: socket.socket, then: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.then = then
+        self.moved = bytearray()
+        self.threads: set[str] = set()
+        self.sizes: set[int] = set()
+        self.changed = threading.Condition()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def __call__(self, buffer: bytearray) -> Callable[[], None] | None:
+        self.entered.set()
+        assert self.hold.wait(10)
+        received = self.sock.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
+        with self.changed:
+            self.moved += buffer[:received]
+            self.threads.add(threading.current_thread().name)
+            self.sizes.add(len(buffer))
+            self.changed.notify_all()
+        return self.then
+
+    def wait_moved(self, size: int) -> bytes:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.moved) >= size, 10)
+            return bytes(self.moved)
+
+
+def test_a_spot_that_moves_inline_stays_parked_and_is_never_resumed(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    mover = Mover(b)
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=mover
+    )
+    for i in range(5):
+        a.sendall(b"m%d" % i)
+        assert mover.wait_moved(2 * (i + 1)).endswith(b"m%d" % i)
+    assert len(rig.lot) == 1, "still parked after five moves"
+    assert mover.threads == {"mmproxy-parking"}
+    assert mover.sizes == {SCRATCH}
+    assert not resumed.is_set()
+    assert rig.lot.withdraw(b)
+    assert len(rig.lot) == 0
+    assert not rig.failures
+
+
+def test_a_move_that_returns_a_job_leaves_the_lot_and_runs_it_there(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    ran = threading.Event()
+    where: list[tuple[str, int]] = []
+
+    def then() -> None:
+        where.append((threading.current_thread().name, len(rig.lot)))
+        ran.set()
+
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=Mover(b, then)
+    )
+    a.sendall(b"end")
+    assert ran.wait(10)
+    assert where == [("mmproxy-parking", 0)], "ran on the lot's thread, after leaving it"
+    assert not rig.lot.withdraw(b)
+    assert not resumed.is_set()
+
+
+def test_a_spot_being_moved_cannot_be_withdrawn(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    mover = Mover(b)
+    mover.hold.clear()
+    rig.lot.park_sockets(
+        (b,), lambda: None, rig.failures.append, timeout=0, abandon=b.close, move=mover
+    )
+    a.sendall(b"x")
+    assert mover.entered.wait(10)
+    assert not rig.lot.withdraw(b), "the lot's thread is moving it"
+    mover.hold.set()
+    assert mover.wait_moved(1) == b"x"
+    deadline = time.monotonic() + 10
+    while not rig.lot.withdraw(b):  # free again once the move is over
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.005)
+
+
+def test_a_move_that_fails_is_handed_over_as_usual(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+
+    def broken(_buffer: bytearray) -> None:
+        raise ValueError("a bug")
+
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=broken
+    )
+    a.sendall(b"x")
+    assert resumed.wait(10)
+    assert len(rig.lot) == 0
+    assert "move failed" in caplog.text
