@@ -41,7 +41,7 @@ from mmproxy.metrics import (
     MetricsServer,
     PrometheusMetrics,
 )
-from mmproxy.parking import ParkingLot
+from mmproxy.parking import ParkingLot, lot_threads
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.sockmap import KernelRelay, UnavailableError
@@ -340,7 +340,7 @@ class Server:
         self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
         self._pool = WorkerPool(max_workers=self.max_workers)
         metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
-        self._parking = ParkingLot(self._pool)
+        self._parking = ParkingLot(self._pool, threads=lot_threads())
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),

@@ -33,12 +33,14 @@ and eventfd descriptors.  Spots still parked when the lot closes are given back 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -76,10 +78,57 @@ def _nothing() -> None:
     """An expiry that needs no action: the resumed job sees its deadline has passed."""
 
 
-class ParkingLot:
-    """One thread waiting on every parked socket."""
+def lot_threads() -> int:
+    """Threads for the lot: one with the GIL (more would only take turns), one per CPU
+    without it, where a single thread moving every small message was the bottleneck."""
+    gil_enabled: Callable[[], bool] = getattr(sys, "_is_gil_enabled", lambda: True)
+    return 1 if gil_enabled() else max(1, os.cpu_count() or 1)
 
-    def __init__(self, pool: WorkerPool, scratch: int = SCRATCH) -> None:
+
+class ParkingLot:
+    """Parked sockets spread over ``threads`` lots (:class:`_Lot`) by descriptor number."""
+
+    def __init__(self, pool: WorkerPool, scratch: int = SCRATCH, threads: int = 1) -> None:
+        self._lots = [_Lot(pool, scratch, f"-{n}" if n else "") for n in range(threads)]
+
+    def start(self) -> None:
+        for lot in self._lots:
+            lot.start()
+
+    def __len__(self) -> int:
+        """Spots parked now."""
+        return sum(len(lot) for lot in self._lots)
+
+    def park_sockets(
+        self,
+        sockets: Sequence[socket.socket],
+        resume: Job,
+        failed: OnFailure,
+        *,
+        timeout: float,
+        expire: Callable[[], None] = _nothing,
+        abandon: Callable[[], None],
+        move: Move | None = None,
+    ) -> None:
+        """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket."""
+        lot = self._lots[sockets[0].fileno() % len(self._lots)]
+        lot.park_sockets(
+            sockets, resume, failed, timeout=timeout, expire=expire, abandon=abandon, move=move
+        )
+
+    def withdraw(self, sock: socket.socket) -> bool:
+        """See :meth:`_Lot.withdraw` (a descriptor is parked in one lot at most)."""
+        return any(lot.withdraw(sock) for lot in self._lots)
+
+    def close(self) -> None:
+        for lot in self._lots:
+            lot.close()
+
+
+class _Lot:
+    """One thread waiting on its share of the parked sockets."""
+
+    def __init__(self, pool: WorkerPool, scratch: int, suffix: str) -> None:
         self._pool = pool
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
@@ -92,7 +141,9 @@ class ParkingLot:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._scratch = bytearray(scratch)  # only the lot's thread uses it
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="mmproxy-parking", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"mmproxy-parking{suffix}", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -213,8 +264,8 @@ class ParkingLot:
                     else:
                         self._leave(spot)
                         ready.append(spot)
-            for spot in moving:
-                self._move(spot)
+            if moving:
+                self._move(moving)
             for spot in expired:
                 spot.expire()
             for spot in (*ready, *expired):
@@ -253,18 +304,24 @@ class ParkingLot:
             with contextlib.suppress(OSError):  # already gone from the set: nothing to undo
                 self._epoll.unregister(fd)
 
-    def _move(self, spot: _Spot) -> None:
-        """Run ``spot``'s move; it stays parked, or leaves and its follow-up runs here."""
-        try:
-            then = spot.move(self._scratch) if spot.move is not None else None
-        except Exception:  # noqa: BLE001 - a bug in a move must not stop the lot
-            _log.exception("a parked spot's move failed")
-            then = lambda: self._hand_over(spot)  # noqa: E731
+    def _move(self, spots: list[_Spot]) -> None:
+        """Run the busy ``spots``' moves; each stays parked, or leaves and its follow-up runs
+        here.  One lock round for the batch."""
+        thens: list[Job | None] = []
+        for spot in spots:
+            try:
+                thens.append(spot.move(self._scratch) if spot.move is not None else None)
+            except Exception:  # noqa: BLE001 - a bug in a move must not stop the lot
+                _log.exception("a parked spot's move failed")
+                thens.append(functools.partial(self._hand_over, spot))
+        follow = []
         with self._lock:
-            spot.busy = False
-            if then is not None:
-                self._leave(spot)
-        if then is not None:
+            for spot, then in zip(spots, thens, strict=True):
+                spot.busy = False
+                if then is not None:
+                    self._leave(spot)
+                    follow.append(then)
+        for then in follow:
             try:
                 then()
             except Exception:  # noqa: BLE001

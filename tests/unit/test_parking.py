@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from mmproxy.parking import SCRATCH, ParkingLot
+from mmproxy.parking import SCRATCH, ParkingLot, lot_threads
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import Pair
 
@@ -45,9 +47,9 @@ def park(
 class Rig:
     """Connections, a pool and a lot; everything opened is closed at the end."""
 
-    def __init__(self, idle_timeout: float = 0.0) -> None:
+    def __init__(self, idle_timeout: float = 0.0, threads: int = 1) -> None:
         self.pool = WorkerPool(idle_timeout=5)
-        self.lot = ParkingLot(self.pool)
+        self.lot = ParkingLot(self.pool, threads=threads)
         self.idle_timeout = idle_timeout
         self.lot.start()
         self.sockets: list[socket.socket] = []
@@ -81,9 +83,9 @@ class Rig:
             sock.close()
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    made = Rig()
+@pytest.fixture(params=[1, 2], ids=["one thread", "two threads"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    made = Rig(threads=request.param)
     yield made
     made.close()
 
@@ -284,7 +286,7 @@ def test_the_deadline_heap_follows_what_is_parked_not_what_passed_through() -> N
                 sock.close()
             del rig.sockets[-4:]
         assert len(rig.lot) == 1
-        assert len(rig.lot._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
+        assert len(rig.lot._lots[0]._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
     finally:
         rig.close()
 
@@ -332,7 +334,8 @@ def test_a_spot_that_moves_inline_stays_parked_and_is_never_resumed(rig: Rig) ->
         a.sendall(b"m%d" % i)
         assert mover.wait_moved(2 * (i + 1)).endswith(b"m%d" % i)
     assert len(rig.lot) == 1, "still parked after five moves"
-    assert mover.threads == {"mmproxy-parking"}
+    (thread,) = mover.threads
+    assert thread.startswith("mmproxy-parking")
     assert mover.sizes == {SCRATCH}
     assert not resumed.is_set()
     assert rig.lot.withdraw(b)
@@ -356,7 +359,9 @@ def test_a_move_that_returns_a_job_leaves_the_lot_and_runs_it_there(rig: Rig) ->
     )
     a.sendall(b"end")
     assert ran.wait(10)
-    assert where == [("mmproxy-parking", 0)], "ran on the lot's thread, after leaving it"
+    ((thread, parked_then),) = where
+    assert thread.startswith("mmproxy-parking")
+    assert parked_then == 0, "ran on the lot's thread, after leaving it"
     assert not rig.lot.withdraw(b)
     assert not resumed.is_set()
 
@@ -397,3 +402,37 @@ def test_a_move_that_fails_is_handed_over_as_usual(
     assert resumed.wait(10)
     assert len(rig.lot) == 0
     assert "move failed" in caplog.text
+
+
+def test_spots_spread_over_the_lots_threads_and_each_is_served() -> None:
+    rig = Rig(threads=2)
+    try:
+        movers = []
+        for n in range(8):
+            a, b = socket.socketpair()  # consecutive descriptors: alternate which one parks
+            rig.sockets += [a, b]
+            if n % 2:
+                a, b = b, a
+            mover = Mover(b)
+            rig.lot.park_sockets(
+                (b,), lambda: None, rig.failures.append, timeout=0, abandon=b.close, move=mover
+            )
+            movers.append((a, mover))
+        assert len(rig.lot) == 8
+        for a, mover in movers:
+            a.sendall(b"hi")
+            assert mover.wait_moved(2) == b"hi"
+        threads = set().union(*(mover.threads for _a, mover in movers))
+        assert threads == {"mmproxy-parking", "mmproxy-parking-1"}
+        assert all(rig.lot.withdraw(mover.sock) for _a, mover in movers)
+        assert len(rig.lot) == 0
+    finally:
+        rig.close()
+
+
+def test_one_lot_thread_with_the_gil_one_per_cpu_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert lot_threads() == 1
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert lot_threads() == 4
