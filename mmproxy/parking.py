@@ -110,8 +110,9 @@ class ParkingLot:
         abandon: Callable[[], None],
         move: Move | None = None,
     ) -> None:
-        """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket."""
-        lot = self._lots[sockets[0].fileno() % len(self._lots)]
+        """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket (a
+        spot with none, only a deadline, to the first lot)."""
+        lot = self._lots[sockets[0].fileno() % len(self._lots) if sockets else 0]
         lot.park_sockets(
             sockets, resume, failed, timeout=timeout, expire=expire, abandon=abandon, move=move
         )

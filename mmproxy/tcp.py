@@ -179,10 +179,11 @@ _STOPPED = "the daemon is stopping"
 class Connection:
     """A client connection from the load balancer, from accept to close.
 
-    The job :meth:`serve` reads the header and connects upstream; then each direction runs
-    on a pool worker (:meth:`_run`) until it ends or has been quiet for the grace, when it
-    parks its source socket and gives its thread back.  ``_threads`` counts the directions
-    on a thread now; with none, a relayed connection is PARKED.
+    The job :meth:`serve` reads the header and connects upstream; then both directions
+    park, and the lot moves their small messages and ends (:meth:`_move`).  A direction
+    with more goes to a pool worker (:meth:`_run`) until it ends or has been quiet for the
+    grace, when it parks its source socket again.  ``_threads`` counts the directions on a
+    thread now; with none, a relayed connection is PARKED.
     """
 
     def __init__(

@@ -436,3 +436,10 @@ def test_one_lot_thread_with_the_gil_one_per_cpu_without(monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert lot_threads() == 4
+
+
+def test_a_spot_with_only_a_deadline_is_handed_over_at_it(rig: Rig) -> None:
+    resumed = threading.Event()
+    rig.lot.park_sockets((), resumed.set, rig.failures.append, timeout=0.05, abandon=lambda: None)
+    assert resumed.wait(10)
+    assert len(rig.lot) == 0
