@@ -32,11 +32,10 @@ from collections.abc import Callable
 from mmproxy import logs, notify, policy, runtime, upstream
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
-from mmproxy.errors import ConfigError
+from mmproxy.errors import ConfigError, Refusal
 from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
-    REFUSED_NOT_ALLOWED,
     Metrics,
     MetricsServer,
     PrometheusMetrics,
@@ -45,7 +44,7 @@ from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
 from mmproxy.sockmap import KernelRelay, UnavailableError
-from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
+from mmproxy.tcp import Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 from mmproxy.watchdog import Watchdog
 
@@ -394,7 +393,7 @@ class Server:
                 services.log.failure(
                     logs.MSG_ORIGIN_NOT_ALLOWED,
                     "the peer is not in the allowed subnets",
-                    reason=NOT_ALLOWED,
+                    reason=Refusal.NOT_ALLOWED,
                     **{
                         logs.REMOTE_ADDR: logs.go_address(*peer),
                         logs.LOCAL_ADDR: logs.local_address(sock),
@@ -402,7 +401,7 @@ class Server:
                     },
                 )
             sock.close()
-            services.metrics.refused(REFUSED_NOT_ALLOWED)
+            services.metrics.refused(Refusal.NOT_ALLOWED)
             return
         connection = Connection(sock, peer, number, services)
         if not self._tracker.add(connection):  # waits at the cap; False: stopping

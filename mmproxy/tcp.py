@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from mmproxy import logs, policy, upstream
 from mmproxy.config import Config, Endpoint
-from mmproxy.errors import HeaderError, Reason, RefusedError
-from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
+from mmproxy.errors import HeaderError, Reason, Refusal, RefusedError
+from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
@@ -49,13 +49,13 @@ from mmproxy.sockmap import FALLBACK_ENDED, KernelPair, KernelRelay
 # still needs, or this much, whichever is more, and never waits for more.
 RECV_SIZE = 16384
 
-# Log ``reason`` codes for refusals that are not header parse errors.
-NOT_ALLOWED = "not_allowed"
-HEADER_TIMEOUT = "header_timeout"
-WRONG_TRANSPORT = "wrong_transport"
-UPSTREAM_FAILED = "upstream_failed"
-STOPPING = "stopping"
-IDLE_TIMEOUT = "idle_timeout"
+# The refusal codes this module uses, by short name; errors.Refusal is the one vocabulary.
+HEADER_TIMEOUT = Refusal.HEADER_TIMEOUT
+IDLE_TIMEOUT = Refusal.IDLE_TIMEOUT
+READ_ERROR = Refusal.READ_ERROR
+STOPPING = Refusal.STOPPING
+UPSTREAM_FAILED = Refusal.UPSTREAM_FAILED
+WRONG_TRANSPORT = Refusal.WRONG_TRANSPORT
 
 _BEFORE_RELAY = "connection failed before the relay started"
 

@@ -32,10 +32,8 @@ from mmproxy import logs, policy
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
 from mmproxy.dispatch import Dispatcher, Shared
+from mmproxy.errors import Refusal, RefusedError
 from mmproxy.flows import (
-    WRONG_TRANSPORT,
-    WRONG_VERSION,
-    DroppedError,
     FlowBudget,
     Route,
     Sender,
@@ -125,12 +123,12 @@ class UdpServer:
         parsed = parse_complete(datagram)
         header = parsed.header
         if header.version == 1:
-            raise DroppedError(
-                WRONG_VERSION, "PROXY v1 header on a UDP listener", "UDP needs PROXY v2"
+            raise RefusedError(
+                Refusal.WRONG_VERSION, "PROXY v1 header on a UDP listener", "UDP needs PROXY v2"
             )
         if header.transport == Transport.STREAM:
-            raise DroppedError(
-                WRONG_TRANSPORT,
+            raise RefusedError(
+                Refusal.WRONG_TRANSPORT,
                 "wrong transport in PROXY header",
                 "the header announces STREAM (TCP) on a UDP listener",
             )
