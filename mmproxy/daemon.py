@@ -51,7 +51,7 @@ STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of 
 # 2 descriptors and a share of the room is kept for pipes, which lets idle
 # connections use most of the limit while pipes never starve accept().
 FDS_PER_CONNECTION = 2
-PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
+PIPE_SHARE = 16  # 1/PIPE_SHARE of the descriptor room is kept for pipes
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = (
     65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
