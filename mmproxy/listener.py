@@ -53,15 +53,16 @@ OnAccept = Callable[[socket.socket, tuple[str, int], int], None]
 class Throttle:
     """Lets a repeated message through at most once per ``interval`` seconds, counting the rest."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval = interval
+        self._clock = clock
         self._lock = threading.Lock()
         self._next = 0.0
         self._suppressed = 0
 
     def ready(self) -> int | None:
         """The number suppressed since the last one let through, or None to stay quiet."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if now < self._next:
                 self._suppressed += 1
