@@ -48,6 +48,7 @@ from mmproxy.flows import (
     kernel_drops,
     send_datagrams,
 )
+from mmproxy.header import host_port
 from mmproxy.listener import RESOURCE_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import TO_TARGET, Metrics
 from mmproxy.policy import Destinations
@@ -272,12 +273,12 @@ class Dispatcher(ListenerThread):
             ) from error
         log = shared.flow_log
         if log.failures:
-            balancer = logs.go_address(str(sender[0]), int(sender[1]))
+            balancer = host_port(sender[0], sender[1])
             log = log.bind(
                 **{
                     logs.REMOTE_ADDR: balancer,
                     logs.DOWNSTREAM_ADDR: balancer,  # go-mmproxy's name for it in UDP mode
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
+                    logs.CLIENT_ADDR: host_port(*conn_up.source)
                     if client is not None
                     else logs.UNKNOWN_CLIENT,
                     logs.TARGET_ADDR: str(target),
@@ -365,7 +366,7 @@ class Dispatcher(ListenerThread):
                 logs.udp_drop_message(reason),
                 f"{message}: {detail_text}" if detail_text else message,
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
+                    logs.REMOTE_ADDR: host_port(sender[0], sender[1]),
                     logs.LISTENER_NUM: self.number,
                     logs.REASON: reason,
                 },

@@ -23,9 +23,10 @@ from collections import Counter
 from typing import Any
 
 from mmproxy import logs
-from mmproxy.config import Endpoint, IPAddress
+from mmproxy.config import Endpoint
 from mmproxy.errors import Refusal
 from mmproxy.eventloop import EventLoop
+from mmproxy.header import IPAddress
 from mmproxy.metrics import TO_CLIENT, Metrics
 
 # Room for the largest datagram (65,507 payload bytes over IPv4, 65,527 over IPv6), so

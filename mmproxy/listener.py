@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from mmproxy import logs, upstream
 from mmproxy.config import Config
+from mmproxy.header import host_port
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BACK_OFF = 0.1  # seconds to pause accept() after a resource error
@@ -152,7 +153,7 @@ class ListenerThread:
     @property
     def address(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return logs.go_address(host, port)
+        return host_port(host, port)
 
     def start(self, protocol: str) -> None:
         """Start serving and log ``listening`` (the address, with the real port for port 0)."""

@@ -41,6 +41,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from mmproxy import tlv
 from mmproxy.errors import HeaderError, Refusal
+from mmproxy.header import host_port
 
 LOGGER_NAME = "mmproxy"
 LOG_FORMATS = ("json", "text")
@@ -192,18 +193,13 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 }
 
 
-def go_address(host: str, port: int) -> str:
-    """``host:port`` as Go writes it, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def local_address(sock: socket.socket) -> str:
     """The socket's own address as Go writes it (``localAddr``), or ``?`` when it has none."""
     try:
         host, port = sock.getsockname()[:2]
     except OSError:
         return "?"
-    return go_address(str(host), int(port))
+    return host_port(host, int(port))
 
 
 def _timestamp(created: float) -> str:

@@ -78,11 +78,11 @@ DIRECTIONS = (TO_TARGET, TO_CLIENT)
 # Why the kernel relay did not take a pair (mmproxy.sockmap's FALLBACK_* values).
 KERNEL_FALLBACK_REASONS = ("insert_failed", "busy", "ended")
 
-# Seconds from accept to a complete header: a local load balancer sends it at
-# once (well under a millisecond); slow or split headers take longer.
 METRICS_WORKERS = 4  # threads answering scrapes; Prometheus sends one at a time per target
 _CLOSE_POLL = 0.5  # seconds between looks at "closing" while every worker is busy
 
+# Seconds from accept to a complete header: a local load balancer sends it at
+# once (well under a millisecond); slow or split headers take longer.
 HEADER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 

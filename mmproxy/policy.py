@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mmproxy.acl import AllowList, AllowListHolder
-from mmproxy.config import Config, Endpoint, IPAddress
+from mmproxy.config import Config, Endpoint
 from mmproxy.errors import ConfigError, Refusal, RefusedError
+from mmproxy.header import IPAddress
 from mmproxy.protocol import InetAddress, ProxyHeader
 from mmproxy.upstream import plain_address
 

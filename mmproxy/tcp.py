@@ -41,6 +41,7 @@ from mmproxy import logs, policy, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint
 from mmproxy.errors import HeaderError, Reason, Refusal, RefusedError
+from mmproxy.header import host_port
 from mmproxy.listener import Acceptor, Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.parking import ParkingLot
@@ -203,7 +204,7 @@ class Connection:
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(*peer),
+                    logs.REMOTE_ADDR: host_port(*peer),
                     logs.LOCAL_ADDR: logs.local_address(sock),
                     logs.LISTENER_NUM: listener_num,
                 }
@@ -699,7 +700,7 @@ class TcpServer(Server):
                     "the peer is not in the allowed subnets",
                     reason=Refusal.NOT_ALLOWED,
                     **{
-                        logs.REMOTE_ADDR: logs.go_address(*peer),
+                        logs.REMOTE_ADDR: host_port(*peer),
                         logs.LOCAL_ADDR: logs.local_address(sock),
                         logs.LISTENER_NUM: number,
                     },
