@@ -20,6 +20,9 @@ Descriptor ownership: the connection owns the client socket from accept, and bot
 once the relay starts (:class:`~mmproxy.relay.Pair` holds them), and only ``_finish`` closes
 them, under the connection's lock.  :meth:`Connection.abort` (graceful stop) only ever shuts
 sockets down, under the same lock, never closes them; the lot never closes a socket.
+
+:class:`TcpServer` (at the end) is the TCP side of :mod:`mmproxy.server`: acceptors, the
+admission check, the :class:`Tracker` of live connections, and the drain.
 """
 
 from __future__ import annotations
