@@ -33,6 +33,7 @@ from mmproxy import logs, notify, policy, runtime, upstream
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
+from mmproxy.kernelmaps import KernelRelay, UnavailableError
 from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
@@ -44,7 +45,6 @@ from mmproxy.metrics import (
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
-from mmproxy.sockmap import KernelRelay, UnavailableError
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 from mmproxy.watchdog import Watchdog

@@ -38,28 +38,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import select
 import socket
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from mmproxy import bpf
+from mmproxy.kernelmaps import BACKLOG_LIMIT, KernelRelay
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
-
-SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
-SIOCINQ = termios.FIONREAD
-SIOCOUTQ = termios.TIOCOUTQ
-
-# struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
-_TCP_INFO_SIZE = 136
-_STATE, _LAST_DATA_SENT, _LAST_DATA_RECV, _BYTES_ACKED, _BYTES_RECEIVED = 0, 44, 52, 120, 128
+from mmproxy.tcpinfo import counters, inq, revents
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
@@ -78,154 +67,11 @@ FALLBACK_BUSY = "busy"  # data kept coming while draining: never a quiet moment 
 # and what is left is one direction, which splice relays as well.
 FALLBACK_ENDED = "ended"
 
-_WATCH = select.POLLIN | select.POLLRDHUP | select.POLLPRI
-
-
-class UnavailableError(Exception):
-    """The kernel relay cannot work here; ``str()`` says why in one line."""
-
-
-def cookie(sock: socket.socket) -> bytes:
-    """The socket's cookie (``SO_COOKIE``): the key the program looks sockets up by."""
-    return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
-
-
-@dataclass(frozen=True, slots=True)
-class TcpCounters:
-    """What ``TCP_INFO`` and ``SIOCOUTQ`` say about one socket."""
-
-    state: int
-    last_data_sent: int  # milliseconds ago
-    last_data_recv: int
-    bytes_acked: int  # sequence space: counts a SYN or FIN too
-    bytes_received: int
-    outq: int  # written but not acknowledged yet
-
-    @property
-    def taken_in(self) -> int:
-        """Bytes written into this socket so far (acknowledged or queued), plus SYN/FIN."""
-        return self.bytes_acked + self.outq
-
-
-def counters(sock: socket.socket) -> TcpCounters:
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
-    return TcpCounters(
-        raw[_STATE],
-        struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
-        struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
-        struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
-        struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
-        outq,
-    )
-
-
-def _inq(sock: socket.socket) -> int:
-    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
-
-
-def _revents(sock: socket.socket) -> int:
-    poller = select.poll()
-    poller.register(sock, _WATCH)
-    ready = poller.poll(0)
-    return ready[0][1] if ready else 0
-
-
-class KernelRelay:
-    """The daemon's two maps and the verdict program; one per daemon.
-
-    ``capacity`` pairs fit (two sockets each); a pair that finds no room is relayed by
-    splice instead.  :meth:`open` raises :class:`UnavailableError` when the kernel, the
-    privileges or a sandbox do not allow it.
-    """
-
-    def __init__(self, targets: int, verdicts: int, program: int, capacity: int) -> None:
-        self._targets = targets
-        self._verdicts = verdicts
-        self._program = program
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._held = 0
-        self._closed = False
-
-    @classmethod
-    def open(cls, capacity: int) -> KernelRelay:
-        fds: list[int] = []
-        try:
-            targets = bpf.create_sockhash(2 * capacity)
-            fds.append(targets)
-            verdicts = bpf.create_sockhash(2 * capacity)
-            fds.append(verdicts)
-            program = bpf.load_program(bpf.redirect_program(targets))
-            fds.append(program)
-            bpf.attach(verdicts, program, bpf.BPF_SK_SKB_STREAM_VERDICT)
-        except bpf.BpfError as error:
-            for fd in fds:
-                os.close(fd)
-            raise UnavailableError(_explain(error)) from error
-        return cls(targets, verdicts, program, capacity)
-
-    def close(self) -> None:
-        """Close the maps and the program (the daemon does, after every pair has finished)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        for fd in (self._verdicts, self._targets, self._program):
-            os.close(fd)
-
-    @property
-    def held(self) -> int:
-        """Pairs in the kernel now."""
-        with self._lock:
-            return self._held
-
-    def insert(self, a: socket.socket, b: socket.socket) -> None:
-        """Make each of ``a`` and ``b`` redirect to the other; raises OSError, inserting nothing."""
-        with self._lock:
-            if self._closed or self._held >= self.capacity:
-                raise OSError(errno.E2BIG, "the socket map is full")
-            self._held += 1
-        keys = (cookie(a), cookie(b))
-        done: list[tuple[int, bytes]] = []
-        try:
-            for table, key, sock in (
-                (self._targets, keys[0], b),
-                (self._targets, keys[1], a),
-                (self._verdicts, keys[0], a),
-                (self._verdicts, keys[1], b),
-            ):
-                bpf.update(table, key, sock.fileno())
-                done.append((table, key))
-        except BaseException:
-            for table, key in reversed(done):
-                with contextlib.suppress(OSError):
-                    bpf.delete(table, key)
-            self._release()
-            raise
-
-    def remove(self, a: socket.socket, b: socket.socket) -> None:
-        """Take the pair out of both maps: verdicts first, so nothing is redirected to a gap."""
-        for table in (self._verdicts, self._targets):
-            for sock in (a, b):
-                with contextlib.suppress(OSError):  # a closed or reset socket left on its own
-                    bpf.delete(table, cookie(sock))
-        self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            self._held -= 1
-
-
-def _explain(error: bpf.BpfError) -> str:
-    code = error.errno
-    if code in (errno.EPERM, errno.EACCES):
-        return (
-            f"{error.strerror} (needs CAP_BPF and CAP_NET_ADMIN, and bpf(2) not blocked by seccomp)"
-        )
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return f"{error.strerror} (the kernel lacks SOCKHASH/SK_SKB verdict support; needs 5.13+)"
-    return str(error.strerror or error)
+# Flow control: past BACKLOG_LIMIT (mmproxy.kernelmaps) queued for its destination, a
+# direction's source leaves the verdict map (its data waits in TCP's receive queue, whose
+# window then closes); it goes back once the queue is down to RESUME_BELOW.
+RESUME_BELOW = 1 << 20
+_ESTABLISHED = 1  # TCP_INFO state: the only one sockmap accepts
 
 
 class KernelPair:
@@ -258,6 +104,11 @@ class KernelPair:
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._flush_wait = FLUSH_POLL[0]
+        self._paused = [False, False]  # the source is out of the verdict map (flow control)
+        self._tail = [0, 0]  # bytes user space relayed after a paused source's FIN
+        self._lock = threading.Lock()  # guards the three below, shared with the report thread
+        self._watched: tuple[socket.socket, ...] = ()  # what waits in the lot now
+        self._poked = False  # a report came since the last look
         self._finished = False
 
     # ------------------------------------------------------------ hand-over
@@ -276,12 +127,12 @@ class KernelPair:
         if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
             return FALLBACK_ENDED
         for side, sock in enumerate(self._socks):  # before insertion: the kernel moves at once
-            received, inq, _fin = snapshot[side]
-            self._consumed[side] = received - inq
+            received, queued, _fin = snapshot[side]
+            self._consumed[side] = received - queued
             self._base[side] = counters(sock).taken_in
             self._user_sent[side] = self._counts[1 - side][0]
         try:
-            self._kernel.insert(*self._socks)
+            self._kernel.insert(*self._socks, self)
         except OSError:
             return FALLBACK_INSERT
         for sock in self._socks:
@@ -322,20 +173,34 @@ class KernelPair:
         """(bytes received, bytes still queued, 1 if a FIN is among them), read consistently."""
         while True:
             before = counters(sock).bytes_received
-            inq = _inq(sock)
-            fin = 1 if _revents(sock) & select.POLLRDHUP else 0
+            queued = inq(sock)
+            fin = 1 if revents(sock) & select.POLLRDHUP else 0
             if counters(sock).bytes_received == before:
-                return before, inq, fin
+                return before, queued, fin
 
     # ------------------------------------------------------------ watching
+
+    def poke(self) -> None:
+        """The program reported an allowance spent (report thread): look now, if parked."""
+        with self._lock:
+            if self._finished:
+                return  # its sockets may be closed: nothing of ours is in the lot
+            self._poked = True
+            if not any(self._parking.withdraw(sock) for sock in self._watched):
+                return  # running now, or about to: it sees the flag before parking again
+        self._step()
 
     def _step(self) -> None:
         """Look at both sockets and act; then wait in the parking lot for the next event."""
         try:
-            if self._advance():
-                self._finish()
-                return
-            self._park()
+            while True:
+                with self._lock:
+                    self._poked = False
+                if self._advance():
+                    self._finish()
+                    return
+                if not self._park():
+                    return
         except OSError as error:
             self._fail(error)
         except BaseException:
@@ -348,7 +213,9 @@ class KernelPair:
             return True
         wait = False
         for side, sock in enumerate(self._socks):
-            events = _revents(sock)
+            if not self._fin[side]:
+                self._regulate(side)
+            events = revents(sock)
             if events & select.POLLERR:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
@@ -360,6 +227,8 @@ class KernelPair:
             if not self._flushed(side):
                 wait = True
                 continue
+            if self._paused[side]:  # the rest waits in TCP's queue: relayed here, in order
+                self._tail[side] = _relay_tail(sock, self._socks[1 - side])
             self._ended[side] = True
             self._final[side] = self._moved(side)
             _half_close(self._socks[1 - side])
@@ -375,10 +244,38 @@ class KernelPair:
             return True
         return False
 
+    def _regulate(self, side: int) -> None:
+        """Flow control of the direction from ``side``: the kernel's queue stays bounded.
+
+        The backlog is what the program took from the source and the destination socket
+        has not taken in yet.  Below the limit the program gets a new allowance (it reports
+        when the count passes it); at the limit the source leaves the verdict map, and
+        returns (with the receive-queue kick) once the backlog is below RESUME_BELOW.
+        """
+        source = self._socks[side]
+        written = self._written(1 - side)
+        backlog = self._moved(side) - written
+        if self._paused[side]:
+            if backlog > RESUME_BELOW or counters(source).state != _ESTABLISHED:
+                return  # a source that ended stays out: its tail is relayed at its end
+            self._kernel.allow(source, written + BACKLOG_LIMIT)
+            self._kernel.resume(source)
+            self._paused[side] = False
+            source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
+        elif backlog >= BACKLOG_LIMIT:
+            self._kernel.pause(source)
+            self._paused[side] = True
+            self._flush_wait = FLUSH_POLL[0]
+        else:
+            self._kernel.allow(source, written + BACKLOG_LIMIT)
+
+    def _written(self, side: int) -> int:
+        """Bytes socket ``side`` took in since the insertion (the kernel's writes)."""
+        return counters(self._socks[side]).taken_in - self._base[side]
+
     def _moved(self, side: int) -> int:
         """Bytes the kernel took from socket ``side`` (for its partner)."""
-        received = counters(self._socks[side]).bytes_received - (1 if self._fin[side] else 0)
-        return max(0, received - self._consumed[side])
+        return self._kernel.taken(self._socks[side])
 
     def _flushed(self, side: int) -> bool:
         """Whether the partner has taken in all the kernel took from socket ``side``."""
@@ -390,9 +287,12 @@ class KernelPair:
         return self._flushed_now(side)
 
     def _flushed_now(self, side: int) -> bool:
-        partner = 1 - side
-        written = counters(self._socks[partner]).taken_in - self._base[partner]
-        return written >= self._moved(side)
+        moved = self._moved(side)
+        if not self._paused[side]:  # all it received, bar the FIN, was taken?
+            received = counters(self._socks[side]).bytes_received - 1 - self._consumed[side]
+            if moved < received:
+                return False
+        return self._written(1 - side) >= moved
 
     def _final_count(self, side: int) -> int:
         """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
@@ -404,8 +304,7 @@ class KernelPair:
         final = self._final[side]
         if final is not None:
             return final
-        partner = 1 - side
-        written = counters(self._socks[partner]).taken_in - self._base[partner]
+        written = self._written(1 - side)
         if self._pair.aborted:
             written -= 1
         return max(0, min(self._moved(side), written))
@@ -418,9 +317,10 @@ class KernelPair:
         )
         return last / 1000.0
 
-    def _park(self) -> None:
+    def _park(self) -> bool:
+        """Wait in the lot; True when a report came meanwhile and this thread looks again."""
         flushing = any(self._fin[side] and not self._ended[side] for side in range(2))
-        if flushing:
+        if flushing or any(self._paused):  # no event says when these are done: look again
             timeout = self._flush_wait
             self._flush_wait = min(self._flush_wait * 2, FLUSH_POLL[1])
         elif self._idle_timeout > 0:
@@ -429,8 +329,14 @@ class KernelPair:
             timeout = 0.0
         # A side whose end was seen stays readable (level-triggered): it is no longer
         # watched, or the lot would hand the pair over again at once.  Errors and a
-        # shutdown both ways still show on the other side.
-        watched = tuple(sock for side, sock in enumerate(self._socks) if not self._fin[side])
+        # shutdown both ways still show on the other side.  A paused source is readable too.
+        watched = tuple(
+            sock
+            for side, sock in enumerate(self._socks)
+            if not (self._fin[side] or self._paused[side])
+        )
+        with self._lock:
+            self._watched = watched
         try:
             self._parking.park_sockets(
                 watched, self._step, self._fail, timeout=timeout, abandon=self._abandon
@@ -438,6 +344,10 @@ class KernelPair:
         except RuntimeError:  # the lot is closed: the daemon is stopping
             self._pair.abort()
             self._finish()
+            return False
+        with self._lock:  # a report between the look and the parking: whoever withdraws runs
+            poked = self._poked
+        return poked and any(self._parking.withdraw(sock) for sock in watched)
 
     # ------------------------------------------------------------ the end
 
@@ -454,15 +364,27 @@ class KernelPair:
 
     def _finish(self) -> None:
         """Count, take the pair out of the maps, close it, report; once."""
-        if self._finished:
-            return
-        self._finished = True
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
-                self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
+                moved = self._final_count(side) + self._tail[side]
+                self._counts[side][0] = self._user_sent[1 - side] + moved
         self._kernel.remove(*self._socks)
         self._pair.close()
         self._done()
+
+
+def _relay_tail(source: socket.socket, destination: socket.socket) -> int:
+    """Relay what a paused source queued before its FIN (it cannot rejoin the map once
+    ended); the kernel's queue for it is empty by now, so the order holds.  Bytes sent."""
+    sent = 0
+    while data := source.recv(DRAIN_CHUNK):
+        destination.sendall(data)
+        sent += len(data)
+    return sent
 
 
 def _half_close(sock: socket.socket) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from mmproxy.kernelmaps import BACKLOG_LIMIT, KernelRelay
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import Pair
-from mmproxy.sockmap import FALLBACK_ENDED, FALLBACK_INSERT, KernelPair, KernelRelay
+from mmproxy.sockmap import FALLBACK_ENDED, FALLBACK_INSERT, KernelPair
+from mmproxy.tcpinfo import counters
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bpf(2) needs root (CI runs as root)")
 
@@ -166,3 +170,50 @@ def test_a_full_map_leaves_the_pair_to_splice_with_nothing_lost(rig: Rig) -> Non
             small.close()
     finally:
         first.close()
+
+
+def test_a_backend_that_does_not_read_stops_the_client_and_nothing_is_lost(rig: Rig) -> None:
+    """Flow control: the kernel's queue for a backend that does not read stays bounded (the
+    client's source leaves the verdict map and its window closes); the client's FIN, sent
+    while it is out, comes after every byte; the counts are exact."""
+    kernel_pair = KernelPair(rig.kernel, rig.pair, rig.lot, rig.done.set)
+    assert kernel_pair.start() is None
+    rig.in_kernel = True
+    rig.backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # a slow reader's
+    sent = hashlib.sha256()
+    total, stalled = 0, 0
+    block = os.urandom(1 << 20)
+    rig.client.settimeout(0.5)
+    deadline = time.monotonic() + 20
+    while stalled < 2 and total < 256 << 20 and time.monotonic() < deadline:
+        try:
+            n = rig.client.send(block)
+        except TimeoutError:
+            stalled += 1  # blocked twice in a row: the window is shut
+            continue
+        stalled = 0
+        sent.update(block[:n])
+        total += n
+        block = block[n:] + block[:n]
+    assert stalled == 2, f"the client wrote {total} bytes and never blocked"
+    assert total < 64 << 20  # the limit in the kernel plus TCP's own buffers
+    upstream = rig.daemon_upstream
+    backlog = rig.kernel.taken(rig.daemon_client) - (
+        counters(upstream).taken_in - kernel_pair._base[1]
+    )
+    assert backlog < 2 * BACKLOG_LIMIT
+    rig.client.settimeout(None)
+    rig.client.shutdown(socket.SHUT_WR)  # while the source is out of the map
+    received = hashlib.sha256()
+    rig.backend.settimeout(10)
+    count = 0
+    while chunk := rig.backend.recv(1 << 16):
+        received.update(chunk)
+        count += len(chunk)
+    assert (count, received.digest()) == (total, sent.digest())
+    rig.backend.sendall(b"ok")
+    rig.backend.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(rig.client) == b"ok"
+    assert rig.done.wait(10)
+    assert (rig.pair.to_target[0], rig.pair.to_client[0]) == (total, 2)
+    assert rig.pair.error is None
