@@ -75,6 +75,17 @@ def rig() -> Iterator[Rig]:
     made.close()
 
 
+def digest_to_eof(sock: socket.socket) -> tuple[int, bytes]:
+    """Read ``sock`` to its end: how many bytes, and their SHA-256."""
+    sock.settimeout(10)
+    received = hashlib.sha256()
+    count = 0
+    while chunk := sock.recv(1 << 16):
+        received.update(chunk)
+        count += len(chunk)
+    return count, received.digest()
+
+
 def wait_queued(sock: socket.socket, size: int) -> None:
     """Until ``size`` bytes wait in ``sock``'s receive queue (peeked, not read)."""
     sock.settimeout(5)
@@ -204,16 +215,50 @@ def test_a_backend_that_does_not_read_stops_the_client_and_nothing_is_lost(rig: 
     assert backlog < 2 * BACKLOG_LIMIT
     rig.client.settimeout(None)
     rig.client.shutdown(socket.SHUT_WR)  # while the source is out of the map
-    received = hashlib.sha256()
-    rig.backend.settimeout(10)
-    count = 0
-    while chunk := rig.backend.recv(1 << 16):
-        received.update(chunk)
-        count += len(chunk)
-    assert (count, received.digest()) == (total, sent.digest())
+    assert digest_to_eof(rig.backend) == (total, sent.digest())
     rig.backend.sendall(b"ok")
     rig.backend.shutdown(socket.SHUT_WR)
     assert recv_to_eof(rig.client) == b"ok"
     assert rig.done.wait(10)
     assert (rig.pair.to_target[0], rig.pair.to_client[0]) == (total, 2)
     assert rig.pair.error is None
+
+
+def test_a_fin_that_arrives_while_paused_comes_after_the_queued_tail(rig: Rig) -> None:
+    """The client's FIN reaches a source that is out of the verdict map, behind data still in
+    its receive queue: that tail is relayed before the end, in order, counted exactly."""
+    paused = threading.Event()
+
+    class Watched(KernelPair):
+        def _regulate(self, side: int) -> None:
+            super()._regulate(side)
+            if self._paused[0]:
+                paused.set()
+
+    kernel_pair = Watched(rig.kernel, rig.pair, rig.lot, rig.done.set)
+    assert kernel_pair.start() is None
+    rig.in_kernel = True
+    rig.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    sent = hashlib.sha256()
+    total = 0
+    block = os.urandom(1 << 16)
+    rig.client.settimeout(10)
+    while not paused.is_set() and total < 256 << 20:
+        rig.client.sendall(block)
+        sent.update(block)
+        total += len(block)
+    assert paused.is_set()
+    tail = b"the end"
+    rig.client.sendall(tail)
+    sent.update(tail)
+    total += len(tail)
+    rig.client.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 10
+    while counters(rig.daemon_client).state == 1 and time.monotonic() < deadline:  # the FIN
+        time.sleep(0.01)
+    assert counters(rig.daemon_client).state != 1  # ended while out of the map
+    assert digest_to_eof(rig.backend) == (total, sent.digest())
+    assert kernel_pair._tail[0] > 0  # the path under test was taken
+    rig.backend.shutdown(socket.SHUT_WR)
+    assert rig.done.wait(10)
+    assert (rig.pair.to_target[0], rig.pair.to_client[0]) == (total, 0)
