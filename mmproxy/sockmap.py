@@ -68,10 +68,8 @@ FALLBACK_BUSY = "busy"  # data kept coming while draining: never a quiet moment 
 FALLBACK_ENDED = "ended"
 
 # Flow control: past BACKLOG_LIMIT (mmproxy.kernelmaps) queued for its destination, a
-# direction's source leaves the verdict map (its data waits in TCP's receive queue, whose
-# window then closes); it goes back once the queue is down to RESUME_BELOW.
-RESUME_BELOW = 1 << 20
-_ESTABLISHED = 1  # TCP_INFO state: the only one sockmap accepts
+# direction is paused: the kernel stops redirecting it, its data stays in its source's own
+# queue (bounded by the receive buffer: the window closes), and a thread relays it from then on.
 
 
 class KernelPair:
@@ -104,9 +102,11 @@ class KernelPair:
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._flush_wait = FLUSH_POLL[0]
-        self._paused = [False, False]  # the source is out of the verdict map (flow control)
-        self._tail = [0, 0]  # bytes user space relayed after a paused source's FIN
-        self._lock = threading.Lock()  # guards the three below, shared with the report thread
+        self._paused = [False, False]  # the direction is relayed by a thread (flow control)
+        self._relays: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards what follows, shared with other threads
+        self._tail = [0, 0]  # bytes a paused direction's thread relayed
+        self._relayed = [False, False]  # that thread has finished
         self._watched: tuple[socket.socket, ...] = ()  # what waits in the lot now
         self._poked = False  # a report came since the last look
         self._finished = False
@@ -221,14 +221,19 @@ class KernelPair:
                 if code:
                     raise OSError(code, os.strerror(code))
             # POLLHUP alone is an end too: the FIN came after ours (then RDHUP is set as well).
+            if self._paused[side]:  # its thread relays its end
+                with self._lock:
+                    relayed = self._relayed[side]
+                if relayed and not self._ended[side]:
+                    self._ended[side] = True
+                    self._final[side] = self._moved(side)
+                continue
             if self._ended[side] or not events & (select.POLLRDHUP | select.POLLHUP):
                 continue
             self._fin[side] = True
             if not self._flushed(side):
                 wait = True
                 continue
-            if self._paused[side]:  # the rest waits in TCP's queue: relayed here, in order
-                self._tail[side] = _relay_tail(sock, self._socks[1 - side])
             self._ended[side] = True
             self._final[side] = self._moved(side)
             _half_close(self._socks[1 - side])
@@ -249,25 +254,56 @@ class KernelPair:
 
         The backlog is what the program took from the source and the destination socket
         has not taken in yet.  Below the limit the program gets a new allowance (it reports
-        when the count passes it); at the limit the source leaves the verdict map, and
-        returns (with the receive-queue kick) once the backlog is below RESUME_BELOW.
+        when the count passes it); at the limit the direction is paused for good: the kernel
+        passes its data to the source's own queue, and a thread relays it.
         """
+        if self._paused[side]:
+            return
         source = self._socks[side]
         written = self._written(1 - side)
-        backlog = self._moved(side) - written
-        if self._paused[side]:
-            if backlog > RESUME_BELOW or counters(source).state != _ESTABLISHED:
-                return  # a source that ended stays out: its tail is relayed at its end
+        if self._moved(side) - written < BACKLOG_LIMIT:
             self._kernel.allow(source, written + BACKLOG_LIMIT)
-            self._kernel.resume(source)
-            self._paused[side] = False
-            source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
-        elif backlog >= BACKLOG_LIMIT:
-            self._kernel.pause(source)
-            self._paused[side] = True
-            self._flush_wait = FLUSH_POLL[0]
-        else:
-            self._kernel.allow(source, written + BACKLOG_LIMIT)
+            return
+        self._kernel.pause(source)
+        self._paused[side] = True
+        relay = threading.Thread(
+            target=self._relay_paused, args=(side,), name="mmproxy-sockmap-paused", daemon=True
+        )
+        self._relays.append(relay)
+        relay.start()
+
+    def _relay_paused(self, side: int) -> None:
+        """A paused direction's thread: recv and send until its source ends, then the FIN.
+
+        The first bytes passed to the source's queue arrived after every segment that was
+        redirected (a socket's segments go through the program one at a time), so once they
+        are here, the kernel's queue is complete: they are sent when it has been written.
+        """
+        source, destination = self._socks[side], self._socks[1 - side]
+        sent = 0
+        try:
+            data = source.recv(DRAIN_CHUNK)
+            wait = FLUSH_POLL[0]
+            while data and self._written(1 - side) < self._moved(side):
+                if self._pair.aborted:
+                    return
+                time.sleep(wait)
+                wait = min(wait * 2, FLUSH_POLL[1])
+            while data:
+                destination.sendall(data)
+                sent += len(data)
+                with self._lock:
+                    self._tail[side] = sent
+                data = source.recv(DRAIN_CHUNK)
+            _half_close(destination)
+        except OSError as error:
+            if self._pair.error is None and not self._pair.aborted:
+                self._pair.error = error
+            self._pair.abort()
+        finally:
+            with self._lock:
+                self._relayed[side] = True
+            self.poke()
 
     def _written(self, side: int) -> int:
         """Bytes socket ``side`` took in since the insertion (the kernel's writes)."""
@@ -288,11 +324,8 @@ class KernelPair:
 
     def _flushed_now(self, side: int) -> bool:
         moved = self._moved(side)
-        if not self._paused[side]:  # all it received, bar the FIN, was taken?
-            received = counters(self._socks[side]).bytes_received - 1 - self._consumed[side]
-            if moved < received:
-                return False
-        return self._written(1 - side) >= moved
+        received = counters(self._socks[side]).bytes_received - 1 - self._consumed[side]
+        return moved >= received and self._written(1 - side) >= moved
 
     def _final_count(self, side: int) -> int:
         """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
@@ -368,6 +401,11 @@ class KernelPair:
             if self._finished:
                 return
             self._finished = True
+        if not all(self._ended):
+            self._pair.abort()  # paused directions' threads end: their sockets are shut down
+        for relay in self._relays:
+            if relay is not threading.current_thread():
+                relay.join()
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
                 moved = self._final_count(side) + self._tail[side]
@@ -375,16 +413,6 @@ class KernelPair:
         self._kernel.remove(*self._socks)
         self._pair.close()
         self._done()
-
-
-def _relay_tail(source: socket.socket, destination: socket.socket) -> int:
-    """Relay what a paused source queued before its FIN (it cannot rejoin the map once
-    ended); the kernel's queue for it is empty by now, so the order holds.  Bytes sent."""
-    sent = 0
-    while data := source.recv(DRAIN_CHUNK):
-        destination.sendall(data)
-        sent += len(data)
-    return sent
 
 
 def _half_close(sock: socket.socket) -> None:
