@@ -19,13 +19,12 @@ already recorded the FIN, which the relay sees as EPOLLRDHUP.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import platform
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 # ----------------------------------------------------------------------- instruction set
 # Classes (low 3 bits of the opcode).
@@ -37,8 +36,6 @@ BPF_JMP = 0x05
 # Sizes (loads and stores).
 BPF_W = 0x00
 BPF_DW = 0x18
-BPF_ATOMIC = 0xC0  # mode: an atomic read-modify-write of memory
-BPF_FETCH = 0x01  # atomic flag: the old value comes back in the source register
 # Modes.
 BPF_IMM = 0x00
 BPF_MEM = 0x60
@@ -47,9 +44,6 @@ BPF_ADD = 0x00
 BPF_MOV = 0xB0
 BPF_JEQ = 0x10
 BPF_JNE = 0x50
-BPF_JA = 0x00
-BPF_JGT = 0x20
-BPF_JLE = 0xB0
 BPF_CALL = 0x80
 BPF_EXIT = 0x90
 BPF_K = 0x00  # immediate operand
@@ -61,10 +55,8 @@ BPF_PSEUDO_MAP_FD = 1  # src_reg of a 64-bit load: imm is a map fd the kernel re
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
 # Helper functions (include/uapi/linux/bpf.h, enum bpf_func_id).
-FUNC_MAP_LOOKUP_ELEM = 1
 FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SK_REDIRECT_HASH = 72
-FUNC_RINGBUF_OUTPUT = 130
 
 SK_DROP = 0
 SK_PASS = 1
@@ -118,35 +110,6 @@ def jne_imm(dst: int, imm: int, skip: int) -> Insn:
     return Insn(BPF_JMP | BPF_JNE | BPF_K, dst, off=skip, imm=imm)
 
 
-def jgt_reg(dst: int, src: int, skip: int) -> Insn:
-    """Skip ``skip`` instructions when ``dst > src`` (unsigned)."""
-    return Insn(BPF_JMP | BPF_JGT | BPF_X, dst, src, off=skip)
-
-
-def jle_reg(dst: int, src: int, skip: int) -> Insn:
-    """Skip ``skip`` instructions when ``dst <= src`` (unsigned)."""
-    return Insn(BPF_JMP | BPF_JLE | BPF_X, dst, src, off=skip)
-
-
-def ja(skip: int) -> Insn:
-    """Skip ``skip`` instructions."""
-    return Insn(BPF_JMP | BPF_JA, off=skip)
-
-
-def add64_reg(dst: int, src: int) -> Insn:
-    return Insn(BPF_ALU64 | BPF_ADD | BPF_X, dst, src)
-
-
-def load64(dst: int, base: int, off: int) -> Insn:
-    """``dst = *(u64 *)(base + off)``."""
-    return Insn(BPF_LDX | BPF_MEM | BPF_DW, dst, base, off)
-
-
-def fetch_add64(base: int, off: int, src: int) -> Insn:
-    """Atomically ``*(u64 *)(base + off) += src``, with the old value left in ``src``."""
-    return Insn(BPF_STX | BPF_ATOMIC | BPF_DW, base, src, off, imm=BPF_ADD | BPF_FETCH)
-
-
 def load_map_fd(dst: int, map_fd: int) -> tuple[Insn, Insn]:
     """``dst = map`` (a 64-bit immediate load: two instruction slots)."""
     return (
@@ -163,7 +126,7 @@ def exit_insn() -> Insn:
     return Insn(BPF_JMP | BPF_EXIT)
 
 
-def redirect_program(targets: int, taken: int, allowed: int, events: int) -> list[Insn]:
+def redirect_program(map_fd: int) -> list[Insn]:
     """The SK_SKB verdict: send each segment out of the socket stored under this one's cookie.
 
     Empty skbs are dropped first (see the module's docstring).
@@ -171,86 +134,24 @@ def redirect_program(targets: int, taken: int, allowed: int, events: int) -> lis
     ``bpf_sk_redirect_hash`` returns SK_PASS when the key was found (the skb then goes
     to that socket's send side) and SK_DROP on a miss, which we turn into SK_PASS so that
     the data stays readable here rather than vanish.
-
-    Flow control: ``taken`` (a hash by the source's cookie, u64) counts the bytes this
-    program redirected from the socket, exactly (an atomic add; only the program writes it).
-    ``allowed`` (same key, u64, written by user space only) is the count past which user
-    space wants to hear of it.  The redirect that moves the count past it writes the cookie
-    into the ring buffer ``events``: once per allowance, as only the crossing skb reports.
     """
-    return assemble(
-        [
-            load32(R7, R1, SKB_LEN),
-            mov64_imm(R0, SK_DROP),
-            Jump(jeq_imm(R7, 0, 0), "exit"),  # an empty skb (a bare FIN): dropped
-            mov64_reg(R6, R1),  # keep the context: calls clobber R1-R5
-            call(FUNC_GET_SOCKET_COOKIE),  # R0 = this socket's cookie
-            store64(R10, -8, R0),  # the key lives on the stack
-            mov64_reg(R1, R6),
-            *load_map_fd(R2, targets),
-            mov64_reg(R3, R10),
-            add64_imm(R3, -8),  # R3 = &key
-            mov64_imm(R4, 0),  # flags 0: egress, out of the partner socket
-            call(FUNC_SK_REDIRECT_HASH),
-            Jump(jne_imm(R0, SK_DROP, 0), "count"),
-            mov64_imm(R0, SK_PASS),  # no partner in the map: leave the data where it is
-            Jump(ja(0), "exit"),
-            "count",
-            mov64_reg(R6, R0),  # the verdict, kept across the calls below
-            *load_map_fd(R1, taken),
-            mov64_reg(R2, R10),
-            add64_imm(R2, -8),
-            call(FUNC_MAP_LOOKUP_ELEM),  # R0 = &count or NULL
-            Jump(jeq_imm(R0, 0, 0), "verdict"),  # not accounted: cannot happen (inserted first)
-            mov64_reg(R8, R7),
-            fetch_add64(R0, 0, R8),  # R8 = the count before this skb
-            *load_map_fd(R1, allowed),
-            mov64_reg(R2, R10),
-            add64_imm(R2, -8),
-            call(FUNC_MAP_LOOKUP_ELEM),  # R0 = &allowance or NULL
-            Jump(jeq_imm(R0, 0, 0), "verdict"),
-            load64(R2, R0, 0),
-            Jump(jgt_reg(R8, R2, 0), "verdict"),  # past it already: reported before
-            add64_reg(R8, R7),  # R8 = the count after this skb
-            Jump(jle_reg(R8, R2, 0), "verdict"),  # still within it
-            *load_map_fd(R1, events),
-            mov64_reg(R2, R10),
-            add64_imm(R2, -8),  # the cookie
-            mov64_imm(R3, 8),
-            mov64_imm(R4, 0),  # flags 0: wake the reader up
-            call(FUNC_RINGBUF_OUTPUT),  # it has room for one record per direction in the map
-            "verdict",
-            mov64_reg(R0, R6),
-            "exit",
-            exit_insn(),
-        ]
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Jump:
-    """A jump whose offset :func:`assemble` fills in from a label."""
-
-    insn: Insn
-    target: str
-
-
-def assemble(items: list[Insn | Jump | str]) -> list[Insn]:
-    """Resolve labels (a string marks the instruction after it) into jump offsets."""
-    labels: dict[str, int] = {}
-    count = 0
-    for item in items:
-        if isinstance(item, str):
-            labels[item] = count
-        else:
-            count += 1
-    program: list[Insn] = []
-    for item in items:
-        if isinstance(item, Jump):
-            program.append(replace(item.insn, off=labels[item.target] - len(program) - 1))
-        elif isinstance(item, Insn):
-            program.append(item)
-    return program
+    return [
+        load32(R2, R1, SKB_LEN),
+        mov64_imm(R0, SK_DROP),
+        jeq_imm(R2, 0, 12),  # an empty skb (a bare FIN): dropped, to the exit
+        mov64_reg(R6, R1),  # keep the context: calls clobber R1-R5
+        call(FUNC_GET_SOCKET_COOKIE),  # R0 = this socket's cookie
+        store64(R10, -8, R0),  # the key lives on the stack
+        mov64_reg(R1, R6),
+        *load_map_fd(R2, map_fd),
+        mov64_reg(R3, R10),
+        add64_imm(R3, -8),  # R3 = &key
+        mov64_imm(R4, 0),  # flags 0: egress, out of the partner socket
+        call(FUNC_SK_REDIRECT_HASH),
+        jne_imm(R0, SK_DROP, 1),
+        mov64_imm(R0, SK_PASS),  # no partner in the map: leave the data where it is
+        exit_insn(),
+    ]
 
 
 def encode(program: list[Insn]) -> bytes:
@@ -263,15 +164,12 @@ _SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
-BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 
-BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_SOCKHASH = 18
-BPF_MAP_TYPE_RINGBUF = 27
 BPF_PROG_TYPE_SK_SKB = 14
 # enum bpf_attach_type
 BPF_SK_SKB_STREAM_PARSER = 4
@@ -308,43 +206,28 @@ def _attr(data: bytes) -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(data.ljust(ATTR_SIZE, b"\0"), ATTR_SIZE)
 
 
-def create_map(
-    kind: int, key_size: int, value_size: int, max_entries: int, name: bytes = b"mmproxy_pairs"
-) -> int:
-    """A map; returns its descriptor (close-on-exec)."""
-    data = struct.pack(
-        "<IIIIIII16s", kind, key_size, value_size, max_entries, 0, 0, 0, name.ljust(16, b"\0")
-    )
-    return _bpf(BPF_MAP_CREATE, _attr(data), "create a map")
-
-
 def create_sockhash(max_entries: int, key_size: int = 8) -> int:
-    """A SOCKHASH map (values are socket fds)."""
-    return create_map(BPF_MAP_TYPE_SOCKHASH, key_size, 4, max_entries)
+    """A SOCKHASH map (values are socket fds); returns its descriptor (close-on-exec)."""
+    name = b"mmproxy_pairs".ljust(16, b"\0")
+    data = struct.pack(
+        "<IIIIIII16s", BPF_MAP_TYPE_SOCKHASH, key_size, 4, max_entries, 0, 0, 0, name
+    )
+    return _bpf(BPF_MAP_CREATE, _attr(data), "create the socket map")
 
 
 def update(map_fd: int, key: bytes, sock_fd: int) -> None:
     """Store ``sock_fd`` under ``key``; raises BpfError (E2BIG when full, ENOMEM, ...)."""
-    store(map_fd, key, struct.pack("<I", sock_fd))
-
-
-def store(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    """Store ``value`` under ``key``."""
     key_buf = ctypes.create_string_buffer(key, len(key))
-    value_buf = ctypes.create_string_buffer(value, len(value))
+    value = ctypes.c_uint32(sock_fd)
     data = struct.pack(
-        "<IIQQQ", map_fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value_buf), flags
+        "<IIQQQ",
+        map_fd,
+        0,
+        ctypes.addressof(key_buf),
+        ctypes.addressof(value),
+        BPF_ANY,
     )
-    _bpf(BPF_MAP_UPDATE_ELEM, _attr(data), "update a map")
-
-
-def lookup(map_fd: int, key: bytes, size: int) -> bytes:
-    """The ``size``-byte value under ``key``; raises BpfError (ENOENT when it is not there)."""
-    key_buf = ctypes.create_string_buffer(key, len(key))
-    value_buf = ctypes.create_string_buffer(size)
-    data = struct.pack("<IIQQ", map_fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value_buf))
-    _bpf(BPF_MAP_LOOKUP_ELEM, _attr(data), "look a map up")
-    return value_buf.raw
+    _bpf(BPF_MAP_UPDATE_ELEM, _attr(data), "add a socket to the map")
 
 
 def delete(map_fd: int, key: bytes) -> None:
@@ -399,9 +282,3 @@ def attach(map_fd: int, prog_fd: int, attach_type: int = BPF_SK_SKB_STREAM_VERDI
     """Attach ``prog_fd`` to ``map_fd``: every socket in the map runs it."""
     data = struct.pack("<IIII", map_fd, prog_fd, attach_type, 0)
     _bpf(BPF_PROG_ATTACH, _attr(data), "attach the relay program to the map")
-
-
-def close_quietly(fd: int) -> None:
-    """Close a descriptor this module made, on an error path."""
-    with contextlib.suppress(OSError):
-        os.close(fd)

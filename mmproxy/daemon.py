@@ -33,7 +33,6 @@ from mmproxy import logs, notify, policy, runtime, upstream
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
-from mmproxy.kernelmaps import KernelRelay, UnavailableError
 from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
 from mmproxy.metrics import (
     NO_METRICS,
@@ -45,6 +44,7 @@ from mmproxy.metrics import (
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import UNLIMITED, PipeBudget
+from mmproxy.sockmap import KernelRelay, UnavailableError
 from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
 from mmproxy.udp import UdpServer
 from mmproxy.watchdog import Watchdog
@@ -67,6 +67,12 @@ DEFAULT_FLOW_CEILING = (
 WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
 SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
+# Why --relay auto runs splice (README: the kernel relay's limits).
+AUTO_DECLINES = (
+    "the kernel relay has no backpressure: toward a backend that does not read, a client's "
+    "data queues in kernel memory without bound; use --relay sockmap to choose it anyway"
+)
+
 # Pairs the kernel relay's maps hold at most (2 entries each); more go to splice, counted.
 MAX_KERNEL_PAIRS = 65536
 AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
@@ -199,23 +205,21 @@ def run(config: Config, log: logging.Logger) -> int:
 
 
 def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRelay | None:
-    """The kernel relay for ``--relay sockmap|auto`` when it works here; one log line says which.
+    """The kernel relay for ``--relay sockmap``; one log line says which relay runs and why.
 
+    ``auto`` runs splice while the kernel relay has no backpressure (the reason says so).
     Raises UnavailableError for ``sockmap`` when it cannot work (start-up then stops).
     """
     if config.relay == "splice":
         log.info("relay: splice", extra={"relay": "splice", "reason": "--relay splice"})
         return None
-    try:
-        kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
-    except UnavailableError as error:
-        if config.relay == "sockmap":
-            raise
+    if config.relay == "auto":
         log.info(
-            "relay: splice (the kernel relay is not available here)",
-            extra={"relay": "splice", "reason": str(error)},
+            "relay: splice (auto does not choose the kernel relay: it has no backpressure)",
+            extra={"relay": "splice", "reason": AUTO_DECLINES},
         )
         return None
+    kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
     log.info(
         "relay: sockmap (established connections are relayed inside the kernel)",
         extra={

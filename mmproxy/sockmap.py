@@ -45,10 +45,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from mmproxy.kernelmaps import BACKLOG_LIMIT, KernelRelay
+from mmproxy import bpf
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
-from mmproxy.tcpinfo import counters, inq, revents
+from mmproxy.tcpinfo import cookie, counters, inq, revents
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
@@ -67,9 +67,106 @@ FALLBACK_BUSY = "busy"  # data kept coming while draining: never a quiet moment 
 # and what is left is one direction, which splice relays as well.
 FALLBACK_ENDED = "ended"
 
-# Flow control: past BACKLOG_LIMIT (mmproxy.kernelmaps) queued for its destination, a
-# direction is paused: the kernel stops redirecting it, its data stays in its source's own
-# queue (bounded by the receive buffer: the window closes), and a thread relays it from then on.
+
+class UnavailableError(Exception):
+    """The kernel relay cannot work here; ``str()`` says why in one line."""
+
+
+class KernelRelay:
+    """The daemon's two maps and the verdict program; one per daemon.
+
+    ``capacity`` pairs fit (two sockets each); a pair that finds no room is relayed by
+    splice instead.  :meth:`open` raises :class:`UnavailableError` when the kernel, the
+    privileges or a sandbox do not allow it.
+    """
+
+    def __init__(self, targets: int, verdicts: int, program: int, capacity: int) -> None:
+        self._targets = targets
+        self._verdicts = verdicts
+        self._program = program
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._held = 0
+        self._closed = False
+
+    @classmethod
+    def open(cls, capacity: int) -> KernelRelay:
+        fds: list[int] = []
+        try:
+            targets = bpf.create_sockhash(2 * capacity)
+            fds.append(targets)
+            verdicts = bpf.create_sockhash(2 * capacity)
+            fds.append(verdicts)
+            program = bpf.load_program(bpf.redirect_program(targets))
+            fds.append(program)
+            bpf.attach(verdicts, program, bpf.BPF_SK_SKB_STREAM_VERDICT)
+        except bpf.BpfError as error:
+            for fd in fds:
+                os.close(fd)
+            raise UnavailableError(_explain(error)) from error
+        return cls(targets, verdicts, program, capacity)
+
+    def close(self) -> None:
+        """Close the maps and the program (the daemon does, after every pair has finished)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for fd in (self._verdicts, self._targets, self._program):
+            os.close(fd)
+
+    @property
+    def held(self) -> int:
+        """Pairs in the kernel now."""
+        with self._lock:
+            return self._held
+
+    def insert(self, a: socket.socket, b: socket.socket) -> None:
+        """Make each of ``a`` and ``b`` redirect to the other; raises OSError, inserting nothing."""
+        with self._lock:
+            if self._closed or self._held >= self.capacity:
+                raise OSError(errno.E2BIG, "the socket map is full")
+            self._held += 1
+        keys = (cookie(a), cookie(b))
+        done: list[tuple[int, bytes]] = []
+        try:
+            for table, key, sock in (
+                (self._targets, keys[0], b),
+                (self._targets, keys[1], a),
+                (self._verdicts, keys[0], a),
+                (self._verdicts, keys[1], b),
+            ):
+                bpf.update(table, key, sock.fileno())
+                done.append((table, key))
+        except BaseException:
+            for table, key in reversed(done):
+                with contextlib.suppress(OSError):
+                    bpf.delete(table, key)
+            self._release()
+            raise
+
+    def remove(self, a: socket.socket, b: socket.socket) -> None:
+        """Take the pair out of both maps: verdicts first, so nothing is redirected to a gap."""
+        for table in (self._verdicts, self._targets):
+            for sock in (a, b):
+                with contextlib.suppress(OSError):  # a closed or reset socket left on its own
+                    bpf.delete(table, cookie(sock))
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+
+def _explain(error: bpf.BpfError) -> str:
+    code = error.errno
+    if code in (errno.EPERM, errno.EACCES):
+        return (
+            f"{error.strerror} (needs CAP_BPF and CAP_NET_ADMIN, and bpf(2) not blocked by seccomp)"
+        )
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return f"{error.strerror} (the kernel lacks SOCKHASH/SK_SKB verdict support; needs 5.13+)"
+    return str(error.strerror or error)
 
 
 class KernelPair:
@@ -102,13 +199,6 @@ class KernelPair:
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._flush_wait = FLUSH_POLL[0]
-        self._paused = [False, False]  # the direction is relayed by a thread (flow control)
-        self._relays: list[threading.Thread] = []
-        self._lock = threading.Lock()  # guards what follows, shared with other threads
-        self._tail = [0, 0]  # bytes a paused direction's thread relayed
-        self._relayed = [False, False]  # that thread has finished
-        self._watched: tuple[socket.socket, ...] = ()  # what waits in the lot now
-        self._poked = False  # a report came since the last look
         self._finished = False
 
     # ------------------------------------------------------------ hand-over
@@ -132,7 +222,7 @@ class KernelPair:
             self._base[side] = counters(sock).taken_in
             self._user_sent[side] = self._counts[1 - side][0]
         try:
-            self._kernel.insert(*self._socks, self)
+            self._kernel.insert(*self._socks)
         except OSError:
             return FALLBACK_INSERT
         for sock in self._socks:
@@ -180,27 +270,13 @@ class KernelPair:
 
     # ------------------------------------------------------------ watching
 
-    def poke(self) -> None:
-        """The program reported an allowance spent (report thread): look now, if parked."""
-        with self._lock:
-            if self._finished:
-                return  # its sockets may be closed: nothing of ours is in the lot
-            self._poked = True
-            if not any(self._parking.withdraw(sock) for sock in self._watched):
-                return  # running now, or about to: it sees the flag before parking again
-        self._step()
-
     def _step(self) -> None:
         """Look at both sockets and act; then wait in the parking lot for the next event."""
         try:
-            while True:
-                with self._lock:
-                    self._poked = False
-                if self._advance():
-                    self._finish()
-                    return
-                if not self._park():
-                    return
+            if self._advance():
+                self._finish()
+                return
+            self._park()
         except OSError as error:
             self._fail(error)
         except BaseException:
@@ -213,21 +289,12 @@ class KernelPair:
             return True
         wait = False
         for side, sock in enumerate(self._socks):
-            if not self._fin[side]:
-                self._regulate(side)
             events = revents(sock)
             if events & select.POLLERR:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     raise OSError(code, os.strerror(code))
             # POLLHUP alone is an end too: the FIN came after ours (then RDHUP is set as well).
-            if self._paused[side]:  # its thread relays its end
-                with self._lock:
-                    relayed = self._relayed[side]
-                if relayed and not self._ended[side]:
-                    self._ended[side] = True
-                    self._final[side] = self._moved(side)
-                continue
             if self._ended[side] or not events & (select.POLLRDHUP | select.POLLHUP):
                 continue
             self._fin[side] = True
@@ -249,69 +316,10 @@ class KernelPair:
             return True
         return False
 
-    def _regulate(self, side: int) -> None:
-        """Flow control of the direction from ``side``: the kernel's queue stays bounded.
-
-        The backlog is what the program took from the source and the destination socket
-        has not taken in yet.  Below the limit the program gets a new allowance (it reports
-        when the count passes it); at the limit the direction is paused for good: the kernel
-        passes its data to the source's own queue, and a thread relays it.
-        """
-        if self._paused[side]:
-            return
-        source = self._socks[side]
-        written = self._written(1 - side)
-        if self._moved(side) - written < BACKLOG_LIMIT:
-            self._kernel.allow(source, written + BACKLOG_LIMIT)
-            return
-        self._kernel.pause(source)
-        self._paused[side] = True
-        relay = threading.Thread(
-            target=self._relay_paused, args=(side,), name="mmproxy-sockmap-paused", daemon=True
-        )
-        self._relays.append(relay)
-        relay.start()
-
-    def _relay_paused(self, side: int) -> None:
-        """A paused direction's thread: recv and send until its source ends, then the FIN.
-
-        The first bytes passed to the source's queue arrived after every segment that was
-        redirected (a socket's segments go through the program one at a time), so once they
-        are here, the kernel's queue is complete: they are sent when it has been written.
-        """
-        source, destination = self._socks[side], self._socks[1 - side]
-        sent = 0
-        try:
-            data = source.recv(DRAIN_CHUNK)
-            wait = FLUSH_POLL[0]
-            while data and self._written(1 - side) < self._moved(side):
-                if self._pair.aborted:
-                    return
-                time.sleep(wait)
-                wait = min(wait * 2, FLUSH_POLL[1])
-            while data:
-                destination.sendall(data)
-                sent += len(data)
-                with self._lock:
-                    self._tail[side] = sent
-                data = source.recv(DRAIN_CHUNK)
-            _half_close(destination)
-        except OSError as error:
-            if self._pair.error is None and not self._pair.aborted:
-                self._pair.error = error
-            self._pair.abort()
-        finally:
-            with self._lock:
-                self._relayed[side] = True
-            self.poke()
-
-    def _written(self, side: int) -> int:
-        """Bytes socket ``side`` took in since the insertion (the kernel's writes)."""
-        return counters(self._socks[side]).taken_in - self._base[side]
-
     def _moved(self, side: int) -> int:
         """Bytes the kernel took from socket ``side`` (for its partner)."""
-        return self._kernel.taken(self._socks[side])
+        received = counters(self._socks[side]).bytes_received - (1 if self._fin[side] else 0)
+        return max(0, received - self._consumed[side])
 
     def _flushed(self, side: int) -> bool:
         """Whether the partner has taken in all the kernel took from socket ``side``."""
@@ -323,9 +331,9 @@ class KernelPair:
         return self._flushed_now(side)
 
     def _flushed_now(self, side: int) -> bool:
-        moved = self._moved(side)
-        received = counters(self._socks[side]).bytes_received - 1 - self._consumed[side]
-        return moved >= received and self._written(1 - side) >= moved
+        partner = 1 - side
+        written = counters(self._socks[partner]).taken_in - self._base[partner]
+        return written >= self._moved(side)
 
     def _final_count(self, side: int) -> int:
         """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
@@ -337,7 +345,8 @@ class KernelPair:
         final = self._final[side]
         if final is not None:
             return final
-        written = self._written(1 - side)
+        partner = 1 - side
+        written = counters(self._socks[partner]).taken_in - self._base[partner]
         if self._pair.aborted:
             written -= 1
         return max(0, min(self._moved(side), written))
@@ -350,10 +359,9 @@ class KernelPair:
         )
         return last / 1000.0
 
-    def _park(self) -> bool:
-        """Wait in the lot; True when a report came meanwhile and this thread looks again."""
+    def _park(self) -> None:
         flushing = any(self._fin[side] and not self._ended[side] for side in range(2))
-        if flushing or any(self._paused):  # no event says when these are done: look again
+        if flushing:
             timeout = self._flush_wait
             self._flush_wait = min(self._flush_wait * 2, FLUSH_POLL[1])
         elif self._idle_timeout > 0:
@@ -362,14 +370,8 @@ class KernelPair:
             timeout = 0.0
         # A side whose end was seen stays readable (level-triggered): it is no longer
         # watched, or the lot would hand the pair over again at once.  Errors and a
-        # shutdown both ways still show on the other side.  A paused source is readable too.
-        watched = tuple(
-            sock
-            for side, sock in enumerate(self._socks)
-            if not (self._fin[side] or self._paused[side])
-        )
-        with self._lock:
-            self._watched = watched
+        # shutdown both ways still show on the other side.
+        watched = tuple(sock for side, sock in enumerate(self._socks) if not self._fin[side])
         try:
             self._parking.park_sockets(
                 watched, self._step, self._fail, timeout=timeout, abandon=self._abandon
@@ -377,10 +379,6 @@ class KernelPair:
         except RuntimeError:  # the lot is closed: the daemon is stopping
             self._pair.abort()
             self._finish()
-            return False
-        with self._lock:  # a report between the look and the parking: whoever withdraws runs
-            poked = self._poked
-        return poked and any(self._parking.withdraw(sock) for sock in watched)
 
     # ------------------------------------------------------------ the end
 
@@ -397,19 +395,12 @@ class KernelPair:
 
     def _finish(self) -> None:
         """Count, take the pair out of the maps, close it, report; once."""
-        with self._lock:
-            if self._finished:
-                return
-            self._finished = True
-        if not all(self._ended):
-            self._pair.abort()  # paused directions' threads end: their sockets are shut down
-        for relay in self._relays:
-            if relay is not threading.current_thread():
-                relay.join()
+        if self._finished:
+            return
+        self._finished = True
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
-                moved = self._final_count(side) + self._tail[side]
-                self._counts[side][0] = self._user_sent[1 - side] + moved
+                self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
         self._kernel.remove(*self._socks)
         self._pair.close()
         self._done()

@@ -38,13 +38,12 @@ from dataclasses import dataclass
 from mmproxy import logs, policy, upstream
 from mmproxy.config import Config, Endpoint
 from mmproxy.errors import HeaderError, Reason, RefusedError
-from mmproxy.kernelmaps import KernelRelay
 from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import BACKWARD, FORWARD, PEER_GONE, UNLIMITED, Pair, PipeBudget, Step
-from mmproxy.sockmap import FALLBACK_ENDED, KernelPair
+from mmproxy.sockmap import FALLBACK_ENDED, KernelPair, KernelRelay
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.

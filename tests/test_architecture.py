@@ -128,32 +128,8 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
             "sockmap.py",
             {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"},
         ),
-        # Its shared maps and report thread: below the pairs they serve (which they know only
-        # as something to poke), and the socket counters and ring buffer below both.
-        (
-            "kernelmaps.py",
-            {
-                "mmproxy.sockmap",
-                "mmproxy.tcp",
-                "mmproxy.parking",
-                "mmproxy.relay",
-                "mmproxy.daemon",
-            },
-        ),
-        (
-            "tcpinfo.py",
-            {
-                "mmproxy.sockmap",
-                "mmproxy.kernelmaps",
-                "mmproxy.bpf",
-                "mmproxy.tcp",
-                "mmproxy.relay",
-            },
-        ),
-        (
-            "ringbuf.py",
-            {"mmproxy.sockmap", "mmproxy.kernelmaps", "mmproxy.tcpinfo", "mmproxy.tcp"},
-        ),
+        # What the kernel relay reads about its sockets: below it, knowing nothing of it.
+        ("tcpinfo.py", {"mmproxy.sockmap", "mmproxy.bpf", "mmproxy.tcp", "mmproxy.relay"}),
         # The trust policy: below both transports, one decision for both; no sockets of its own.
         (
             "policy.py",

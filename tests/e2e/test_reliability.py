@@ -414,10 +414,19 @@ def test_backend_that_never_reads_gets_backpressure_not_buffering(
     backend4: Backend,
     addresses: ClientAddresses,
     relay: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A client pushing at a backend that does not read is stopped by TCP flow control: mmproxy
-    holds at most a pipe's worth (sockmap: its backlog limit in the kernel), its memory stays
-    flat, and when the backend reads at last every byte arrives, in order."""
+    holds at most a pipe's worth, its memory stays flat, and when the backend reads at last
+    every byte arrives, in order."""
+    if relay == "sockmap":
+        # Known and measured on 6.18: the verdict takes every skb off the client's receive
+        # queue and queues it for the backend socket without a bound, so the client's window
+        # never closes (256 MiB went into kernel memory).  The pair is handed over before the
+        # push (below), so this fails every time; strict, so a fix shows up here as XPASS.
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="sockmap's redirect queue has no bound")
+        )
     go = threading.Event()
 
     def late_reader(conn: BackendConnection) -> None:

@@ -10,7 +10,6 @@ import pytest
 
 from mmproxy import bpf, sockmap
 from mmproxy.metrics import KERNEL_FALLBACK_REASONS
-from mmproxy.ringbuf import RingBuffer
 
 
 def test_instruction_encoding_matches_struct_bpf_insn() -> None:
@@ -31,47 +30,22 @@ def test_instruction_encoding_matches_struct_bpf_insn() -> None:
 
 
 def test_redirect_program_shape() -> None:
-    """Empty skbs dropped, the cookie as key, the redirect to the partner, a miss kept; then
-    the count, the allowance and the report."""
-    program = bpf.redirect_program(42, 43, 44, 45)
+    """Empty skbs dropped, the cookie as key, the redirect to the partner, a miss kept."""
+    program = bpf.redirect_program(42)
     code = bpf.encode(program)
     assert len(code) == 8 * len(program)
     assert program[-1] == bpf.exit_insn()
     calls = [insn.imm for insn in program if insn.code == bpf.BPF_JMP | bpf.BPF_CALL]
-    assert calls == [
-        bpf.FUNC_GET_SOCKET_COOKIE,
-        bpf.FUNC_SK_REDIRECT_HASH,
-        bpf.FUNC_MAP_LOOKUP_ELEM,
-        bpf.FUNC_MAP_LOOKUP_ELEM,
-        bpf.FUNC_RINGBUF_OUTPUT,
-    ]
+    assert calls == [bpf.FUNC_GET_SOCKET_COOKIE, bpf.FUNC_SK_REDIRECT_HASH]
     loads = [insn for insn in program if insn.code == bpf.BPF_LD | bpf.BPF_DW | bpf.BPF_IMM]
-    assert [(insn.src, insn.imm) for insn in loads] == [
-        (bpf.BPF_PSEUDO_MAP_FD, fd) for fd in (42, 43, 44, 45)
-    ]
+    assert [(insn.src, insn.imm) for insn in loads] == [(bpf.BPF_PSEUDO_MAP_FD, 42)]
     # The empty-skb jump lands on the exit with R0 = SK_DROP still set.
     jump = next(i for i, insn in enumerate(program) if insn.code == bpf.BPF_JMP | bpf.BPF_JEQ)
     assert program[jump - 1] == bpf.mov64_imm(bpf.R0, bpf.SK_DROP)
     assert program[jump + 1 + program[jump].off] == bpf.exit_insn()
-    # A miss (SK_DROP from the helper) becomes SK_PASS, straight to the exit.
-    miss = next(i for i, insn in enumerate(program) if insn.code == bpf.BPF_JMP | bpf.BPF_JNE)
-    assert program[miss + 1] == bpf.mov64_imm(bpf.R0, bpf.SK_PASS)
-    assert program[miss + 3 + program[miss + 2].off] == bpf.exit_insn()
-    # The count is one atomic add, and the verdict is restored before the exit.
-    atomics = [insn for insn in program if insn.code == bpf.BPF_STX | bpf.BPF_ATOMIC | bpf.BPF_DW]
-    assert [(a.imm, a.dst, a.src) for a in atomics] == [
-        (bpf.BPF_ADD | bpf.BPF_FETCH, bpf.R0, bpf.R8)
-    ]
-    assert program[-2] == bpf.mov64_reg(bpf.R0, bpf.R6)
-
-
-def test_labels_resolve_to_relative_offsets() -> None:
-    program = bpf.assemble(
-        [bpf.Jump(bpf.ja(0), "end"), bpf.mov64_imm(bpf.R0, 1), "end", bpf.exit_insn()]
-    )
-    assert program[0] == bpf.ja(1)
-    back = bpf.assemble(["top", bpf.mov64_imm(bpf.R0, 1), bpf.Jump(bpf.ja(0), "top")])
-    assert back[1] == bpf.ja(-2)
+    # A miss (SK_DROP from the helper) becomes SK_PASS just before the exit.
+    assert program[-2] == bpf.mov64_imm(bpf.R0, bpf.SK_PASS)
+    assert program[-3] == bpf.jne_imm(bpf.R0, bpf.SK_DROP, 1)
 
 
 def test_every_fallback_reason_is_a_metrics_label() -> None:
@@ -88,13 +62,7 @@ def test_the_verifier_accepts_the_program_and_it_attaches() -> None:
     targets = bpf.create_sockhash(16)
     verdicts = bpf.create_sockhash(16)
     try:
-        taken = bpf.create_map(bpf.BPF_MAP_TYPE_HASH, 8, 8, 32)
-        events = RingBuffer(4096)
-        try:
-            program = bpf.load_program(bpf.redirect_program(targets, taken, taken, events.fd))
-        finally:
-            os.close(taken)
-            events.close()
+        program = bpf.load_program(bpf.redirect_program(targets))
         try:
             bpf.attach(verdicts, program, bpf.BPF_SK_SKB_STREAM_VERDICT)
         finally:
