@@ -50,6 +50,10 @@ from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
 from mmproxy.tcpinfo import cookie, counters, inq, revents
 
+# What a parked pair waits for: an end (errors and hang-ups come anyway).  Not EPOLLIN: the
+# kernel signals "data ready" for every segment it redirects, and each would wake the lot.
+_ENDS = select.EPOLLRDHUP
+
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
 # How often a direction whose end arrived looks at whether its partner has written
@@ -374,7 +378,12 @@ class KernelPair:
         watched = tuple(sock for side, sock in enumerate(self._socks) if not self._fin[side])
         try:
             self._parking.park_sockets(
-                watched, self._step, self._fail, timeout=timeout, abandon=self._abandon
+                watched,
+                self._step,
+                self._fail,
+                timeout=timeout,
+                abandon=self._abandon,
+                events=_ENDS,
             )
         except RuntimeError:  # the lot is closed: the daemon is stopping
             self._pair.abort()
