@@ -109,12 +109,20 @@ class ParkingLot:
         expire: Callable[[], None] = _nothing,
         abandon: Callable[[], None],
         move: Move | None = None,
+        events: int = EVENTS,
     ) -> None:
         """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket (a
         spot with none, only a deadline, to the first lot)."""
         lot = self._lots[sockets[0].fileno() % len(self._lots) if sockets else 0]
         lot.park_sockets(
-            sockets, resume, failed, timeout=timeout, expire=expire, abandon=abandon, move=move
+            sockets,
+            resume,
+            failed,
+            timeout=timeout,
+            expire=expire,
+            abandon=abandon,
+            move=move,
+            events=events,
         )
 
     def withdraw(self, sock: socket.socket) -> bool:
@@ -164,8 +172,11 @@ class _Lot:
         expire: Callable[[], None] = _nothing,
         abandon: Callable[[], None],
         move: Move | None = None,
+        events: int = EVENTS,
     ) -> None:
         """Hold ``sockets`` until one has something or ``timeout`` seconds pass (0: never).
+
+        ``events``: what counts as something (errors and hang-ups always do).
 
         Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
         out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
@@ -182,7 +193,7 @@ class _Lot:
             try:
                 for sock in sockets:
                     fd = sock.fileno()
-                    self._epoll.register(fd, EVENTS)
+                    self._epoll.register(fd, events)
                     fds.append(fd)
             except OSError:
                 for fd in fds:
