@@ -233,7 +233,7 @@ def decide(
                 f"source {Endpoint(host, client.port)} is {why}",
             )
         source = (host, client.port)
-    target = config.target4 if host.version == 4 else config.target6
+    target = _by_family(host, config)
     destination = header.destination
     if config.dynamic_destination and isinstance(destination, InetAddress):
         target = _dynamic_target(destination, destinations)
@@ -244,6 +244,23 @@ def decide(
                 f"source {client} and destination {destination} differ in family",
             )
     return Route(source, target)
+
+
+def nominal_target(header: ProxyHeader, peer: IPAddress, config: Config) -> Endpoint:
+    """The target ``header`` names, before any check: what log records call ``targetAddr``.
+
+    The header's destination with -dynamic-destination, else -4 or -6 by the family of the
+    client (of the balancer, ``peer``, for a header without addresses).
+    """
+    destination = header.destination
+    if config.dynamic_destination and isinstance(destination, InetAddress):
+        return Endpoint(plain_address(destination.host), destination.port)
+    client = header.client
+    return _by_family(plain_address(peer if client is None else client.host), config)
+
+
+def _by_family(host: IPAddress, config: Config) -> Endpoint:
+    return config.target4 if host.version == 4 else config.target6
 
 
 def _dynamic_target(destination: InetAddress, destinations: Destinations | None) -> Endpoint:

@@ -5,7 +5,8 @@
   never pull a C extension onto the data path.
 * Imports flow one way: the protocol layer knows nothing of configuration,
   logging or the CLI; configuration knows nothing of click; on the data path
-  pool/relay/upstream/listener < server (the shared base) < tcp, udp < daemon, and only
+  pool/relay/upstream/listener < handshake, outcome < connection < tcp, and
+  server (the servers' shared base) < tcp, udp < daemon, and only
   cli (and the tools' commands) know click.
 * The operations modules sit beside the data path: metrics and routing know
   nothing of connections or the daemon (the data path and the daemon call
@@ -179,6 +180,47 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
             {"mmproxy.dispatch", "mmproxy.udp", "mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"},
         ),
         ("dispatch.py", {"mmproxy.udp", "mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli", "click"}),
+        # One connection's life, below the TCP server that accepts it.
+        (
+            "connection.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.server",
+                "mmproxy.listener",
+                "mmproxy.udp",
+                "mmproxy.dispatch",
+                "mmproxy.flows",
+                "mmproxy.daemon",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
+        # The header stage and the outcome: below the connection, knowing no thread or lot.
+        (
+            "handshake.py",
+            {
+                "mmproxy.connection",
+                "mmproxy.tcp",
+                "mmproxy.parking",
+                "mmproxy.pool",
+                "mmproxy.relay",
+                "mmproxy.daemon",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
+        (
+            "outcome.py",
+            {
+                "mmproxy.connection",
+                "mmproxy.tcp",
+                "mmproxy.parking",
+                "mmproxy.pool",
+                "mmproxy.daemon",
+                "mmproxy.cli",
+                "click",
+            },
+        ),
         (
             "tcp.py",
             {

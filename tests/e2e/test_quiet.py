@@ -21,7 +21,7 @@ from netns import Backend, BackendConnection, ClientAddresses, Deadline, Net, re
 from test_metrics_scrape import Samples, metrics_address, scrape_until, value
 from test_reliability import connect, figure, is_msg, v1_header
 
-GRACE = 0.25  # mmproxy.tcp.QUIET_GRACE
+GRACE = 0.25  # mmproxy.connection.QUIET_GRACE
 # The system calls a relay direction blocks in while it waits for its source on a thread.
 READ_CALLS = {
     "x86_64": {"45", "275"},  # recvfrom, splice

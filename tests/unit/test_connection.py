@@ -19,19 +19,17 @@ from loopback import recv_exactly, tcp_pair
 
 from mmproxy import logs
 from mmproxy.config import build_config
+from mmproxy.connection import Connection, Services, State
+from mmproxy.errors import Refusal
 from mmproxy.metrics import Metrics
 from mmproxy.parking import SCRATCH, ParkingLot
 from mmproxy.pool import WorkerPool
-from mmproxy.tcp import (
-    HEADER_TIMEOUT,
-    IDLE_TIMEOUT,
-    STOPPING,
-    UPSTREAM_FAILED,
-    Connection,
-    Services,
-    State,
-    Tracker,
-)
+from mmproxy.tcp import Tracker
+
+HEADER_TIMEOUT = Refusal.HEADER_TIMEOUT
+IDLE_TIMEOUT = Refusal.IDLE_TIMEOUT
+STOPPING = Refusal.STOPPING
+UPSTREAM_FAILED = Refusal.UPSTREAM_FAILED
 
 LOCAL = b"PROXY UNKNOWN\r\n"
 WAIT = 10.0  # seconds any awaited event gets on a loaded machine

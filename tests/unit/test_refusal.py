@@ -29,7 +29,8 @@ REFUSED = set(metrics.REFUSED_REASONS)
 
 # Which declared set a RefusedError raised in a module ends up in.
 RAISED_IN = {
-    "tcp": TCP_BEFORE_RELAY,
+    "connection": TCP_BEFORE_RELAY,
+    "handshake": TCP_BEFORE_RELAY,
     "policy": TCP_BEFORE_RELAY & DROP,  # both transports call policy.decide()
     "udp": DROP,
     "dispatch": DROP,
