@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import socket
 import sys
 import threading
@@ -149,7 +150,7 @@ class Replies:
     def add(self, flow: Flow) -> None:
         """Serve ``flow``'s replies; on the loop."""
         self._flows.add(flow)
-        self.loop.add_reader(flow.sock.fileno(), lambda: self._readable(flow))
+        self.loop.add_reader(flow.sock.fileno(), functools.partial(self._readable, flow))
 
     def retire(self, flow: Flow, reason: str) -> None:
         """Close ``flow`` (its dispatcher has forgotten it); on the loop."""
