@@ -140,6 +140,19 @@ WORKLOADS: tuple[Workload, ...] = (
         protocol="udp",
         window=UDP_WINDOW,
     ),
+    # Beside "udp": the same 50 flows with one datagram each in flight, where no proxy's
+    # receive buffer overflows, so every proxy's median is of all its datagrams.
+    Workload(
+        "udp-50x1",
+        "UDP echo, 50 flows x 1 in flight",
+        "udp-echo",
+        "udp",
+        "datagrams",
+        50,
+        latency=True,
+        protocol="udp",
+        window=1,
+    ),
 )
 WORKLOADS += (
     Workload(
