@@ -104,6 +104,7 @@ def _udp_echo(name: str, flows: int, window: int) -> Workload:
         window=window,
     )
 
+
 WORKLOADS: tuple[Workload, ...] = (
     Workload("bulk-up-1", "bulk upload, 1 conn", "sink", "upload", "bulk", 1),
     Workload("bulk-up-8", "bulk upload, 8 conns", "sink", "upload", "bulk", 8),
