@@ -35,7 +35,7 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PREFIX = re.compile(r"[0-9]+")
 _IPV4ISH = re.compile(r"[0-9.]+")
 
-# IPSet membership walks up to 128 supernets (about 60 us for an IPv6 miss).
+# IPSet membership walks up to 128 supernets (an IPv6 miss is slow).
 # Real peers are a handful of load balancers, so a small LRU cache of answers
 # makes the per-connection check a dictionary hit.  functools.lru_cache is
 # thread-safe, with or without the GIL.

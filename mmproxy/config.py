@@ -18,8 +18,8 @@ from typing import Literal
 
 from mmproxy.acl import AllowList
 from mmproxy.errors import ConfigError
+from mmproxy.header import InetAddress, IPAddress
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
 LogFormat = Literal["json", "text"]
 UdpHeader = Literal["every", "first"]
@@ -59,11 +59,8 @@ class FlagError(ConfigError):
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """An IP address and port to listen on or connect to."""
-
-    host: IPAddress
-    port: int
+class Endpoint(InetAddress):
+    """An address to listen on or connect to: the one address type, with what sockets need."""
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -76,12 +73,6 @@ class Endpoint:
         if self.host.version == 4:
             return (str(self.host), self.port)
         return (str(self.host), self.port, 0, 0)
-
-    def __str__(self) -> str:
-        """Go's host:port form: ``127.0.0.1:443``, ``[::1]:443``."""
-        if self.host.version == 4:
-            return f"{self.host}:{self.port}"
-        return f"[{self.host}]:{self.port}"
 
 
 def parse_endpoint(

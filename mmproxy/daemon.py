@@ -1,4 +1,4 @@
-"""The daemon: owns listeners, workers, live connections and signals.
+"""The daemon: the process around a server: limits, signals, readiness, reload, stopping.
 
 Start-up order matters.  Signals are blocked before the first thread starts
 (threads inherit the mask), so only the main thread ever receives them, by
@@ -7,10 +7,10 @@ KeyboardInterrupt traceback can appear.  Then the descriptor limit is raised,
 every listener is bound (a failure stops start-up with one line), and only
 then do the acceptor threads start.
 
-Stopping (SIGTERM or SIGINT), TCP: the listeners stop accepting, live
-connections get ``drain_timeout`` seconds to finish on their own, then the
-rest are shut down.  A second signal during the drain cuts it short.  UDP has
-no end of a flow to wait for: its flows are closed at once.
+Stopping (SIGTERM or SIGINT): the server (:mod:`mmproxy.server`) stops admitting and
+winds down.  TCP: live connections get ``drain_timeout`` seconds to finish on their own,
+then the rest are shut down; a second signal during the drain cuts it short.  UDP has no
+end of a flow to wait for: its flows are closed at once.
 
 Reloading (SIGHUP): the ``-allowed-subnets`` file is read again and, if it is
 valid, put in force for connections accepted from then on; connections already
@@ -26,26 +26,18 @@ import resource
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from mmproxy import logs, notify, policy, runtime, upstream
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import Config
 from mmproxy.errors import ConfigError
-from mmproxy.listener import Acceptor, Throttle, listener_fields, open_listeners
-from mmproxy.metrics import (
-    NO_METRICS,
-    REFUSED_NOT_ALLOWED,
-    Metrics,
-    MetricsServer,
-    PrometheusMetrics,
-)
-from mmproxy.parking import ParkingLot
-from mmproxy.pool import WorkerPool
-from mmproxy.relay import UNLIMITED, PipeBudget
+from mmproxy.listener import open_listeners
+from mmproxy.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics
+from mmproxy.relay import PipeBudget
+from mmproxy.server import Server
 from mmproxy.sockmap import KernelRelay, UnavailableError
-from mmproxy.tcp import NOT_ALLOWED, Connection, Services, Tracker
+from mmproxy.tcp import TcpServer
 from mmproxy.udp import UdpServer
 from mmproxy.watchdog import Watchdog
 
@@ -59,17 +51,14 @@ STACK_SIZE = 256 * 1024  # bytes per thread; the relay threads use a few KiB of 
 # 2 descriptors and a share of the room is kept for pipes, which lets idle
 # connections use most of the limit while pipes never starve accept().
 FDS_PER_CONNECTION = 2
-PIPE_SHARE = 16  # 1/16 of the room is for pipes: 1,245 descriptors of a 20,000 limit
+PIPE_SHARE = 16  # 1/PIPE_SHARE of the descriptor room is kept for pipes
 FDS_PER_FLOW = 1  # a UDP flow's upstream socket
 DEFAULT_FLOW_CEILING = (
     65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
 )
-WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
-SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
 # Pairs the kernel relay's maps hold at most (2 entries each); more go to splice, counted.
 MAX_KERNEL_PAIRS = 65536
-AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
@@ -139,7 +128,7 @@ def run(config: Config, log: logging.Logger) -> int:
             kernel.close()
         log.error(str(error))
         return EXIT_FAILURE
-    server: Server | UdpServer
+    server: Server
     if config.protocol == "udp":
         flows = config.max_udp_flows or max(1, min(room // FDS_PER_FLOW, DEFAULT_FLOW_CEILING))
         server = UdpServer(config, log, sockets, flows, allow_list, metrics, destinations)
@@ -152,7 +141,7 @@ def run(config: Config, log: logging.Logger) -> int:
             )
     else:
         pipes = PipeBudget(max(1, pipe_fds // 2))
-        server = Server(
+        server = TcpServer(
             config, log, sockets, capacity, allow_list, metrics, pipes, kernel, destinations
         )
         ready = {
@@ -180,8 +169,7 @@ def run(config: Config, log: logging.Logger) -> int:
         log.info("serving metrics", extra={"metricsAddr": metrics_server.address})
     try:
         log.info("ready", extra=ready)
-        what = "datagrams" if config.protocol == "udp" else "connections"
-        tell_systemd(log, notify.READY, f"STATUS=relaying {what} from {config.listen}")
+        tell_systemd(log, notify.READY, f"STATUS=relaying {server.relays} from {config.listen}")
         interval = notify.watchdog_interval()
         if interval is not None:
             watchdog = Watchdog(interval, server.healthy, log)
@@ -189,9 +177,11 @@ def run(config: Config, log: logging.Logger) -> int:
         cause = wait_for_stop(log, allow_list, destinations)
         if watchdog is not None:
             watchdog.stop()  # the acceptors stop next: systemd's stop timeout takes over
-        if config.protocol == "udp":  # TCP's Server.stop says so with its drain's status
-            tell_systemd(log, notify.STOPPING, "STATUS=closing UDP flows")
-        server.stop(cause)
+        server.stop(
+            cause,
+            lambda status: tell_systemd(log, notify.STOPPING, f"STATUS={status}"),
+            lambda: second_stop_signal(log),
+        )
     finally:
         if metrics_server is not None:
             metrics_server.close()
@@ -240,6 +230,15 @@ def wait_for_stop(
         reload_allow_list(log, allow_list)
         if destinations is not None:
             reload_destinations(log, destinations)
+
+
+def second_stop_signal(log: logging.Logger) -> bool:
+    """While draining: has a second SIGTERM/SIGINT arrived (stop waiting at once)?"""
+    caught = signal.sigtimedwait(HANDLED_SIGNALS, 0)
+    if caught is not None and caught.si_signo in STOP_SIGNALS:
+        log.info("second stop signal: not waiting any longer")
+        return True
+    return False
 
 
 def reload_allow_list(log: logging.Logger, allow_list: AllowListHolder) -> None:
@@ -314,140 +313,3 @@ def check_transparent(config: Config) -> str | None:
         except OSError:
             continue  # this address family is not available here; -4/-6 alone still work
     return None
-
-
-class Server:
-    """Listeners, acceptors, workers and the live connections of one daemon run."""
-
-    def __init__(
-        self,
-        config: Config,
-        log: logging.Logger,
-        sockets: list[socket.socket],
-        capacity: int,
-        allow_list: AllowListHolder,
-        metrics: Metrics = NO_METRICS,
-        pipes: PipeBudget = UNLIMITED,
-        kernel: KernelRelay | None = None,
-        destinations: policy.Destinations | None = None,
-    ) -> None:
-        self._config = config
-        self._kernel = kernel
-        self._log = log
-        self._allow_list = allow_list
-        self._tracker = Tracker(capacity)
-        # Each connection holds at most two workers (header and connect, then one per direction).
-        self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
-        self._pool = WorkerPool(max_workers=self.max_workers)
-        metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
-        self._parking = ParkingLot(self._pool)
-        self._services = Services(
-            config,
-            logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
-            self._pool,
-            self._tracker,
-            metrics,
-            pipes,
-            self._parking,
-            kernel=kernel,
-            destinations=destinations,
-        )
-        self._acceptors = [
-            Acceptor(sock, number, self._admit, log, self._wait_for_room)
-            for number, sock in enumerate(sockets)
-        ]
-        self._full = Throttle(10.0)
-
-    def start(self) -> None:
-        self._parking.start()
-        for acceptor in self._acceptors:
-            acceptor.start(self._config.protocol)
-
-    def _wait_for_room(self) -> bool:
-        """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
-        tracker = self._tracker
-        if tracker.wait_for_room(0):
-            return True
-        metrics = self._services.metrics
-        metrics.accept_paused(True)
-        suppressed = self._full.ready()
-        if suppressed is not None:
-            self._log.warning(
-                "connection limit reached: not accepting until a connection ends",
-                extra={"maxConnections": tracker.capacity, "suppressed": suppressed},
-            )
-        try:
-            return tracker.wait_for_room()
-        finally:
-            metrics.accept_paused(False)
-
-    def healthy(self) -> bool:
-        """Every acceptor thread is serving (what the systemd watchdog vouches for)."""
-        return all(acceptor.alive() for acceptor in self._acceptors)
-
-    def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
-        """Runs on an acceptor thread: decide before a byte is read, then hand over."""
-        services = self._services
-        services.metrics.accepted()
-        if not self._allow_list.current.allows(peer[0]):
-            if services.log.failures:
-                services.log.failure(
-                    logs.MSG_ORIGIN_NOT_ALLOWED,
-                    "the peer is not in the allowed subnets",
-                    reason=NOT_ALLOWED,
-                    **{
-                        logs.REMOTE_ADDR: logs.go_address(*peer),
-                        logs.LOCAL_ADDR: logs.local_address(sock),
-                        logs.LISTENER_NUM: number,
-                    },
-                )
-            sock.close()
-            services.metrics.refused(REFUSED_NOT_ALLOWED)
-            return
-        connection = Connection(sock, peer, number, services)
-        if not self._tracker.add(connection):  # waits at the cap; False: stopping
-            sock.close()
-            return
-        try:
-            self._pool.submit(connection.serve)
-        except (RuntimeError, OSError) as error:
-            connection.not_served(error)
-
-    def stop(self, cause: str) -> None:
-        """Stop accepting, drain live connections, then shut the rest down."""
-        self._tracker.close()  # wakes acceptors paused at the cap
-        for acceptor in self._acceptors:
-            acceptor.stop()
-        live = len(self._tracker)
-        timeout = self._config.drain_timeout
-        tell_systemd(self._log, notify.STOPPING, f"STATUS=draining {live} connections")
-        self._log.info(
-            "stopping: no longer accepting, draining live connections",
-            extra={"signal": cause, "liveConnections": live, "drainTimeout": timeout},
-        )
-        if not self._drain(timeout):
-            aborted = self._tracker.abort_all()
-            self._log.warning(
-                "drain ended: shutting the remaining connections down",
-                extra={"liveConnections": aborted},
-            )
-            self._tracker.wait_empty(AFTER_ABORT_WAIT)
-        self._parking.close()  # after the drain: parked connections are live ones
-        self._pool.close(timeout=1.0)
-        if self._kernel is not None:
-            self._kernel.close()
-        self._log.info("stopped")
-
-    def _drain(self, timeout: float) -> bool:
-        """Wait for live connections to end; False on timeout or a second stop signal."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if self._tracker.wait_empty(min(max(remaining, 0.0), 0.2)):
-                return True
-            if remaining <= 0:
-                return False
-            caught = signal.sigtimedwait(HANDLED_SIGNALS, 0)
-            if caught is not None and caught.si_signo in STOP_SIGNALS:
-                self._log.info("second stop signal: not waiting any longer")
-                return False

@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from mmproxy import routing
+from mmproxy.header import host_port
 from mmproxy.protocol import InetAddress, ProxyHeader, encode
 
 EXIT_OK = 0
@@ -71,8 +72,7 @@ def show(peer: Peer | None) -> str:
     """``198.51.100.7:40001`` / ``[2001:db8::7]:40003``, as mmproxy's logs write addresses."""
     if peer is None:
         return "nothing"
-    host, port = peer
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(*peer)
 
 
 def run(out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -35,17 +35,10 @@ from dataclasses import dataclass
 from mmproxy import logs, upstream
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
-from mmproxy.errors import HeaderError
+from mmproxy.errors import HeaderError, Refusal, RefusedError
 from mmproxy.eventloop import EventLoop
 from mmproxy.flows import (
     DATAGRAM_BUFFER,
-    FLOW_LIMIT,
-    NO_FLOW,
-    NOT_ALLOWED,
-    RECEIVE_BUFFER_FULL,
-    SEND_FAILED,
-    UPSTREAM_FAILED,
-    DroppedError,
     Flow,
     FlowBudget,
     FlowKey,
@@ -55,6 +48,7 @@ from mmproxy.flows import (
     kernel_drops,
     send_datagrams,
 )
+from mmproxy.header import host_port
 from mmproxy.listener import RESOURCE_ERRORS, ListenerThread, Throttle
 from mmproxy.metrics import TO_TARGET, Metrics
 from mmproxy.policy import Destinations
@@ -168,7 +162,7 @@ class Dispatcher(ListenerThread):
                 continue  # e.g. ECONNREFUSED from an ICMP error about an earlier reply
             received += 1
             if not allows(sender[0]):
-                self._dropped(NOT_ALLOWED, "peer is not in the allowed subnets", "", sender)
+                self._dropped(Refusal.NOT_ALLOWED, "peer is not in the allowed subnets", "", sender)
                 continue
             if size >= V2_FIXED_LENGTH and buffer.startswith(V2_SIGNATURE):
                 end = V2_FIXED_LENGTH + (buffer[14] << 8 | buffer[15])
@@ -194,7 +188,7 @@ class Dispatcher(ListenerThread):
         """A datagram the route cache did not place: admit it, or drop it with a reason."""
         try:
             self._admit(size, sender)
-        except DroppedError as drop:
+        except RefusedError as drop:
             self._dropped(drop.reason, drop.message, drop.detail, sender)
         except HeaderError as error:
             self._dropped(error.reason.value, "invalid PROXY header", error, sender)
@@ -222,7 +216,7 @@ class Dispatcher(ListenerThread):
             if failed:
                 # ECONNREFUSED: an earlier datagram found no backend listening (ICMP).
                 self._dropped(
-                    SEND_FAILED,
+                    Refusal.SEND_FAILED,
                     "cannot send the datagram to the target",
                     error.strerror if error is not None and error.strerror else "",
                     flow.sender,
@@ -239,7 +233,7 @@ class Dispatcher(ListenerThread):
     def _admit(self, size: int, sender: Sender) -> None:
         """The slow path: parse, find or open the flow, cache its header, queue the payload.
 
-        Raises DroppedError and HeaderError.
+        Raises RefusedError and HeaderError.
         """
         view = self._view[:size]
         if self._first_only and not (
@@ -247,8 +241,8 @@ class Dispatcher(ListenerThread):
         ):
             flow = self._latest.get(sender)
             if flow is None:
-                raise DroppedError(
-                    NO_FLOW,
+                raise RefusedError(
+                    Refusal.NO_FLOW,
                     "datagram without a PROXY header and no flow from its sender",
                     "--udp-header first: the flow's first datagram must carry the header",
                 )
@@ -280,22 +274,24 @@ class Dispatcher(ListenerThread):
         except OSError as error:
             shared.budget.give_back()
             if isinstance(error, PermissionError):
-                raise DroppedError(
-                    UPSTREAM_FAILED,
+                raise RefusedError(
+                    Refusal.UPSTREAM_FAILED,
                     "cannot impersonate the client (IP_TRANSPARENT needs CAP_NET_ADMIN)",
                     error.strerror or str(error),
                 ) from error
-            raise DroppedError(
-                UPSTREAM_FAILED, "cannot open the upstream socket", error.strerror or str(error)
+            raise RefusedError(
+                Refusal.UPSTREAM_FAILED,
+                "cannot open the upstream socket",
+                error.strerror or str(error),
             ) from error
         log = shared.flow_log
         if log.failures:
-            balancer = logs.go_address(str(sender[0]), int(sender[1]))
+            balancer = host_port(sender[0], sender[1])
             log = log.bind(
                 **{
                     logs.REMOTE_ADDR: balancer,
                     logs.DOWNSTREAM_ADDR: balancer,  # go-mmproxy's name for it in UDP mode
-                    logs.CLIENT_ADDR: logs.go_address(*conn_up.source)
+                    logs.CLIENT_ADDR: host_port(*conn_up.source)
                     if client is not None
                     else logs.UNKNOWN_CLIENT,
                     logs.TARGET_ADDR: str(target),
@@ -324,7 +320,7 @@ class Dispatcher(ListenerThread):
                 "UDP flow limit reached: dropping datagrams that would open new flows",
                 extra={"maxUdpFlows": self._shared.budget.capacity, "suppressed": suppressed},
             )
-        raise DroppedError(FLOW_LIMIT, "UDP flow limit reached")
+        raise RefusedError(Refusal.FLOW_LIMIT, "UDP flow limit reached")
 
     def _forget(self, flow: Flow) -> None:
         """No datagram goes to ``flow`` from now on (it is about to be retired)."""
@@ -364,8 +360,8 @@ class Dispatcher(ListenerThread):
         if total is None or total <= self._kernel_drops:
             return
         new, self._kernel_drops = total - self._kernel_drops, total
-        self.counts[f"dropped.{RECEIVE_BUFFER_FULL}"] += new
-        self._shared.metrics.udp_dropped(RECEIVE_BUFFER_FULL, new)
+        self.counts[f"dropped.{Refusal.RECEIVE_BUFFER_FULL}"] += new
+        self._shared.metrics.udp_dropped(Refusal.RECEIVE_BUFFER_FULL, new)
         suppressed = self._shared.dropping.ready()
         if suppressed is not None:
             self.log.warning(
@@ -385,7 +381,7 @@ class Dispatcher(ListenerThread):
                 logs.udp_drop_message(reason),
                 f"{message}: {detail_text}" if detail_text else message,
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(str(sender[0]), int(sender[1])),
+                    logs.REMOTE_ADDR: host_port(sender[0], sender[1]),
                     logs.LISTENER_NUM: self.number,
                     logs.REASON: reason,
                 },

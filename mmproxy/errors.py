@@ -28,8 +28,8 @@ class ConfigError(MmproxyError):
 class Reason(enum.StrEnum):
     """Why a PROXY header was rejected: a short, stable, machine-readable code.
 
-    The values are part of the log format (the ``reason`` field) and, later,
-    of metric labels, so they are few and they do not change.
+    The values are part of the log format (the ``reason`` field) and metric
+    labels, so they are few and they do not change.
     """
 
     NOT_PROXY_PROTOCOL = "not_proxy_protocol"  # neither signature at byte 0
@@ -45,6 +45,30 @@ class Reason(enum.StrEnum):
     V2_SHORT_ADDRESS = "v2_short_address"  # length smaller than the address block
     V2_BAD_TLV = "v2_bad_tlv"  # a TLV overruns the header, or its value is invalid
     V2_BAD_CRC = "v2_bad_crc"  # the CRC32C TLV does not match the header
+
+
+class Refusal(enum.StrEnum):
+    """Why a connection or datagram is not relayed, for a reason other than its header's bytes.
+
+    TCP and UDP share these codes; they are the ``reason`` log field and metric labels
+    (operators' dashboards read them), so a value never changes once released.
+    """
+
+    NOT_ALLOWED = "not_allowed"  # the peer is not in the allowed subnets
+    HEADER_TIMEOUT = "header_timeout"  # no complete header within --header-timeout
+    READ_ERROR = "read_error"  # the peer reset the connection (or similar) mid-header
+    WRONG_TRANSPORT = "wrong_transport"  # a header for the other transport (TCP on UDP...)
+    WRONG_VERSION = "wrong_version"  # PROXY v1 on a UDP listener
+    BAD_SOURCE = "bad_source"  # a source no real client can have (mmproxy.policy)
+    BAD_DESTINATION = "bad_destination"  # a -dynamic-destination target the policy refuses
+    UPSTREAM_FAILED = "upstream_failed"  # the upstream socket could not be opened or connected
+    STOPPING = "stopping"  # the daemon began to stop before the relay did
+    IDLE_TIMEOUT = "idle_timeout"  # a relayed connection moved nothing for --idle-timeout
+    NO_FLOW = "no_flow"  # UDP: a datagram without a header, for no open flow
+    FLOW_LIMIT = "flow_limit"  # UDP: --max-udp-flows flows are open already
+    SEND_FAILED = "send_failed"  # UDP: the datagram could not be sent upstream
+    REPLY_FAILED = "reply_failed"  # UDP: a reply could not be sent back to the balancer
+    RECEIVE_BUFFER_FULL = "receive_buffer_full"  # UDP: the kernel dropped it, queue full
 
 
 class HeaderError(MmproxyError):
@@ -67,7 +91,7 @@ class RefusedError(MmproxyError):
     message (``msg``) and ``detail`` the specifics (the ``error`` field).
     """
 
-    def __init__(self, reason: str, message: str, detail: str = "") -> None:
+    def __init__(self, reason: Refusal, message: str, detail: str = "") -> None:
         super().__init__(f"{message}: {detail}" if detail else message)
         self.reason = reason
         self.message = message

@@ -24,9 +24,10 @@ from collections import Counter
 from typing import Any
 
 from mmproxy import logs
-from mmproxy.config import Endpoint, IPAddress
-from mmproxy.errors import RefusedError
+from mmproxy.config import Endpoint
+from mmproxy.errors import Refusal
 from mmproxy.eventloop import EventLoop
+from mmproxy.header import IPAddress
 from mmproxy.metrics import TO_CLIENT, Metrics
 
 # Room for the largest datagram (65,507 payload bytes over IPv4, 65,527 over IPv6), so
@@ -34,24 +35,11 @@ from mmproxy.metrics import TO_CLIENT, Metrics
 DATAGRAM_BUFFER = 65536
 REPLY_BATCH = 64  # replies read from one flow per turn before the loop serves the others
 
-# Log ``reason`` codes (and counter names) for dropped datagrams that are not header errors.
-NOT_ALLOWED = "not_allowed"
-WRONG_VERSION = "wrong_version"
-WRONG_TRANSPORT = "wrong_transport"
-UPSTREAM_FAILED = "upstream_failed"
-NO_FLOW = "no_flow"
-FLOW_LIMIT = "flow_limit"
-SEND_FAILED = "send_failed"
-REPLY_FAILED = "reply_failed"
-RECEIVE_BUFFER_FULL = "receive_buffer_full"  # the kernel dropped it: the listener's queue was full
 
 Sender = tuple[Any, ...]  # an address as recvfrom returns it: (host, port[, flowinfo, scope])
 FlowKey = tuple[Sender, tuple[str, int] | None, Endpoint]
 # A datagram's flow key, the address to impersonate (None: none) and the target.
 Route = tuple[FlowKey, tuple[IPAddress, int] | None, Endpoint]
-
-
-DroppedError = RefusedError  # a datagram that is not relayed: the same idea as for TCP
 
 
 class Flow:
@@ -189,7 +177,7 @@ class Replies:
                 break
             except ConnectionRefusedError:
                 # An earlier datagram to the backend got "port unreachable" back.
-                self.counts[f"dropped.{SEND_FAILED}"] += 1
+                self.counts[f"dropped.{Refusal.SEND_FAILED}"] += 1
                 continue
             except OSError as error:
                 flow.log.drop(logs.MSG_UDP_READ_FAILED, error)
@@ -199,8 +187,8 @@ class Replies:
             return
         failed, failed_bytes, problem = send_datagrams(flow.listener, replies, flow.sender)
         if failed:
-            self.counts[f"dropped.{REPLY_FAILED}"] += failed
-            self._metrics.udp_dropped(REPLY_FAILED, failed)
+            self.counts[f"dropped.{Refusal.REPLY_FAILED}"] += failed
+            self._metrics.udp_dropped(Refusal.REPLY_FAILED, failed)
             flow.log.drop("cannot send a reply to the load balancer", problem)
         sent = len(replies) - failed
         if sent:

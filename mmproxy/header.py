@@ -50,9 +50,18 @@ class Transport(enum.IntEnum):
     DGRAM = 0x2
 
 
+def host_port(host: object, port: int) -> str:
+    """``host:port`` as go-mmproxy (Go's net.JoinHostPort) writes it: an IPv6 host in brackets.
+
+    The one formatter of an address in mmproxy's logs, messages and flags.
+    """
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class InetAddress:
-    """An IP address and port from a header."""
+    """An IP address and port: from a header, or (as :class:`mmproxy.config.Endpoint`) a flag."""
 
     host: IPAddress
     port: int
@@ -62,9 +71,7 @@ class InetAddress:
         return cls(ipaddress.ip_address(host), port)
 
     def __str__(self) -> str:
-        if self.host.version == 6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from mmproxy import logs, upstream
 from mmproxy.config import Config
+from mmproxy.header import host_port
 
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 BACK_OFF = 0.1  # seconds to pause accept() after a resource error
@@ -53,15 +54,16 @@ OnAccept = Callable[[socket.socket, tuple[str, int], int], None]
 class Throttle:
     """Lets a repeated message through at most once per ``interval`` seconds, counting the rest."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval = interval
+        self._clock = clock
         self._lock = threading.Lock()
         self._next = 0.0
         self._suppressed = 0
 
     def ready(self) -> int | None:
         """The number suppressed since the last one let through, or None to stay quiet."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if now < self._next:
                 self._suppressed += 1
@@ -151,7 +153,7 @@ class ListenerThread:
     @property
     def address(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return logs.go_address(host, port)
+        return host_port(host, port)
 
     def start(self, protocol: str) -> None:
         """Start serving and log ``listening`` (the address, with the real port for port 0)."""

@@ -40,7 +40,8 @@ from typing import Any, TextIO
 from pythonjsonlogger.json import JsonFormatter
 
 from mmproxy import tlv
-from mmproxy.errors import HeaderError
+from mmproxy.errors import HeaderError, Refusal
+from mmproxy.header import host_port
 
 LOGGER_NAME = "mmproxy"
 LOG_FORMATS = ("json", "text")
@@ -96,20 +97,20 @@ MSG_UDP_FLOW_LIMIT = "UDP flow limit reached"
 # Which message a refusal's ``reason`` code is logged with.  Codes not listed are the
 # PROXY parser's (mmproxy.errors.Reason) and the other header checks: go-mmproxy
 # reports all of those as a header it failed to parse.
-_TCP_MESSAGE_OF_REASON = {
-    "not_allowed": MSG_ORIGIN_NOT_ALLOWED,
-    "header_timeout": MSG_READ_HEADER_FAILED,
-    "read_error": MSG_READ_HEADER_FAILED,
-    "bad_destination": MSG_UPSTREAM_FAILED,  # go dials what the header names, and fails
-    "upstream_failed": MSG_UPSTREAM_FAILED,
+_TCP_MESSAGE_OF_REASON: dict[str, str] = {
+    Refusal.NOT_ALLOWED: MSG_ORIGIN_NOT_ALLOWED,
+    Refusal.HEADER_TIMEOUT: MSG_READ_HEADER_FAILED,
+    Refusal.READ_ERROR: MSG_READ_HEADER_FAILED,
+    Refusal.BAD_DESTINATION: MSG_UPSTREAM_FAILED,  # go dials what the header names, and fails
+    Refusal.UPSTREAM_FAILED: MSG_UPSTREAM_FAILED,
 }
-_UDP_MESSAGE_OF_REASON = {
-    "not_allowed": MSG_PACKET_NOT_ALLOWED,
-    "bad_destination": MSG_UDP_CONNECT_FAILED,
-    "upstream_failed": MSG_UDP_CONNECT_FAILED,
-    "send_failed": MSG_UDP_WRITE_FAILED,
-    "no_flow": MSG_UDP_NO_FLOW,
-    "flow_limit": MSG_UDP_FLOW_LIMIT,
+_UDP_MESSAGE_OF_REASON: dict[str, str] = {
+    Refusal.NOT_ALLOWED: MSG_PACKET_NOT_ALLOWED,
+    Refusal.BAD_DESTINATION: MSG_UDP_CONNECT_FAILED,
+    Refusal.UPSTREAM_FAILED: MSG_UDP_CONNECT_FAILED,
+    Refusal.SEND_FAILED: MSG_UDP_WRITE_FAILED,
+    Refusal.NO_FLOW: MSG_UDP_NO_FLOW,
+    Refusal.FLOW_LIMIT: MSG_UDP_FLOW_LIMIT,
 }
 
 
@@ -192,18 +193,13 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 }
 
 
-def go_address(host: str, port: int) -> str:
-    """``host:port`` as Go writes it, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def local_address(sock: socket.socket) -> str:
     """The socket's own address as Go writes it (``localAddr``), or ``?`` when it has none."""
     try:
         host, port = sock.getsockname()[:2]
     except OSError:
         return "?"
-    return go_address(str(host), int(port))
+    return host_port(host, int(port))
 
 
 def _timestamp(created: float) -> str:

@@ -39,27 +39,37 @@ from prometheus_client.exposition import MetricsHandler
 
 from mmproxy import __version__
 from mmproxy.config import Endpoint
-from mmproxy.errors import Reason
+from mmproxy.errors import Reason, Refusal
 
 NAMESPACE = "mmproxy"
 
-# Refusals before a byte is read.
-REFUSED_NOT_ALLOWED = "not_allowed"  # the peer is not in the allowed subnets
-REFUSED_REASONS = (REFUSED_NOT_ALLOWED,)
-
-# Header failures that are not parse errors (the parser's are the Reason codes).
-HEADER_TIMEOUT = "header_timeout"
-WRONG_TRANSPORT = "wrong_transport"
-BAD_SOURCE = "bad_source"  # a source no real client can have (mmproxy.policy)
-BAD_DESTINATION = "bad_destination"  # a -dynamic-destination target the policy refuses
-READ_ERROR = "read_error"  # the peer reset the connection (or similar) while sending its header
-HEADER_REASONS = (
-    *(reason.value for reason in Reason),
-    HEADER_TIMEOUT,
-    WRONG_TRANSPORT,
-    BAD_SOURCE,
-    BAD_DESTINATION,
-    READ_ERROR,
+# The label values each reason-labelled counter declares (at 0, from the start).
+# Refusals before a byte is read:
+REFUSED_REASONS: tuple[str, ...] = (Refusal.NOT_ALLOWED,)
+# A TCP connection refused before its relay: the parser's Reason codes and these.
+HEADER_REASONS: tuple[str, ...] = (
+    *Reason,
+    Refusal.HEADER_TIMEOUT,
+    Refusal.READ_ERROR,
+    Refusal.WRONG_TRANSPORT,
+    Refusal.BAD_SOURCE,
+    Refusal.BAD_DESTINATION,
+    Refusal.STOPPING,
+)
+# A UDP datagram dropped: the parser's Reason codes and these.
+DROP_REASONS: tuple[str, ...] = (
+    *Reason,
+    Refusal.NOT_ALLOWED,
+    Refusal.WRONG_VERSION,
+    Refusal.WRONG_TRANSPORT,
+    Refusal.BAD_SOURCE,
+    Refusal.BAD_DESTINATION,
+    Refusal.UPSTREAM_FAILED,
+    Refusal.NO_FLOW,
+    Refusal.FLOW_LIMIT,
+    Refusal.SEND_FAILED,
+    Refusal.REPLY_FAILED,
+    Refusal.RECEIVE_BUFFER_FULL,
 )
 
 TO_TARGET = "to_target"
@@ -68,11 +78,11 @@ DIRECTIONS = (TO_TARGET, TO_CLIENT)
 # Why the kernel relay did not take a pair (mmproxy.sockmap's FALLBACK_* values).
 KERNEL_FALLBACK_REASONS = ("insert_failed", "busy", "ended")
 
-# Seconds from accept to a complete header: a local load balancer sends it at
-# once (well under a millisecond); slow or split headers take longer.
 METRICS_WORKERS = 4  # threads answering scrapes; Prometheus sends one at a time per target
 _CLOSE_POLL = 0.5  # seconds between looks at "closing" while every worker is busy
 
+# Seconds from accept to a complete header: a local load balancer sends it at
+# once (well under a millisecond); slow or split headers take longer.
 HEADER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -91,7 +101,7 @@ class Metrics:
         """A complete, valid header arrived ``seconds`` after the connection was taken up."""
 
     def header_error(self, reason: str) -> None:
-        """The header was refused: a parser reason code or one of ``HEADER_REASONS``."""
+        """The connection was refused before its relay: one of ``HEADER_REASONS``."""
 
     def upstream_failed(self) -> None:
         """The upstream connection to the backend could not be made."""
@@ -259,6 +269,8 @@ class PrometheusMetrics(Metrics):
             self._kernel_fallbacks.labels(reason)
         self._refused = {reason: refused.labels(reason) for reason in REFUSED_REASONS}
         self._header_errors = {reason: header_errors.labels(reason) for reason in HEADER_REASONS}
+        for reason in DROP_REASONS:
+            self._udp_dropped.labels(reason)
         self._bytes_to_target = relayed_bytes.labels(TO_TARGET)
         self._bytes_to_client = relayed_bytes.labels(TO_CLIENT)
         self._datagrams = {direction: datagrams.labels(direction) for direction in DIRECTIONS}

@@ -1,9 +1,9 @@
 """Sockets with nothing to say wait here, many on one thread.
 
 A connection may stay silent for minutes between messages (keep-alive HTTP, WebSockets, a
-database pool), or before its first one.  A thread per quiet connection costs memory: ~16 KiB
-on a GIL build, ~90 KiB or more on a free-threaded one, where each thread also owns allocator
-pages for everything it ever allocated.  So what waits for a quiet socket is *parked*: the
+database pool), or before its first one.  A thread per quiet connection costs memory (more on a
+free-threaded build, where each thread also owns allocator pages for everything it ever
+allocated; bench/README.md has the figures).  So what waits for a quiet socket is *parked*: the
 socket joins one epoll set served by one thread, and holds no thread until it has something to
 say (data, an end, an error, or a shutdown from another thread).  Then its job goes to the
 worker pool.

@@ -29,14 +29,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mmproxy.acl import AllowList, AllowListHolder
-from mmproxy.config import Config, Endpoint, IPAddress
-from mmproxy.errors import ConfigError, RefusedError
+from mmproxy.config import Config, Endpoint
+from mmproxy.errors import ConfigError, Refusal, RefusedError
+from mmproxy.header import IPAddress
 from mmproxy.protocol import InetAddress, ProxyHeader
 from mmproxy.upstream import plain_address
 
-BAD_SOURCE = "bad_source"
-BAD_DESTINATION = "bad_destination"
-REASONS = (BAD_SOURCE, BAD_DESTINATION)
+REASONS = (Refusal.BAD_SOURCE, Refusal.BAD_DESTINATION)  # what decide() can refuse with
 
 LOCAL_TABLE = 255  # the kernel's table of this host's own addresses
 RTN_LOCAL = 2  # a route of type "local": an address of this host
@@ -229,7 +228,7 @@ def decide(
         why = unusable_source(host)
         if why is not None:
             raise RefusedError(
-                BAD_SOURCE,
+                Refusal.BAD_SOURCE,
                 "forged source in PROXY header",
                 f"source {Endpoint(host, client.port)} is {why}",
             )
@@ -240,7 +239,7 @@ def decide(
         target = _dynamic_target(destination, destinations)
         if source is not None and target.host.version != host.version:
             raise RefusedError(
-                BAD_DESTINATION,
+                Refusal.BAD_DESTINATION,
                 "unusable destination in PROXY header",
                 f"source {client} and destination {destination} differ in family",
             )
@@ -257,5 +256,5 @@ def _dynamic_target(destination: InetAddress, destinations: Destinations | None)
         why = destinations.why_not(host)
     if why is not None:
         detail = f"destination {destination} {why}"
-        raise RefusedError(BAD_DESTINATION, "unusable destination in PROXY header", detail)
+        raise RefusedError(Refusal.BAD_DESTINATION, "unusable destination in PROXY header", detail)
     return Endpoint(host, destination.port)

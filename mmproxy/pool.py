@@ -20,8 +20,8 @@ is reused first, while its memory is warm, and the ones at the bottom retire.
 The stack is a plain list used only through its atomic operations (``append``,
 ``pop``, ``remove``), so the hand-off takes no pool lock: on free-threaded
 CPython a contended ``threading.Lock`` spins with ``sched_yield``, and under
-connection churn the pool lock made 11 of the daemon's 20 yields per
-connection.  Each idle worker is popped by exactly one submitter (or by
+connection churn the pool lock was where most of the daemon's spinning came
+from (bench/README.md).  Each idle worker is popped by exactly one submitter (or by
 :meth:`WorkerPool.close`), which then puts one job (or None) in its queue.  A
 worker whose wait times out removes itself from the stack: if that fails, a
 submitter took it meanwhile and its job is on the way, so it waits for it.
@@ -46,9 +46,8 @@ from collections.abc import Callable
 Job = Callable[[], None]
 
 # Seconds an idle worker waits for a job before it exits.  Steady load reuses the few workers
-# on top of the stack within milliseconds; a burst's extra workers (a thread costs 16 KiB with
-# the GIL, 90-220 KiB free-threaded) go soon after the burst, now that quiet connections give
-# their threads back.
+# on top of the stack; a burst's extra workers (each one's memory: bench/README.md) go soon
+# after the burst, since quiet connections give their threads back.
 DEFAULT_IDLE_TIMEOUT = 5.0
 FULL_WAIT = 1.0  # seconds a submitter waits at max_workers for a worker to come free
 _FULL_POLL = 0.005  # seconds between looks at the idle stack while waiting at the bound

@@ -20,6 +20,9 @@ Descriptor ownership: the connection owns the client socket from accept, and bot
 once the relay starts (:class:`~mmproxy.relay.Pair` holds them), and only ``_finish`` closes
 them, under the connection's lock.  :meth:`Connection.abort` (graceful stop) only ever shuts
 sockets down, under the same lock, never closes them; the lot never closes a socket.
+
+:class:`TcpServer` (at the end) is the TCP side of :mod:`mmproxy.server`: acceptors, the
+admission check, the :class:`Tracker` of live connections, and the drain.
 """
 
 from __future__ import annotations
@@ -28,40 +31,51 @@ import contextlib
 import enum
 import errno
 import ipaddress
+import logging
 import math
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mmproxy import logs, policy, upstream
+from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint
-from mmproxy.errors import HeaderError, Reason, RefusedError
-from mmproxy.metrics import NO_METRICS, READ_ERROR, Metrics
+from mmproxy.errors import HeaderError, Reason, Refusal, RefusedError
+from mmproxy.header import host_port
+from mmproxy.listener import Acceptor, Throttle, listener_fields
+from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import BACKWARD, FORWARD, PEER_GONE, UNLIMITED, Pair, PipeBudget, Step
+from mmproxy.server import Server, Serving
 from mmproxy.sockmap import FALLBACK_ENDED, KernelPair, KernelRelay
 
 # A header is at most 16 + 65535 bytes (v2); one recv asks for what the parser
 # still needs, or this much, whichever is more, and never waits for more.
 RECV_SIZE = 16384
 
-# Log ``reason`` codes for refusals that are not header parse errors.
-NOT_ALLOWED = "not_allowed"
-HEADER_TIMEOUT = "header_timeout"
-WRONG_TRANSPORT = "wrong_transport"
-UPSTREAM_FAILED = "upstream_failed"
-STOPPING = "stopping"
-IDLE_TIMEOUT = "idle_timeout"
+# The refusal codes this module uses, by short name; errors.Refusal is the one vocabulary.
+HEADER_TIMEOUT = Refusal.HEADER_TIMEOUT
+IDLE_TIMEOUT = Refusal.IDLE_TIMEOUT
+READ_ERROR = Refusal.READ_ERROR
+STOPPING = Refusal.STOPPING
+UPSTREAM_FAILED = Refusal.UPSTREAM_FAILED
+WRONG_TRANSPORT = Refusal.WRONG_TRANSPORT
 
 _BEFORE_RELAY = "connection failed before the relay started"
 
 # Seconds a relay direction may wait for its source on a thread before it parks that socket
 # and gives the thread back (bench/README.md: how it was chosen).
 QUIET_GRACE = 0.25
+
+WORKERS_PER_CONNECTION = 2  # the most threads one TCP connection holds at once
+SPARE_WORKERS = 16  # for workers between a finished job and the idle stack
+AFTER_ABORT_WAIT = 5.0  # seconds connections get to unwind after being shut down
+DRAIN_POLL = 0.2  # seconds between looks for a second stop signal while draining
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +207,7 @@ class Connection:
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
                 **{
-                    logs.REMOTE_ADDR: logs.go_address(*peer),
+                    logs.REMOTE_ADDR: host_port(*peer),
                     logs.LOCAL_ADDR: logs.local_address(sock),
                     logs.LISTENER_NUM: listener_num,
                 }
@@ -602,3 +616,143 @@ def _header_timeout(received: int, timeout: float) -> RefusedError:
         "PROXY header timeout",
         f"no complete header within {timeout:g}s ({received} bytes received)",
     )
+
+
+class TcpServer(Server):
+    """Acceptors, workers and the live connections of one daemon run."""
+
+    protocol = "tcp"
+    relays = "connections"
+
+    def __init__(
+        self,
+        config: Config,
+        log: logging.Logger,
+        sockets: list[socket.socket],
+        capacity: int,
+        allow_list: AllowListHolder,
+        metrics: Metrics = NO_METRICS,
+        pipes: PipeBudget = UNLIMITED,
+        kernel: KernelRelay | None = None,
+        destinations: policy.Destinations | None = None,
+    ) -> None:
+        super().__init__(config, log, sockets, allow_list, metrics, destinations)
+        self._kernel = kernel
+        self._tracker = Tracker(capacity)
+        # Each connection holds at most two workers (header and connect, then one per direction).
+        self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
+        self._pool = WorkerPool(max_workers=self.max_workers)
+        metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
+        self._parking = ParkingLot(self._pool)
+        self._services = Services(
+            config,
+            logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),
+            self._pool,
+            self._tracker,
+            metrics,
+            pipes,
+            self._parking,
+            kernel=kernel,
+            destinations=destinations,
+        )
+        self._acceptors = [
+            Acceptor(sock, number, self._admit, log, self._wait_for_room)
+            for number, sock in enumerate(sockets)
+        ]
+        self._full = Throttle(10.0)
+
+    @property
+    def capacity(self) -> int:
+        return self._tracker.capacity
+
+    def live(self) -> int:
+        return len(self._tracker)
+
+    def _serving(self) -> Sequence[Serving]:
+        return self._acceptors
+
+    def _start_services(self) -> None:
+        self._parking.start()
+
+    def _wait_for_room(self) -> bool:
+        """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
+        tracker = self._tracker
+        if tracker.wait_for_room(0):
+            return True
+        metrics = self._metrics
+        metrics.accept_paused(True)
+        suppressed = self._full.ready()
+        if suppressed is not None:
+            self._log.warning(
+                "connection limit reached: not accepting until a connection ends",
+                extra={"maxConnections": tracker.capacity, "suppressed": suppressed},
+            )
+        try:
+            return tracker.wait_for_room()
+        finally:
+            metrics.accept_paused(False)
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
+        """Runs on an acceptor thread: decide before a byte is read, then hand over."""
+        services = self._services
+        services.metrics.accepted()
+        if not self.allows(peer[0]):
+            if services.log.failures:
+                services.log.failure(
+                    logs.MSG_ORIGIN_NOT_ALLOWED,
+                    "the peer is not in the allowed subnets",
+                    reason=Refusal.NOT_ALLOWED,
+                    **{
+                        logs.REMOTE_ADDR: host_port(*peer),
+                        logs.LOCAL_ADDR: logs.local_address(sock),
+                        logs.LISTENER_NUM: number,
+                    },
+                )
+            sock.close()
+            services.metrics.refused(Refusal.NOT_ALLOWED)
+            return
+        connection = Connection(sock, peer, number, services)
+        if not self._tracker.add(connection):  # waits at the cap; False: stopping
+            sock.close()
+            return
+        try:
+            self._pool.submit(connection.serve)
+        except (RuntimeError, OSError) as error:
+            connection.not_served(error)
+
+    def _stop_admitting(self) -> None:
+        self._tracker.close()  # wakes acceptors paused at the cap
+        for acceptor in self._acceptors:
+            acceptor.stop()
+
+    def _stopping_status(self) -> str:
+        return f"draining {self.live()} connections"
+
+    def _wind_down(self, cause: str, interrupted: Callable[[], bool]) -> None:
+        """Drain live connections, then shut the rest down and close the workers."""
+        timeout = self._config.drain_timeout
+        self._log.info(
+            "stopping: no longer accepting, draining live connections",
+            extra={"signal": cause, "liveConnections": self.live(), "drainTimeout": timeout},
+        )
+        if not self._drain(timeout, interrupted):
+            aborted = self._tracker.abort_all()
+            self._log.warning(
+                "drain ended: shutting the remaining connections down",
+                extra={"liveConnections": aborted},
+            )
+            self._tracker.wait_empty(AFTER_ABORT_WAIT)
+        self._parking.close()  # after the drain: parked connections are live ones
+        self._pool.close(timeout=1.0)
+        if self._kernel is not None:
+            self._kernel.close()
+
+    def _drain(self, timeout: float, interrupted: Callable[[], bool]) -> bool:
+        """Wait for live connections to end; False on timeout or when ``interrupted()``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._tracker.wait_empty(min(max(remaining, 0.0), DRAIN_POLL)):
+                return True
+            if remaining <= 0 or interrupted():
+                return False

@@ -17,8 +17,8 @@ header.  A datagram that does not start with the v2 signature belongs to the flo
 recently named by a header from the same balancer address and port; with none alive it is
 dropped.
 
-This module chooses a datagram's route (the parse and its checks) and owns the dispatchers:
-start, stop, totals.
+This module chooses a datagram's route (the parse and its checks) and holds the dispatchers
+on the shared server base (:mod:`mmproxy.server`): start, stop, totals.
 """
 
 from __future__ import annotations
@@ -27,26 +27,25 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 from mmproxy import logs, policy
 from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config
 from mmproxy.dispatch import Dispatcher, Shared
-from mmproxy.flows import (
-    WRONG_TRANSPORT,
-    WRONG_VERSION,
-    DroppedError,
-    FlowBudget,
-    Route,
-    Sender,
-)
+from mmproxy.errors import Refusal, RefusedError
+from mmproxy.flows import FlowBudget, Route, Sender
 from mmproxy.listener import Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.protocol import ProxyHeader, Transport, parse_complete
+from mmproxy.server import Server, Serving
 
 
-class UdpServer:
+class UdpServer(Server):
     """UDP listeners, their dispatchers, and the flows they open."""
+
+    protocol = "udp"
+    relays = "datagrams"
 
     def __init__(
         self,
@@ -58,11 +57,8 @@ class UdpServer:
         metrics: Metrics = NO_METRICS,
         destinations: policy.Destinations | None = None,
     ) -> None:
-        self._config = config
-        self._destinations = destinations
-        self.log = log
+        super().__init__(config, log, sockets, allow_list, metrics, destinations)
         self._budget = FlowBudget(capacity)
-        self._sockets = sockets
         shared = Shared(
             config=config,
             log=log,
@@ -83,23 +79,30 @@ class UdpServer:
     def capacity(self) -> int:
         return self._budget.capacity
 
-    @property
-    def open_flows(self) -> int:
+    def live(self) -> int:
         return len(self._budget)
 
-    def start(self) -> None:
-        for dispatcher in self._dispatchers:
-            dispatcher.start("udp")
+    @property
+    def open_flows(self) -> int:
+        return self.live()
 
-    def healthy(self) -> bool:
-        """Every dispatcher thread is serving (what the systemd watchdog vouches for)."""
-        return all(dispatcher.alive() for dispatcher in self._dispatchers)
+    def _serving(self) -> Sequence[Serving]:
+        return self._dispatchers
 
-    def stop(self, cause: str) -> None:
-        """Stop reading, close every flow, report the totals."""
-        self.log.info(
+    def _start_services(self) -> None:
+        pass  # each dispatcher's loop is all it needs, started with its thread
+
+    def _stop_admitting(self) -> None:
+        pass  # a dispatcher stops reading and closes its flows in one step (_wind_down)
+
+    def _stopping_status(self) -> str:
+        return "closing UDP flows"
+
+    def _wind_down(self, cause: str, interrupted: Callable[[], bool]) -> None:
+        """Stop reading and close every flow at once (a flow has no end to wait for)."""
+        self._log.info(
             "stopping: no longer reading datagrams, closing flows",
-            extra={"signal": cause, "liveFlows": len(self._budget)},
+            extra={"signal": cause, "liveFlows": self.live()},
         )
         totals: Counter[str] = Counter()
         for dispatcher in self._dispatchers:
@@ -110,8 +113,7 @@ class UdpServer:
             sock.close()
         totals.setdefault("received", 0)
         totals.setdefault("forwarded", 0)
-        self.log.info("udp totals", extra=dict(sorted(totals.items())))
-        self.log.info("stopped")
+        self._log.info("udp totals", extra=dict(sorted(totals.items())))
 
     # ------------------------------------------------------------ routes
 
@@ -125,12 +127,12 @@ class UdpServer:
         parsed = parse_complete(datagram)
         header = parsed.header
         if header.version == 1:
-            raise DroppedError(
-                WRONG_VERSION, "PROXY v1 header on a UDP listener", "UDP needs PROXY v2"
+            raise RefusedError(
+                Refusal.WRONG_VERSION, "PROXY v1 header on a UDP listener", "UDP needs PROXY v2"
             )
         if header.transport == Transport.STREAM:
-            raise DroppedError(
-                WRONG_TRANSPORT,
+            raise RefusedError(
+                Refusal.WRONG_TRANSPORT,
                 "wrong transport in PROXY header",
                 "the header announces STREAM (TCP) on a UDP listener",
             )

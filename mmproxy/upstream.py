@@ -15,7 +15,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmproxy.config import Endpoint, IPAddress
+from mmproxy.config import Endpoint
+from mmproxy.header import IPAddress, host_port
 
 # Linux option numbers; Python 3.11 lacks some names (IPV6_TRANSPARENT came later).
 SOL_IP = getattr(socket, "SOL_IP", 0)
@@ -189,6 +190,5 @@ def _step(what: str, where: object, call: Callable[..., object], *args: object) 
 
 def _show(where: object) -> str:
     if isinstance(where, tuple):
-        host, port = where[0], where[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return host_port(where[0], where[1])
     return str(where)

@@ -5,8 +5,8 @@
   never pull a C extension onto the data path.
 * Imports flow one way: the protocol layer knows nothing of configuration,
   logging or the CLI; configuration knows nothing of click; on the data path
-  pool/relay/upstream < tcp, udp < daemon, and only cli (and the tools'
-  commands) know click.
+  pool/relay/upstream/listener < server (the shared base) < tcp, udp < daemon, and only
+  cli (and the tools' commands) know click.
 * The operations modules sit beside the data path: metrics and routing know
   nothing of connections or the daemon (the data path and the daemon call
   them); notify is a few lines of stdlib; the demo runs mmproxy as a process,
@@ -169,13 +169,33 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         (
             "tcp.py",
             {
-                "mmproxy.listener",
+                "mmproxy.udp",
+                "mmproxy.dispatch",
+                "mmproxy.flows",
                 "mmproxy.daemon",
                 "mmproxy.cli",
                 "click",
                 "mmproxy.routing",
                 "mmproxy.demo",
                 "mmproxy.commands",
+            },
+        ),
+        # The servers' shared base: below both servers, above none of the data path's work.
+        (
+            "server.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.udp",
+                "mmproxy.dispatch",
+                "mmproxy.flows",
+                "mmproxy.listener",
+                "mmproxy.relay",
+                "mmproxy.pool",
+                "mmproxy.parking",
+                "mmproxy.daemon",
+                "mmproxy.notify",
+                "mmproxy.cli",
+                "click",
             },
         ),
         ("daemon.py", {"mmproxy.cli", "click", "mmproxy.demo", "mmproxy.commands"}),

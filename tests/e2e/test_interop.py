@@ -49,7 +49,7 @@ from interop import (
 )
 from netns import Backend
 
-from mmproxy.logs import go_address
+from mmproxy.header import host_port
 from mmproxy.protocol import InetAddress, Parsed, ProxyHeader, parse
 from mmproxy.tlv import (
     PP2_SUBTYPE_SSL_CIPHER,
@@ -207,7 +207,7 @@ def assert_backend_saw_client(
     line = f"{client} {port} {path} 200"
     lines = wait_for_line(stack.access_log, line)
     assert line in lines, f"backend access log lacks {line!r}: {lines[-10:]}\n{context}"
-    client_addr = go_address(client, port)
+    client_addr = host_port(client, port)
     daemon = stack.mmproxy
     established = daemon.wait_for(
         lambda log: (

@@ -154,9 +154,13 @@ def test_an_admission_bug_does_not_kill_the_acceptor(caplog: pytest.LogCaptureFi
 
 
 def test_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
-    throttle = Throttle(0.2)
+    now = [100.0]
+    throttle = Throttle(0.25, clock=lambda: now[0])
     assert throttle.ready() == 0
+    now[0] = 100.125
     assert throttle.ready() is None
+    now[0] = 100.2
     assert throttle.ready() is None
-    time.sleep(0.25)
+    now[0] = 100.25  # the interval has passed
     assert throttle.ready() == 2
+    assert throttle.ready() is None

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from mmproxy import flows, logs, tcp, tlv
-from mmproxy.errors import HeaderError, Reason
+from mmproxy import logs, tlv
+from mmproxy.errors import HeaderError, Reason, Refusal
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
@@ -414,18 +414,20 @@ def go_messages() -> dict[str, str]:
 
 def test_every_refusal_reason_has_a_message() -> None:
     """Each reason code the relays log maps to go-mmproxy's message for that event."""
-    assert logs.tcp_refusal_message(tcp.NOT_ALLOWED) == "connection origin not in allowed subnets"
-    assert logs.tcp_refusal_message(tcp.HEADER_TIMEOUT) == "failed to read PROXY header"
-    assert logs.tcp_refusal_message(tcp.UPSTREAM_FAILED) == (
+    assert (
+        logs.tcp_refusal_message(Refusal.NOT_ALLOWED) == "connection origin not in allowed subnets"
+    )
+    assert logs.tcp_refusal_message(Refusal.HEADER_TIMEOUT) == "failed to read PROXY header"
+    assert logs.tcp_refusal_message(Refusal.UPSTREAM_FAILED) == (
         "failed to establish upstream connection"
     )
-    assert logs.tcp_refusal_message(tcp.WRONG_TRANSPORT) == "failed to parse PROXY header"
+    assert logs.tcp_refusal_message(Refusal.WRONG_TRANSPORT) == "failed to parse PROXY header"
     assert logs.tcp_refusal_message(Reason.V1_BAD_SYNTAX.value) == "failed to parse PROXY header"
-    assert logs.udp_drop_message(flows.NOT_ALLOWED) == "packet origin not in allowed subnets"
-    assert logs.udp_drop_message(flows.UPSTREAM_FAILED) == "failed to connect to upstream"
-    assert logs.udp_drop_message(flows.SEND_FAILED) == "failed to write to upstream socket"
-    assert logs.udp_drop_message(flows.WRONG_VERSION) == "failed to parse PROXY header"
-    for reason in (flows.NO_FLOW, flows.FLOW_LIMIT):
+    assert logs.udp_drop_message(Refusal.NOT_ALLOWED) == "packet origin not in allowed subnets"
+    assert logs.udp_drop_message(Refusal.UPSTREAM_FAILED) == "failed to connect to upstream"
+    assert logs.udp_drop_message(Refusal.SEND_FAILED) == "failed to write to upstream socket"
+    assert logs.udp_drop_message(Refusal.WRONG_VERSION) == "failed to parse PROXY header"
+    for reason in (Refusal.NO_FLOW, Refusal.FLOW_LIMIT):
         assert logs.udp_drop_message(reason) != "failed to parse PROXY header"
 
 

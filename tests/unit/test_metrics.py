@@ -10,12 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmproxy import __version__
 from mmproxy.config import Endpoint
-from mmproxy.errors import Reason
+from mmproxy.errors import Reason, Refusal
 from mmproxy.metrics import (
+    DROP_REASONS,
     HEADER_REASONS,
     NO_METRICS,
-    READ_ERROR,
-    REFUSED_NOT_ALLOWED,
+    REFUSED_REASONS,
     TO_CLIENT,
     TO_TARGET,
     Metrics,
@@ -32,9 +32,9 @@ def test_connection_outcomes_are_counted() -> None:
     metrics = PrometheusMetrics()
     for _ in range(3):
         metrics.accepted()
-    metrics.refused(REFUSED_NOT_ALLOWED)
+    metrics.refused(Refusal.NOT_ALLOWED)
     metrics.header_error(Reason.V1_BAD_SYNTAX)
-    metrics.header_error(READ_ERROR)
+    metrics.header_error(Refusal.READ_ERROR)
     metrics.upstream_failed()
     assert value(metrics, "mmproxy_connections_accepted_total") == 3
     assert value(metrics, "mmproxy_connections_refused_total", reason="not_allowed") == 1
@@ -49,8 +49,10 @@ def test_every_known_reason_is_exported_from_the_start() -> None:
     metrics = PrometheusMetrics()
     for reason in HEADER_REASONS:
         assert value(metrics, "mmproxy_header_errors_total", reason=reason) == 0, reason
-    for reason in (REFUSED_NOT_ALLOWED,):
+    for reason in REFUSED_REASONS:
         assert value(metrics, "mmproxy_connections_refused_total", reason=reason) == 0
+    for reason in DROP_REASONS:
+        assert value(metrics, "mmproxy_udp_datagrams_dropped_total", reason=reason) == 0, reason
     for direction in (TO_TARGET, TO_CLIENT):
         assert value(metrics, "mmproxy_relayed_bytes_total", direction=direction) == 0
         assert value(metrics, "mmproxy_udp_datagrams_total", direction=direction) == 0
@@ -108,7 +110,7 @@ def test_disabled_metrics_accept_every_call() -> None:
     assert PrometheusMetrics().enabled
     calls = [
         NO_METRICS.accepted,
-        lambda: NO_METRICS.refused(REFUSED_NOT_ALLOWED),
+        lambda: NO_METRICS.refused(Refusal.NOT_ALLOWED),
         lambda: NO_METRICS.header_parsed(0.1),
         lambda: NO_METRICS.header_error("incomplete"),
         NO_METRICS.upstream_failed,

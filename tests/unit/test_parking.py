@@ -73,6 +73,21 @@ class Rig:
             self._changed.wait_for(lambda: len(self.resumed) >= count, timeout)
             return list(self.resumed)
 
+    def round_trip(self) -> None:
+        """Return once the lot has polled after everything parked so far, and handed over.
+
+        A sentinel pair is parked and woken; the poll that reports it reports every other
+        ready socket too (level-triggered), and takes those spots out of the lot in the same
+        turn.  So afterwards a spot still counted in the lot was not ready: no sleep needed.
+        """
+        client, daemon_client, daemon_upstream, _backend = self.legs()
+        sentinel = Pair(daemon_client, daemon_upstream)
+        self.park(sentinel)
+        client.sendall(b"!")
+        with self._changed:
+            assert self._changed.wait_for(lambda: sentinel in self.resumed, 5.0)
+            self.resumed.remove(sentinel)
+
     def close(self) -> None:
         self.lot.close()
         self.pool.close(timeout=5)
@@ -92,7 +107,7 @@ def test_a_parked_pair_resumes_when_either_side_has_something(rig: Rig, wake: st
     client, daemon_client, daemon_upstream, backend = rig.legs()
     pair = Pair(daemon_client, daemon_upstream)
     rig.park(pair)
-    time.sleep(0.1)
+    rig.round_trip()
     assert rig.resumed == [], "nothing happened yet: still parked"
     assert len(rig.lot) == 1
     if wake == "client data":
@@ -122,7 +137,7 @@ def test_parked_pairs_hold_no_thread_and_leave_one_by_one(rig: Rig) -> None:
         client.sendall(b"go")
     resumed = rig.wait_resumed(50)
     assert {id(pair) for pair in resumed} == {id(pair) for _client, pair in parked[::2]}
-    time.sleep(0.1)
+    rig.round_trip()
     assert len(rig.resumed) == 50, "only the pairs with data left"
     assert len(rig.lot) == 50
 
@@ -171,7 +186,7 @@ def test_a_spot_withdrawn_before_it_is_handed_over_never_runs(rig: Rig) -> None:
     assert len(rig.lot) == 0
     assert not rig.lot.withdraw(daemon_client), "gone already"
     client.sendall(b"x")
-    time.sleep(0.1)
+    rig.round_trip()
     assert rig.resumed == []
     rig.park(pair)  # its sockets can wait again
     assert rig.wait_resumed(1) == [pair]

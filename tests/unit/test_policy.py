@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mmproxy import metrics, policy
 from mmproxy.acl import AllowList
 from mmproxy.config import Config, Endpoint, build_config
-from mmproxy.errors import RefusedError
+from mmproxy.errors import Refusal, RefusedError
 from mmproxy.protocol import InetAddress, ProxyHeader
 
 PEER = ipaddress.ip_address("127.0.0.1")
@@ -99,7 +99,7 @@ def test_sources_no_client_can_have_are_refused(tmp_path: Path, source: str) -> 
     config = make_config(tmp_path)
     with pytest.raises(RefusedError) as caught:
         policy.decide(proxy((source, 1234), ("192.0.2.1", 443)), PEER, config, None)
-    assert caught.value.reason == policy.BAD_SOURCE
+    assert caught.value.reason == Refusal.BAD_SOURCE
     assert str(policy.plain_address(ipaddress.ip_address(source))) in caught.value.detail
 
 
@@ -158,7 +158,7 @@ def test_without_the_file_only_this_hosts_addresses_are_destinations(tmp_path: P
     for outside in ("169.254.169.254", "10.0.0.1", "192.0.2.1"):
         with pytest.raises(RefusedError) as caught:
             policy.decide(proxy(client, (outside, 80)), PEER, config, destinations)
-        assert caught.value.reason == policy.BAD_DESTINATION
+        assert caught.value.reason == Refusal.BAD_DESTINATION
         assert "not an address of this host" in caught.value.detail
 
 
@@ -180,7 +180,7 @@ def test_the_file_replaces_the_local_rule_but_never_allows_the_unusable(
     destinations = policy.Destinations(listed)
     with pytest.raises(RefusedError) as caught:
         policy.decide(proxy(("198.51.100.7", 1), (destination, 80)), PEER, config, destinations)
-    assert caught.value.reason == policy.BAD_DESTINATION
+    assert caught.value.reason == Refusal.BAD_DESTINATION
     assert why in caught.value.detail
 
 
@@ -197,7 +197,7 @@ def test_port_zero_and_a_family_mismatch_are_bad_destinations(tmp_path: Path) ->
     for source, destination in ((("198.51.100.7", 1), ("127.0.0.1", 0)),):
         with pytest.raises(RefusedError) as caught:
             policy.decide(proxy(source, destination), PEER, config, destinations)
-        assert caught.value.reason == policy.BAD_DESTINATION
+        assert caught.value.reason == Refusal.BAD_DESTINATION
     header = ProxyHeader.proxy(InetAddress.of("198.51.100.7", 1), InetAddress.of("127.0.0.1", 80))
     mixed = ProxyHeader(**{**_fields(header), "destination": InetAddress.of("::1", 80)})
     with pytest.raises(RefusedError) as caught:

@@ -22,9 +22,9 @@ from test_config import GO_DEFAULTS
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import build_config
 from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, Dispatcher
+from mmproxy.errors import Refusal
 from mmproxy.eventloop import EventLoop
 from mmproxy.flows import (
-    FLOW_LIMIT,
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
     GSO_MAX_SIZE,
@@ -168,7 +168,7 @@ def test_no_route_is_cached_without_a_flow(backend: socket.socket) -> None:
         for number in range(50):
             rig.send(second, encode(ProxyHeader.local(tlvs=(Noop(bytes(number)),))) + b"out")
         assert backend.recv(10) == b"in"
-        assert rig.dispatcher.counts[f"dropped.{FLOW_LIMIT}"] == 50
+        assert rig.dispatcher.counts[f"dropped.{Refusal.FLOW_LIMIT}"] == 50
         assert len(rig.dispatcher.routes) == 1
     finally:
         rig.close()
