@@ -96,7 +96,8 @@ FLAGS: tuple[_Flag, ...] = (
           "closed (0: never)", _env("IDLE_TIMEOUT"), go=False),
     _Flag("relay", "relay", click.STRING, "splice",
           "How established TCP connections are relayed: splice (threads, zero copy), sockmap "
-          "(inside the kernel, needs CAP_BPF and Linux 5.13+), auto (sockmap when it works)",
+          "(inside the kernel, needs CAP_BPF and Linux 5.13+; no backpressure yet), auto "
+          "(splice, until sockmap has backpressure)",
           _env("RELAY"), go=False, metavar="splice|sockmap|auto"),
     _Flag("log-format", "log_format", click.STRING, "json",
           "Log format: json or text", _env("LOG_FORMAT"), go=False, metavar="json|text"),

@@ -57,6 +57,12 @@ DEFAULT_FLOW_CEILING = (
     65536  # default --max-udp-flows on a huge limit: a flow is a socket, no thread
 )
 FDS_RESERVED = 64  # stdio, listeners, log files, and room for the daemon's own work
+# Why --relay auto runs splice (README: the kernel relay's limits).
+AUTO_DECLINES = (
+    "the kernel relay has no backpressure: toward a backend that does not read, a client's "
+    "data queues in kernel memory without bound; use --relay sockmap to choose it anyway"
+)
+
 # Pairs the kernel relay's maps hold at most (2 entries each); more go to splice, counted.
 MAX_KERNEL_PAIRS = 65536
 
@@ -189,23 +195,21 @@ def run(config: Config, log: logging.Logger) -> int:
 
 
 def choose_relay(config: Config, capacity: int, log: logging.Logger) -> KernelRelay | None:
-    """The kernel relay for ``--relay sockmap|auto`` when it works here; one log line says which.
+    """The kernel relay for ``--relay sockmap``; one log line says which relay runs and why.
 
+    ``auto`` runs splice while the kernel relay has no backpressure (the reason says so).
     Raises UnavailableError for ``sockmap`` when it cannot work (start-up then stops).
     """
     if config.relay == "splice":
         log.info("relay: splice", extra={"relay": "splice", "reason": "--relay splice"})
         return None
-    try:
-        kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
-    except UnavailableError as error:
-        if config.relay == "sockmap":
-            raise
+    if config.relay == "auto":
         log.info(
-            "relay: splice (the kernel relay is not available here)",
-            extra={"relay": "splice", "reason": str(error)},
+            "relay: splice (auto does not choose the kernel relay: it has no backpressure)",
+            extra={"relay": "splice", "reason": AUTO_DECLINES},
         )
         return None
+    kernel = KernelRelay.open(min(capacity, MAX_KERNEL_PAIRS))
     log.info(
         "relay: sockmap (established connections are relayed inside the kernel)",
         extra={

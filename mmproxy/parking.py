@@ -99,8 +99,11 @@ class ParkingLot:
         timeout: float,
         expire: Callable[[], None] = _nothing,
         abandon: Callable[[], None],
+        events: int = EVENTS,
     ) -> None:
         """Hold ``sockets`` until one has something or ``timeout`` seconds pass (0: never).
+
+        ``events``: what counts as something (errors and hang-ups always do).
 
         Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
         out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
@@ -116,7 +119,7 @@ class ParkingLot:
             try:
                 for sock in sockets:
                     fd = sock.fileno()
-                    self._epoll.register(fd, EVENTS)
+                    self._epoll.register(fd, events)
                     fds.append(fd)
             except OSError:
                 for fd in fds:

@@ -38,28 +38,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import select
 import socket
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mmproxy import bpf
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
+from mmproxy.tcpinfo import cookie, counters, inq, revents
 
-SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
-SIOCINQ = termios.FIONREAD
-SIOCOUTQ = termios.TIOCOUTQ
-
-# struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
-_TCP_INFO_SIZE = 136
-_STATE, _LAST_DATA_SENT, _LAST_DATA_RECV, _BYTES_ACKED, _BYTES_RECEIVED = 0, 44, 52, 120, 128
+# What a parked pair waits for: an end (errors and hang-ups come anyway).  Not EPOLLIN: the
+# kernel signals "data ready" for every segment it redirects, and each would wake the lot.
+_ENDS = select.EPOLLRDHUP
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
@@ -78,57 +71,9 @@ FALLBACK_BUSY = "busy"  # data kept coming while draining: never a quiet moment 
 # and what is left is one direction, which splice relays as well.
 FALLBACK_ENDED = "ended"
 
-_WATCH = select.POLLIN | select.POLLRDHUP | select.POLLPRI
-
 
 class UnavailableError(Exception):
     """The kernel relay cannot work here; ``str()`` says why in one line."""
-
-
-def cookie(sock: socket.socket) -> bytes:
-    """The socket's cookie (``SO_COOKIE``): the key the program looks sockets up by."""
-    return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
-
-
-@dataclass(frozen=True, slots=True)
-class TcpCounters:
-    """What ``TCP_INFO`` and ``SIOCOUTQ`` say about one socket."""
-
-    state: int
-    last_data_sent: int  # milliseconds ago
-    last_data_recv: int
-    bytes_acked: int  # sequence space: counts a SYN or FIN too
-    bytes_received: int
-    outq: int  # written but not acknowledged yet
-
-    @property
-    def taken_in(self) -> int:
-        """Bytes written into this socket so far (acknowledged or queued), plus SYN/FIN."""
-        return self.bytes_acked + self.outq
-
-
-def counters(sock: socket.socket) -> TcpCounters:
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
-    return TcpCounters(
-        raw[_STATE],
-        struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
-        struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
-        struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
-        struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
-        outq,
-    )
-
-
-def _inq(sock: socket.socket) -> int:
-    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
-
-
-def _revents(sock: socket.socket) -> int:
-    poller = select.poll()
-    poller.register(sock, _WATCH)
-    ready = poller.poll(0)
-    return ready[0][1] if ready else 0
 
 
 class KernelRelay:
@@ -276,8 +221,8 @@ class KernelPair:
         if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
             return FALLBACK_ENDED
         for side, sock in enumerate(self._socks):  # before insertion: the kernel moves at once
-            received, inq, _fin = snapshot[side]
-            self._consumed[side] = received - inq
+            received, queued, _fin = snapshot[side]
+            self._consumed[side] = received - queued
             self._base[side] = counters(sock).taken_in
             self._user_sent[side] = self._counts[1 - side][0]
         try:
@@ -322,10 +267,10 @@ class KernelPair:
         """(bytes received, bytes still queued, 1 if a FIN is among them), read consistently."""
         while True:
             before = counters(sock).bytes_received
-            inq = _inq(sock)
-            fin = 1 if _revents(sock) & select.POLLRDHUP else 0
+            queued = inq(sock)
+            fin = 1 if revents(sock) & select.POLLRDHUP else 0
             if counters(sock).bytes_received == before:
-                return before, inq, fin
+                return before, queued, fin
 
     # ------------------------------------------------------------ watching
 
@@ -348,7 +293,7 @@ class KernelPair:
             return True
         wait = False
         for side, sock in enumerate(self._socks):
-            events = _revents(sock)
+            events = revents(sock)
             if events & select.POLLERR:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
@@ -433,7 +378,12 @@ class KernelPair:
         watched = tuple(sock for side, sock in enumerate(self._socks) if not self._fin[side])
         try:
             self._parking.park_sockets(
-                watched, self._step, self._fail, timeout=timeout, abandon=self._abandon
+                watched,
+                self._step,
+                self._fail,
+                timeout=timeout,
+                abandon=self._abandon,
+                events=_ENDS,
             )
         except RuntimeError:  # the lot is closed: the daemon is stopping
             self._pair.abort()

@@ -128,6 +128,8 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
             "sockmap.py",
             {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.cli", "click"},
         ),
+        # What the kernel relay reads about its sockets: below it, knowing nothing of it.
+        ("tcpinfo.py", {"mmproxy.sockmap", "mmproxy.bpf", "mmproxy.tcp", "mmproxy.relay"}),
         # The trust policy: below both transports, one decision for both; no sockets of its own.
         (
             "policy.py",
@@ -273,10 +275,10 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
     assert cycles(package_graph(package)) == [["cli", "commands", "cli"]]
 
 
-@pytest.mark.parametrize("module", ["notify.py", "eventloop.py", "bpf.py"])
+@pytest.mark.parametrize("module", ["notify.py", "eventloop.py", "bpf.py", "tcpinfo.py"])
 def test_stdlib_only_modules(module: str) -> None:
     """sd_notify is a datagram on a unix socket, the UDP event loop epoll and handlers, the BPF
-    assembler ctypes and bpf(2): no library, nothing of mmproxy."""
+    assembler ctypes and bpf(2), the TCP counters getsockopt: no library, nothing of mmproxy."""
     for name in _imports(module):
         top = name.split(".")[0]
         assert top in sys.stdlib_module_names or top == "__future__", f"{module} imports {name}"

@@ -1,0 +1,72 @@
+"""What the kernel says about one TCP socket: ``TCP_INFO``, the queue ioctls, poll events.
+
+The kernel relay (:mod:`mmproxy.sockmap`) cannot read its sockets once they are in a map;
+these counters are how it learns what moved and what is left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import select
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+SIOCINQ = termios.FIONREAD
+SIOCOUTQ = termios.TIOCOUTQ
+
+# struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
+_TCP_INFO_SIZE = 136
+_STATE, _LAST_DATA_SENT, _LAST_DATA_RECV, _BYTES_ACKED, _BYTES_RECEIVED = 0, 44, 52, 120, 128
+
+WATCH = select.POLLIN | select.POLLRDHUP | select.POLLPRI
+
+
+def cookie(sock: socket.socket) -> bytes:
+    """The socket's cookie (``SO_COOKIE``): the key the relay program looks sockets up by."""
+    return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCounters:
+    """What ``TCP_INFO`` and ``SIOCOUTQ`` say about one socket."""
+
+    state: int
+    last_data_sent: int  # milliseconds ago
+    last_data_recv: int
+    bytes_acked: int  # sequence space: counts a SYN or FIN too
+    bytes_received: int
+    outq: int  # written but not acknowledged yet
+
+    @property
+    def taken_in(self) -> int:
+        """Bytes written into this socket so far (acknowledged or queued), plus SYN/FIN."""
+        return self.bytes_acked + self.outq
+
+
+def counters(sock: socket.socket) -> TcpCounters:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return TcpCounters(
+        raw[_STATE],
+        struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
+        struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
+        struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
+        struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
+        outq,
+    )
+
+
+def inq(sock: socket.socket) -> int:
+    """Bytes queued for reading (``SIOCINQ``)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
+
+
+def revents(sock: socket.socket) -> int:
+    """The socket's poll events now (readable, ended, failed), without waiting."""
+    poller = select.poll()
+    poller.register(sock, WATCH)
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
