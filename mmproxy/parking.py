@@ -6,7 +6,12 @@ free-threaded build, where each thread also owns allocator pages for everything 
 allocated; bench/README.md has the figures).  So what waits for a quiet socket is *parked*: the
 socket joins one epoll set served by one thread, and holds no thread until it has something to
 say (data, an end, an error, or a shutdown from another thread).  Then its job goes to the
-worker pool.
+worker pool, unless the spot can ``move`` what came on the lot's own thread: a spot with a
+``move`` is given the lot's scratch buffer first and stays parked (its descriptors stay
+registered, no epoll_ctl per message) when that was enough; otherwise it leaves the lot and
+the job ``move`` returned runs on the lot's thread (which must never block).  A spot being
+moved is ``busy``: :meth:`ParkingLot.withdraw` leaves it alone, so only one thread ever
+serves a parked direction.
 
 The TCP connection parks a relay direction whose source has been quiet for a grace (its own
 source socket: a quiet direction parks while the other one streams, and a pair with both
@@ -28,12 +33,14 @@ and eventfd descriptors.  Spots still parked when the lot closes are given back 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,10 +51,14 @@ from mmproxy.pool import Job, WorkerPool
 # Readable, ended (either way) or failed: any of them means the relay has work to do.
 EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
 BATCH = 256  # events taken per epoll_wait
+SCRATCH = 64 * 1024  # bytes; the lot's buffer for moves (a read that fills it is bulk)
 
 _log = logging.getLogger(__name__)
 
 OnFailure = Callable[[BaseException], None]
+# Given the lot's scratch buffer: None to stay parked, or a job to run on the lot's thread
+# once the spot has left the lot.
+Move = Callable[[bytearray], Job | None]
 
 
 @dataclass(eq=False)
@@ -57,18 +68,76 @@ class _Spot:
     expire: Callable[[], None]  # runs (on the lot's thread) before resume when the time is up
     abandon: Callable[[], None]  # runs when the lot closes with the spot still parked
     deadline: float
+    move: Move | None = None
     fds: tuple[int, ...] = field(default=())
     left: bool = False  # handed over (or the lot closed): no longer ours
+    busy: bool = False  # its move runs on the lot's thread now: nobody else may take it
 
 
 def _nothing() -> None:
     """An expiry that needs no action: the resumed job sees its deadline has passed."""
 
 
-class ParkingLot:
-    """One thread waiting on every parked socket."""
+def lot_threads() -> int:
+    """Threads for the lot: one with the GIL (more would only take turns), one per CPU
+    without it, where a single thread moving every small message was the bottleneck."""
+    gil_enabled: Callable[[], bool] = getattr(sys, "_is_gil_enabled", lambda: True)
+    return 1 if gil_enabled() else max(1, os.cpu_count() or 1)
 
-    def __init__(self, pool: WorkerPool) -> None:
+
+class ParkingLot:
+    """Parked sockets spread over ``threads`` lots (:class:`_Lot`) by descriptor number."""
+
+    def __init__(self, pool: WorkerPool, scratch: int = SCRATCH, threads: int = 1) -> None:
+        self._lots = [_Lot(pool, scratch, f"-{n}" if n else "") for n in range(threads)]
+
+    def start(self) -> None:
+        for lot in self._lots:
+            lot.start()
+
+    def __len__(self) -> int:
+        """Spots parked now."""
+        return sum(len(lot) for lot in self._lots)
+
+    def park_sockets(
+        self,
+        sockets: Sequence[socket.socket],
+        resume: Job,
+        failed: OnFailure,
+        *,
+        timeout: float,
+        expire: Callable[[], None] = _nothing,
+        abandon: Callable[[], None],
+        move: Move | None = None,
+        events: int = EVENTS,
+    ) -> None:
+        """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket (a
+        spot with none, only a deadline, to the first lot)."""
+        lot = self._lots[sockets[0].fileno() % len(self._lots) if sockets else 0]
+        lot.park_sockets(
+            sockets,
+            resume,
+            failed,
+            timeout=timeout,
+            expire=expire,
+            abandon=abandon,
+            move=move,
+            events=events,
+        )
+
+    def withdraw(self, sock: socket.socket) -> bool:
+        """See :meth:`_Lot.withdraw` (a descriptor is parked in one lot at most)."""
+        return any(lot.withdraw(sock) for lot in self._lots)
+
+    def close(self) -> None:
+        for lot in self._lots:
+            lot.close()
+
+
+class _Lot:
+    """One thread waiting on its share of the parked sockets."""
+
+    def __init__(self, pool: WorkerPool, scratch: int, suffix: str) -> None:
         self._pool = pool
         self._lock = threading.Lock()
         self._by_fd: dict[int, _Spot] = {}
@@ -79,8 +148,11 @@ class ParkingLot:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
+        self._scratch = bytearray(scratch)  # only the lot's thread uses it
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="mmproxy-parking", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"mmproxy-parking{suffix}", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -99,6 +171,7 @@ class ParkingLot:
         timeout: float,
         expire: Callable[[], None] = _nothing,
         abandon: Callable[[], None],
+        move: Move | None = None,
         events: int = EVENTS,
     ) -> None:
         """Hold ``sockets`` until one has something or ``timeout`` seconds pass (0: never).
@@ -107,11 +180,12 @@ class ParkingLot:
 
         Then ``resume`` runs on the pool (after ``expire``, on this thread, if the time ran
         out).  ``failed`` runs instead when the pool cannot take the job; ``abandon`` when
-        the lot closes first.  Raises OSError when a socket cannot be registered, and
+        the lot closes first.  With ``move``, readiness runs that first (module docstring).
+        Raises OSError when a socket cannot be registered, and
         RuntimeError once the lot is closing; the caller then still has the sockets.
         """
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
-        spot = _Spot(resume, failed, expire, abandon, deadline)
+        spot = _Spot(resume, failed, expire, abandon, deadline, move)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the parking lot is closed")
@@ -141,11 +215,12 @@ class ParkingLot:
         """Take back the spot ``sock`` waits in, before it is handed over.
 
         True when it was still parked: it has left the lot and its jobs will never run (the
-        caller runs the work itself).  False when it is not here, or already handed over.
+        caller runs the work itself).  False when it is not here, already handed over, or
+        being moved on the lot's thread right now.
         """
         with self._lock:
             spot = self._by_fd.get(sock.fileno())
-            if spot is None or spot.left:
+            if spot is None or spot.left or spot.busy:
                 return False
             self._leave(spot)
             return True
@@ -183,17 +258,26 @@ class ParkingLot:
                 _log.exception("the parking lot's epoll failed")
                 return
             ready: list[_Spot] = []
+            moving: list[_Spot] = []
             with self._lock:
+                # Deadlines first: a spot that expired is handed over, not moved.
+                expired = self._expired(time.monotonic())
                 for fd, _mask in events:
                     if fd == self._wake:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake)
                         continue
                     spot = self._by_fd.get(fd)
-                    if spot is not None and not spot.left:
+                    if spot is None or spot.left or spot.busy:
+                        continue
+                    if spot.move is not None:
+                        spot.busy = True
+                        moving.append(spot)
+                    else:
                         self._leave(spot)
                         ready.append(spot)
-                expired = self._expired(time.monotonic())
+            if moving:
+                self._move(moving)
             for spot in expired:
                 spot.expire()
             for spot in (*ready, *expired):
@@ -231,6 +315,29 @@ class ParkingLot:
             self._by_fd.pop(fd, None)
             with contextlib.suppress(OSError):  # already gone from the set: nothing to undo
                 self._epoll.unregister(fd)
+
+    def _move(self, spots: list[_Spot]) -> None:
+        """Run the busy ``spots``' moves; each stays parked, or leaves and its follow-up runs
+        here.  One lock round for the batch."""
+        thens: list[Job | None] = []
+        for spot in spots:
+            try:
+                thens.append(spot.move(self._scratch) if spot.move is not None else None)
+            except Exception:  # noqa: BLE001 - a bug in a move must not stop the lot
+                _log.exception("a parked spot's move failed")
+                thens.append(functools.partial(self._hand_over, spot))
+        follow = []
+        with self._lock:
+            for spot, then in zip(spots, thens, strict=True):
+                spot.busy = False
+                if then is not None:
+                    self._leave(spot)
+                    follow.append(then)
+        for then in follow:
+            try:
+                then()
+            except Exception:  # noqa: BLE001
+                _log.exception("a parked spot's follow-up failed")
 
     def _hand_over(self, spot: _Spot) -> None:
         try:

@@ -22,9 +22,11 @@ through Python.  The rules that make a relay correct:
   (the parking lot) and run it again; the pair is not ended.
 * A direction holds no pipe until its first byte arrives (it waits with a
   one-byte ``MSG_PEEK``), so an idle connection costs 2 descriptors, not 6.
-  Pipes come out of a budget (:class:`PipeBudget`) so that they can never
-  starve accept() of descriptors; a direction that gets none copies through
-  a 64 KiB buffer instead: slower, never wrong.
+  Pipes come out of a budget (:class:`PipeBudget`); a direction that gets
+  none copies through a 64 KiB buffer instead: slower, never wrong.
+* A parked direction may be moved by another thread meanwhile
+  (:mod:`mmproxy.hop`); bytes it read but could not send wait in
+  :attr:`Pair.pending`, sent first when the direction runs again.
 * The idle timeout (off unless asked for) costs no polling: each socket gets
   ``SO_RCVTIMEO``, which the kernel applies to the blocking peek and to
   ``splice`` alike.  A direction whose read times out looks at when *either*
@@ -41,7 +43,6 @@ import enum
 import errno
 import fcntl
 import os
-import select
 import socket
 import struct
 import threading
@@ -315,6 +316,7 @@ class Pair:
         # bytes client->upstream, upstream->client; each list written by one direction only
         self.to_target = [0]
         self.to_client = [0]
+        self.pending = [b"", b""]  # per direction: read, not yet sent (see mmproxy.hop)
         self.error: OSError | None = None  # the first error either direction saw
         self.idle = False  # True when the idle timeout ended the pair
         self.aborted = False  # True once abort() shut the sockets down
@@ -333,14 +335,6 @@ class Pair:
         self._running = 2
         self._closed = False
 
-    def forward(self) -> Step:
-        """Relay client -> upstream (see :meth:`run`)."""
-        return self.run(FORWARD)
-
-    def backward(self) -> Step:
-        """Relay upstream -> client (see :meth:`run`)."""
-        return self.run(BACKWARD)
-
     def source(self, side: int) -> socket.socket:
         """The socket direction ``side`` reads from."""
         return self.client if side == FORWARD else self.upstream
@@ -352,6 +346,10 @@ class Pair:
         else:
             src, dst, counter = self.upstream, self.client, self.to_client
         try:
+            if pending := self.pending[side]:
+                self.pending[side] = b""
+                dst.sendall(pending)
+                counter[0] += len(pending)
             if not pump(src, dst, counter, self._watch, side, self._pipes, self._quiet):
                 return Step.QUIET
             self._shutdown(dst, socket.SHUT_WR)  # relay the half-close
@@ -361,10 +359,17 @@ class Pair:
             self._failed(error)
         return self._ended()
 
-    def end(self, error: OSError) -> Step:
-        """End a direction that cannot run again (its wait failed): the pair ends with ``error``."""
-        self._failed(error)
+    def end(self, error: OSError | None = None) -> Step:
+        """End a direction that does not run again: its source ended (its half-close was
+        relayed), or its wait failed with ``error``, which ends the pair."""
+        if error is not None:
+            self._failed(error)
         return self._ended()
+
+    def touch(self, side: int) -> None:
+        """Direction ``side`` moved bytes off its thread (the idle timeout counts them)."""
+        if self._watch is not None:
+            self._watch.touch(side)
 
     def _failed(self, error: OSError) -> None:
         with self._lock:
@@ -387,19 +392,6 @@ class Pair:
         """End the pair as idle if neither direction moved a byte for the whole idle timeout."""
         if self._watch is not None and self._watch.left() <= 0:
             self.expire()
-
-    def input_waiting(self) -> bool:
-        """Whether either socket has data, an end or an error now (never blocks)."""
-        return any(self.ready())
-
-    def ready(self) -> tuple[bool, bool]:
-        """Whether the client and the upstream socket have data, an end or an error now
-        (never blocks): which directions have something to move."""
-        poller = select.poll()
-        for sock in (self.client, self.upstream):
-            poller.register(sock, select.POLLIN)  # POLLHUP and POLLERR come unasked
-        ready = {fd for fd, _events in poller.poll(0)}
-        return self.client.fileno() in ready, self.upstream.fileno() in ready
 
     def expire(self) -> None:
         """End the pair as idle (both directions then find their sockets shut down)."""
@@ -429,12 +421,10 @@ class Pair:
     def _shutdown(self, sock: socket.socket, how: int) -> None:
         """Relay a half-close, from a direction's own thread.
 
-        Without the lock: the sockets are closed only by the direction that
-        finishes last, after this one has returned (or by others before either
-        direction started), so they are open for as long as a direction runs.
-        Only :meth:`abort`, which other threads call at any time, needs the lock
-        against :meth:`close`.  (Holding a lock across this system call made the
-        sibling direction spin for it, on free-threaded CPython.)
+        Without the lock: the sockets are closed only after both directions
+        ended, so they are open while a direction runs; only :meth:`abort`,
+        called at any time, needs the lock against :meth:`close`.  (Holding a
+        lock across this call made the sibling spin on free-threaded CPython.)
         """
         try:
             sock.shutdown(how)

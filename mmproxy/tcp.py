@@ -7,12 +7,12 @@ which closes, logs, counts and leaves the tracker exactly once.
 
 :meth:`Connection.serve` runs on a pool worker.  It reads the PROXY header with a deadline,
 connects upstream from the client's address, sends the bytes that arrived after the header,
-then runs the client -> backend direction while a second worker runs backend -> client.  A
-direction whose source has been quiet for :data:`QUIET_GRACE` parks that socket in the
-parking lot (:mod:`mmproxy.parking`) and gives its thread back; the lot runs it again on the
-pool when the socket has something (data, an end, an error), so a quiet connection holds no
-thread.  A header still arriving, and a connection with nothing to relay yet, wait in the lot
-too.  With ``--relay sockmap`` an established pair is handed to the kernel instead, at one
+then parks both relay directions in the parking lot (:mod:`mmproxy.parking`).  The lot moves
+small messages and relays the ends on its own thread (:mod:`mmproxy.hop`); a direction with
+bulk, or a slow reader, goes to a pool worker, which splices until its source has been quiet
+for :data:`QUIET_GRACE`, then parks the socket again.  So a quiet connection holds no thread,
+and a request, its answer and the closes need none.  A header still arriving waits in the
+lot too.  With ``--relay sockmap`` an established pair is handed to the kernel instead, at one
 call site (:meth:`Connection._kernel_relay`, where :mod:`mmproxy.sockmap` joins); it is then
 PARKED, holding no thread, until the kernel relay reports its end to ``_finish``.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import ipaddress
 import logging
 import math
@@ -45,10 +46,11 @@ from mmproxy.acl import AllowListHolder
 from mmproxy.config import Config, Endpoint
 from mmproxy.errors import HeaderError, Reason, Refusal, RefusedError
 from mmproxy.header import host_port
+from mmproxy.hop import Hop, move
 from mmproxy.listener import Acceptor, Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
-from mmproxy.parking import ParkingLot
-from mmproxy.pool import WorkerPool
+from mmproxy.parking import ParkingLot, lot_threads
+from mmproxy.pool import Job, WorkerPool
 from mmproxy.protocol import Command, InetAddress, NeedMore, ProxyHeader, Transport, parse
 from mmproxy.relay import BACKWARD, FORWARD, PEER_GONE, UNLIMITED, Pair, PipeBudget, Step
 from mmproxy.server import Server, Serving
@@ -191,10 +193,11 @@ _STOPPED = "the daemon is stopping"
 class Connection:
     """A client connection from the load balancer, from accept to close.
 
-    The job :meth:`serve` reads the header and connects upstream; then each direction runs
-    on a pool worker (:meth:`_run`) until it ends or has been quiet for the grace, when it
-    parks its source socket and gives its thread back.  ``_threads`` counts the directions
-    on a thread now; with none, a relayed connection is PARKED.
+    The job :meth:`serve` reads the header and connects upstream; then both directions
+    park, and the lot moves their small messages and ends (:meth:`_move`).  A direction
+    with more goes to a pool worker (:meth:`_run`) until it ends or has been quiet for the
+    grace, when it parks its source socket again.  ``_threads`` counts the directions on a
+    thread now; with none, a relayed connection is PARKED.
     """
 
     def __init__(
@@ -382,8 +385,8 @@ class Connection:
     # -------------------------------------------------------------- relay
 
     def _relay(self, conn_up: upstream.Upstream, payload: bytes) -> None:
-        """Relay both ways: backward on another worker, forward on this thread; or, with
-        nothing to relay yet, park both directions at once."""
+        """Relay both ways: with a parking lot, park both directions (the lot moves small
+        messages itself); without one, backward on another worker, forward on this thread."""
         services = self._services
         pair = Pair(
             self._sock,
@@ -423,32 +426,24 @@ class Connection:
                 pair.to_target[0] += len(payload)
             if self._kernel_relay(pair):
                 return
-            # With a payload the answer comes next: no need to look (the lot sees the rest).
-            client_ready, upstream_ready = (False, False) if payload else pair.ready()
-            if parking is not None and not (payload or client_ready or upstream_ready):
-                # Nothing to relay yet: both directions wait in the lot, holding no thread.
-                self._release()
-                self._wait(pair, FORWARD)
-                self._wait(pair, BACKWARD)
-                return
         except OSError as error:
             self._finish(Outcome("relay could not start", error))
             return
-        # This thread takes the direction that moves next: the client's data if it has some,
-        # else the backend's answer.  The other one gets a worker only if its source has
-        # something already; otherwise it waits in the lot (or for this thread: see _run).
-        mine = FORWARD if client_ready or parking is None else BACKWARD
-        if parking is None or (upstream_ready if mine == FORWARD else client_ready):
-            with self._lock:
-                self._threads += 1  # the other direction, about to get a worker
-            try:
-                services.pool.submit(lambda: self._run(pair, 1 - mine))
-            except (OSError, RuntimeError) as error:
-                self._release()
-                self._lost(pair, error)  # ends the pair: the run below sees it at once
-        else:
-            self._wait(pair, 1 - mine)
-        self._run(pair, mine)
+        if parking is not None:
+            # Both directions wait in the lot, which moves small messages and the ends itself
+            # (mmproxy.hop) and gives a direction a thread only for bulk: this one is free.
+            self._release()
+            self._wait(pair, FORWARD)
+            self._wait(pair, BACKWARD)
+            return
+        with self._lock:
+            self._threads += 1  # the backward direction, about to get a worker
+        try:
+            services.pool.submit(lambda: self._run(pair, BACKWARD))
+        except (OSError, RuntimeError) as error:
+            self._release()
+            self._lost(pair, error)  # ends the pair: the run below sees it at once
+        self._run(pair, FORWARD)
 
     def _kernel_relay(self, pair: Pair) -> bool:
         """--relay sockmap: hand the pair to the kernel (mmproxy.sockmap), which relays it
@@ -538,7 +533,28 @@ class Connection:
                 timeout=pair.time_to_idle(),
                 expire=pair.expire_if_idle,
                 abandon=lambda: self._lost(pair, _STOPPED),
+                move=lambda buffer: self._move(pair, side, buffer),
             )
+        except (OSError, RuntimeError) as error:
+            self._lost(pair, error)
+
+    def _move(self, pair: Pair, side: int, buffer: bytearray) -> Job | None:
+        """On the lot's thread: move what parked direction ``side`` has, if it is small.
+        None: it stays parked; else what to do once it has left the lot."""
+        try:
+            hop = move(pair, side, buffer)
+        except OSError as error:
+            return functools.partial(self._lost, pair, error)
+        if hop is Hop.MOVED:
+            return None
+        if hop is Hop.ENDED:
+            return lambda: self._lost(pair, None)
+        return lambda: self._hand_over(pair, side)
+
+    def _hand_over(self, pair: Pair, side: int) -> None:
+        """Give direction ``side``, which left the lot, a worker (bulk or a slow reader)."""
+        try:
+            self._services.pool.submit(lambda: self._resume(pair, side))
         except (OSError, RuntimeError) as error:
             self._lost(pair, error)
 
@@ -546,9 +562,10 @@ class Connection:
         self._take()
         self._run(pair, side)
 
-    def _lost(self, pair: Pair, error: BaseException | str) -> None:
-        """A direction holds no thread and cannot get one: the pair ends with ``error``."""
-        if not isinstance(error, OSError):
+    def _lost(self, pair: Pair, error: BaseException | str | None) -> None:
+        """A direction that holds no thread is over: its source ended (``error`` None) or it
+        cannot get a thread, and the pair ends with ``error``."""
+        if error is not None and not isinstance(error, OSError):
             error = ConnectionAbortedError(errno.ECONNABORTED, str(error))
         if pair.end(error) is Step.LAST:
             self._finish(self._ending(pair))
@@ -643,7 +660,7 @@ class TcpServer(Server):
         self.max_workers = WORKERS_PER_CONNECTION * capacity + SPARE_WORKERS
         self._pool = WorkerPool(max_workers=self.max_workers)
         metrics.limits(capacity, self.max_workers, lambda: self._pool.size)
-        self._parking = ParkingLot(self._pool)
+        self._parking = ParkingLot(self._pool, threads=lot_threads())
         self._services = Services(
             config,
             logs.ConnectionLog(log, config.verbose, listener_fields(config, sockets)),

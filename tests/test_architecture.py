@@ -121,6 +121,17 @@ def test_protocol_layer_is_stdlib_only_and_sans_io(module: str) -> None:
         # The data path: each layer knows only the ones below it.
         ("pool.py", {"mmproxy.relay", "mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon"}),
         ("relay.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.pool"}),
+        # Small moves off the relay's threads: beside relay, knowing neither the lot nor tcp.
+        (
+            "hop.py",
+            {
+                "mmproxy.tcp",
+                "mmproxy.parking",
+                "mmproxy.pool",
+                "mmproxy.listener",
+                "mmproxy.daemon",
+            },
+        ),
         ("upstream.py", {"mmproxy.tcp", "mmproxy.listener", "mmproxy.daemon", "mmproxy.relay"}),
         ("listener.py", {"mmproxy.tcp", "mmproxy.daemon", "mmproxy.cli"}),
         # The kernel relay: below tcp (which hands it pairs), beside splice's relay.

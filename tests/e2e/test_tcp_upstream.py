@@ -127,8 +127,9 @@ def test_descriptors_and_threads_per_connection(
     net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
 ) -> None:
     """Idle (nothing after the header): 2 descriptors and no thread per connection, parked
-    on the one parking thread.  Active (data both ways): 6 descriptors (a pipe per direction)
-    and 2 threads.  Closed: the descriptors all come back."""
+    on the one parking thread.  Small messages both ways are moved by the parking lot itself:
+    still 2 descriptors (no pipe) and no thread per connection.  Closed: the descriptors all
+    come back."""
     count = 40
     daemon = mmproxy(verbose=0)
     base_fds = daemon_fds(daemon)
@@ -151,10 +152,8 @@ def test_descriptors_and_threads_per_connection(
             sock.settimeout(10)
             sock.sendall(b"ping")
             assert sock.recv(4) == b"ping"
-        assert wait_value(lambda: daemon_fds(daemon), base_fds + 6 * count) == base_fds + 6 * count
-        # The pool's idle workers are reused first, so this is exact.
-        active_threads = base_threads + 2 * count
-        assert wait_value(lambda: daemon_threads(daemon), active_threads) == active_threads
+        assert daemon_fds(daemon) == base_fds + 2 * count  # no pipe was made
+        assert daemon_threads(daemon) <= base_threads + 8, daemon_threads(daemon) - base_threads
     assert wait_value(lambda: daemon_fds(daemon), base_fds) == base_fds
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from mmproxy.parking import ParkingLot
+from mmproxy.parking import SCRATCH, ParkingLot, lot_threads
 from mmproxy.pool import WorkerPool
 from mmproxy.relay import Pair
 
@@ -44,9 +47,9 @@ def park(
 class Rig:
     """Connections, a pool and a lot; everything opened is closed at the end."""
 
-    def __init__(self, idle_timeout: float = 0.0) -> None:
+    def __init__(self, idle_timeout: float = 0.0, threads: int = 1) -> None:
         self.pool = WorkerPool(idle_timeout=5)
-        self.lot = ParkingLot(self.pool)
+        self.lot = ParkingLot(self.pool, threads=threads)
         self.idle_timeout = idle_timeout
         self.lot.start()
         self.sockets: list[socket.socket] = []
@@ -95,9 +98,9 @@ class Rig:
             sock.close()
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    made = Rig()
+@pytest.fixture(params=[1, 2], ids=["one thread", "two threads"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    made = Rig(threads=request.param)
     yield made
     made.close()
 
@@ -160,7 +163,8 @@ def test_an_idle_pair_is_expired_and_handed_over() -> None:
         assert 0.25 <= time.monotonic() - started < 3
         assert pair.idle
         assert not busy.idle
-        assert pair.input_waiting(), "the expired pair was shut down, so its relay ends at once"
+        shut_down = select.select([pair.client, pair.upstream], [], [], 0)[0]
+        assert shut_down, "the expired pair was shut down, so its relay ends at once"
     finally:
         rig.close()
 
@@ -297,6 +301,160 @@ def test_the_deadline_heap_follows_what_is_parked_not_what_passed_through() -> N
                 sock.close()
             del rig.sockets[-4:]
         assert len(rig.lot) == 1
-        assert len(rig.lot._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
+        assert len(rig.lot._lots[0]._deadlines) <= 2 * 1 + 64 + 1  # the bound under test
     finally:
         rig.close()
+
+
+class Mover:
+    """A spot's move for the tests: drains what arrived, then says what the test asked for."""
+
+    def __init__(self, sock: socket.socket, then: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.then = then
+        self.moved = bytearray()
+        self.threads: set[str] = set()
+        self.sizes: set[int] = set()
+        self.changed = threading.Condition()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def __call__(self, buffer: bytearray) -> Callable[[], None] | None:
+        self.entered.set()
+        assert self.hold.wait(10)
+        received = self.sock.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
+        with self.changed:
+            self.moved += buffer[:received]
+            self.threads.add(threading.current_thread().name)
+            self.sizes.add(len(buffer))
+            self.changed.notify_all()
+        return self.then
+
+    def wait_moved(self, size: int) -> bytes:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.moved) >= size, 10)
+            return bytes(self.moved)
+
+
+def test_a_spot_that_moves_inline_stays_parked_and_is_never_resumed(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    mover = Mover(b)
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=mover
+    )
+    for i in range(5):
+        a.sendall(b"m%d" % i)
+        assert mover.wait_moved(2 * (i + 1)).endswith(b"m%d" % i)
+    assert len(rig.lot) == 1, "still parked after five moves"
+    (thread,) = mover.threads
+    assert thread.startswith("mmproxy-parking")
+    assert mover.sizes == {SCRATCH}
+    assert not resumed.is_set()
+    assert rig.lot.withdraw(b)
+    assert len(rig.lot) == 0
+    assert not rig.failures
+
+
+def test_a_move_that_returns_a_job_leaves_the_lot_and_runs_it_there(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    ran = threading.Event()
+    where: list[tuple[str, int]] = []
+
+    def then() -> None:
+        where.append((threading.current_thread().name, len(rig.lot)))
+        ran.set()
+
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=Mover(b, then)
+    )
+    a.sendall(b"end")
+    assert ran.wait(10)
+    ((thread, parked_then),) = where
+    assert thread.startswith("mmproxy-parking")
+    assert parked_then == 0, "ran on the lot's thread, after leaving it"
+    assert not rig.lot.withdraw(b)
+    assert not resumed.is_set()
+
+
+def test_a_spot_being_moved_cannot_be_withdrawn(rig: Rig) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+    mover = Mover(b)
+    mover.hold.clear()
+    rig.lot.park_sockets(
+        (b,), lambda: None, rig.failures.append, timeout=0, abandon=b.close, move=mover
+    )
+    a.sendall(b"x")
+    assert mover.entered.wait(10)
+    assert not rig.lot.withdraw(b), "the lot's thread is moving it"
+    mover.hold.set()
+    assert mover.wait_moved(1) == b"x"
+    deadline = time.monotonic() + 10
+    while not rig.lot.withdraw(b):  # free again once the move is over
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.005)
+
+
+def test_a_move_that_fails_is_handed_over_as_usual(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = socket.socketpair()
+    rig.sockets += [a, b]
+
+    def broken(_buffer: bytearray) -> None:
+        raise ValueError("a bug")
+
+    resumed = threading.Event()
+    rig.lot.park_sockets(
+        (b,), resumed.set, rig.failures.append, timeout=0, abandon=b.close, move=broken
+    )
+    a.sendall(b"x")
+    assert resumed.wait(10)
+    assert len(rig.lot) == 0
+    assert "move failed" in caplog.text
+
+
+def test_spots_spread_over_the_lots_threads_and_each_is_served() -> None:
+    rig = Rig(threads=2)
+    try:
+        movers = []
+        for n in range(8):
+            a, b = socket.socketpair()  # consecutive descriptors: alternate which one parks
+            rig.sockets += [a, b]
+            if n % 2:
+                a, b = b, a
+            mover = Mover(b)
+            rig.lot.park_sockets(
+                (b,), lambda: None, rig.failures.append, timeout=0, abandon=b.close, move=mover
+            )
+            movers.append((a, mover))
+        assert len(rig.lot) == 8
+        for a, mover in movers:
+            a.sendall(b"hi")
+            assert mover.wait_moved(2) == b"hi"
+        threads = set().union(*(mover.threads for _a, mover in movers))
+        assert threads == {"mmproxy-parking", "mmproxy-parking-1"}
+        assert all(rig.lot.withdraw(mover.sock) for _a, mover in movers)
+        assert len(rig.lot) == 0
+    finally:
+        rig.close()
+
+
+def test_one_lot_thread_with_the_gil_one_per_cpu_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert lot_threads() == 1
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert lot_threads() == 4
+
+
+def test_a_spot_with_only_a_deadline_is_handed_over_at_it(rig: Rig) -> None:
+    resumed = threading.Event()
+    rig.lot.park_sockets((), resumed.set, rig.failures.append, timeout=0.05, abandon=lambda: None)
+    assert resumed.wait(10)
+    assert len(rig.lot) == 0

@@ -14,17 +14,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from loopback import tcp_pair
 
 from mmproxy import relay
 from mmproxy.relay import BACKWARD, FORWARD, Pair, Step, open_pipe, pump, set_receive_timeout
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected loopback TCP sockets (splice needs real sockets, as the daemon has)."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    return a, b
 
 
 @pytest.fixture
@@ -302,18 +295,6 @@ def test_pipe_budget_is_taken_while_data_flows_and_given_back(
     assert budget.held == 0
     assert pair.to_target == [2]
     assert pair.to_client == [4]
-
-
-def test_input_waiting_sees_data_from_either_side(legs: tuple[socket.socket, ...]) -> None:
-    _client, daemon_client, daemon_upstream, backend = legs
-    pair = Pair(daemon_client, daemon_upstream)
-    assert not pair.input_waiting()
-    backend.sendall(b"x")
-    deadline = time.monotonic() + 5
-    while not pair.input_waiting() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pair.input_waiting()
-    pair.close()
 
 
 def test_an_expired_pair_ends_as_idle(legs: tuple[socket.socket, ...]) -> None:
