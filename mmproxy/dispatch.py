@@ -137,7 +137,19 @@ class Dispatcher(ListenerThread):
     # ------------------------------------------------------------------ datagrams in
 
     def _readable(self) -> None:
-        recvfrom_into, buffer, handle = self.sock.recvfrom_into, self._buffer, self._handle
+        """Read a batch, deliver or drop each datagram, then send the batch (:meth:`_flush`).
+
+        The route cache's hits are served inline (no call per datagram); the allowed subnets
+        and the destinations' generation are read once per batch, so a reload applies from
+        the next batch.
+        """
+        recvfrom_into, buffer, view = self.sock.recvfrom_into, self._buffer, self._view
+        allows = self._shared.allow_list.current.allows
+        destinations = self._shared.destinations
+        if destinations is not None and destinations.generation() != self._generation:
+            self._forget_routes(destinations.generation())  # a reload or an address change
+        routes, pending, first_only = self.routes, self._pending, self._first_only
+        received = 0
         for _ in range(READ_BATCH):
             try:
                 size, sender = recvfrom_into(buffer, 0, socket.MSG_DONTWAIT)
@@ -148,31 +160,32 @@ class Dispatcher(ListenerThread):
                     self._warn_resource(error)
                     break
                 continue  # e.g. ECONNREFUSED from an ICMP error about an earlier reply
-            handle(size, sender)
+            received += 1
+            if not allows(sender[0]):
+                self._dropped(Refusal.NOT_ALLOWED, "peer is not in the allowed subnets", "", sender)
+                continue
+            if size >= V2_FIXED_LENGTH and buffer.startswith(V2_SIGNATURE):
+                end = V2_FIXED_LENGTH + (buffer[14] << 8 | buffer[15])
+                if end < size or (end == size and not first_only):
+                    flow = routes.get((sender, bytes(view[:end])))
+                    if flow is not None:
+                        batch = pending.get(flow)
+                        if batch is None:
+                            pending[flow] = [bytes(view[end:size])]
+                        else:
+                            batch.append(bytes(view[end:size]))
+                        if first_only:
+                            self._latest[sender] = flow
+                        continue
+            self._slow_path(size, sender)
+        self._received += received
         self._flush()
         if self._forwarded != self._reported:
             self._shared.metrics.udp_datagrams(TO_TARGET, self._forwarded - self._reported)
             self._reported = self._forwarded
 
-    def _handle(self, size: int, sender: Sender) -> None:
-        """Deliver one datagram (``size`` bytes of the buffer) or drop it with a reason."""
-        self._received += 1
-        if not self._shared.allow_list.current.allows(sender[0]):
-            self._dropped(Refusal.NOT_ALLOWED, "peer is not in the allowed subnets", "", sender)
-            return
-        destinations = self._shared.destinations
-        if destinations is not None and destinations.generation() != self._generation:
-            self._forget_routes(destinations.generation())  # a reload or an address change
-        buffer = self._buffer
-        if size >= V2_FIXED_LENGTH and buffer.startswith(V2_SIGNATURE):
-            end = V2_FIXED_LENGTH + (buffer[14] << 8 | buffer[15])
-            if end <= size:
-                flow = self.routes.get((sender, bytes(self._view[:end])))
-                if flow is not None and (end < size or not self._first_only):
-                    self._queue(flow, bytes(self._view[end:size]))
-                    if self._first_only:
-                        self._latest[sender] = flow
-                    return
+    def _slow_path(self, size: int, sender: Sender) -> None:
+        """A datagram the route cache did not place: admit it, or drop it with a reason."""
         try:
             self._admit(size, sender)
         except RefusedError as drop:
@@ -289,7 +302,9 @@ class Dispatcher(ListenerThread):
         flow = Flow(key, conn_up.sock, self.sock, sender, log, now)
         self.flows[key] = flow
         if not math.isinf(self._close_after):
-            heapq.heappush(self._deadlines, (now + self._close_after, next(self._order), flow))
+            due = now + self._close_after
+            heapq.heappush(self._deadlines, (due, next(self._order), flow))
+            self.loop.timer_by(due)
         self.replies.add(flow)
         self.counts["flowsOpened"] += 1
         shared.metrics.udp_flow_opened()

@@ -2,8 +2,8 @@
 
 The UDP data path runs on these loops instead of a thread per flow.  A loop calls a
 descriptor's handler when it is readable (level-triggered, so a handler may read a bounded
-batch and leave the rest for the next turn), then asks its ``timer`` hook for the next
-deadline.
+batch and leave the rest for the next turn), and calls its ``timer`` hook once the deadline
+the hook last returned has come (after every turn while it returns None).
 
 Ownership: only the loop's own thread touches the handler table and the epoll set while the
 loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 Handler = Callable[[], None]
-# Called with the loop's time after every turn; returns the next deadline (monotonic), or None.
+# Called with the loop's time once its last deadline has come; returns the next (monotonic),
+# or None to be called after every turn.
 Timer = Callable[[float], float | None]
 
 BATCH = 256  # events taken per epoll_wait
@@ -42,6 +43,7 @@ class EventLoop:
         self._handlers: dict[int, Handler] = {}
         self._stopping = False
         self.timer: Timer = _no_timer
+        self._deadline: float | None = None  # when the timer is next due (None: every turn)
         # The time of the current turn, read once after each wait: handlers stamp activity
         # with it instead of reading the clock per datagram.
         self.now = time.monotonic()
@@ -57,6 +59,11 @@ class EventLoop:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
 
+    def timer_by(self, when: float) -> None:
+        """Call the timer at ``when`` at the latest (it has a new deadline); on the loop."""
+        if self._deadline is not None and when < self._deadline:
+            self._deadline = when
+
     def stop(self) -> None:
         """Make :meth:`run` return after its current turn (from any thread)."""
         self._stopping = True
@@ -64,12 +71,14 @@ class EventLoop:
 
     def run(self) -> None:
         """Serve until :meth:`stop`."""
-        epoll, handlers, wake = self._epoll, self._handlers, self._wake
-        deadline: float | None = None
+        epoll, handlers, wake, monotonic = self._epoll, self._handlers, self._wake, time.monotonic
         while not self._stopping:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            deadline = self._deadline
+            # The turn's time is old by the handlers' few microseconds: a deadline may fire
+            # that much late, and the clock is read once per turn, not twice.
+            timeout = None if deadline is None else max(0.0, deadline - self.now)
             events = epoll.poll(timeout, BATCH)
-            self.now = time.monotonic()
+            self.now = now = monotonic()
             for fd, _mask in events:
                 if fd == wake:
                     with contextlib.suppress(BlockingIOError):
@@ -82,11 +91,14 @@ class EventLoop:
                     handler()
                 except Exception:  # noqa: BLE001 - one socket's bug must not stop the loop
                     _log.exception("an event handler failed")
+            deadline = self._deadline  # a handler may have brought it forward (timer_by)
+            if deadline is not None and now < deadline:
+                continue  # the timer has nothing due before its deadline
             try:
-                deadline = self.timer(self.now)
+                self._deadline = self.timer(now)
             except Exception:  # noqa: BLE001 - as above
                 _log.exception("a loop timer failed")
-                deadline = None
+                self._deadline = None
 
     def close(self) -> None:
         """Release the epoll and eventfd descriptors; after :meth:`run` has returned."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import socket
 import sys
 import threading
@@ -137,7 +138,7 @@ class Replies:
     def add(self, flow: Flow) -> None:
         """Serve ``flow``'s replies; on the loop."""
         self._flows.add(flow)
-        self.loop.add_reader(flow.sock.fileno(), lambda: self._readable(flow))
+        self.loop.add_reader(flow.sock.fileno(), functools.partial(self._readable, flow))
 
     def retire(self, flow: Flow, reason: str) -> None:
         """Close ``flow`` (its dispatcher has forgotten it); on the loop."""
@@ -207,7 +208,14 @@ def send_datagrams(
     sees no difference, at one system call per run.  Where the kernel refuses GSO, the run is
     sent datagram by datagram.  On another error the rest of that run is dropped.
     """
-    count, start, failed, failed_bytes = len(payloads), 0, 0, 0
+    count = len(payloads)
+    if count == 1:  # the common batch under light load: no run to look for
+        try:
+            _send_one(sock, payloads[0], address)
+        except OSError as error:
+            return 1, len(payloads[0]), error
+        return 0, 0, None
+    start, failed, failed_bytes = 0, 0, 0
     last_error: OSError | None = None
     while start < count:
         size = len(payloads[start])
@@ -220,10 +228,7 @@ def send_datagrams(
                 end += 1  # a shorter datagram may end a run
         try:
             if end - start == 1:
-                if address is None:
-                    sock.send(payloads[start])
-                else:
-                    sock.sendto(payloads[start], address)
+                _send_one(sock, payloads[start], address)
             else:
                 _send_segmented(sock, payloads[start:end], size, address)
         except OSError as error:
@@ -248,10 +253,14 @@ def _send_segmented(
         if error.errno not in GSO_REFUSED:
             raise
     for payload in run:  # no GSO on this route (or this kernel): one by one
-        if address is None:
-            sock.send(payload)
-        else:
-            sock.sendto(payload, address)
+        _send_one(sock, payload, address)
+
+
+def _send_one(sock: socket.socket, payload: bytes, address: Sender | None) -> None:
+    if address is None:
+        sock.send(payload)
+    else:
+        sock.sendto(payload, address)
 
 
 def kernel_drops(sock: socket.socket) -> int | None:

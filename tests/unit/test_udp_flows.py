@@ -364,3 +364,37 @@ def test_loop_timer_gets_its_deadline() -> None:
         assert fired.wait(5)
     assert calls[1] >= calls[0] + 0.01
     assert calls[2] >= calls[1] + 0.01
+
+
+def test_loop_timer_waits_for_its_deadline_unless_brought_forward() -> None:
+    """Turns before the timer's deadline do not call it; timer_by makes it due sooner."""
+    loop = EventLoop()
+    calls: list[float] = []
+    turns: list[bytes] = []
+    handled = threading.Event()
+    called_again = threading.Event()
+
+    def timer(now: float) -> float | None:
+        calls.append(now)
+        if len(calls) == 2:
+            called_again.set()
+        return now + 3600.0  # far away: only timer_by can make it due in this test
+
+    def readable(fd: int) -> None:
+        data = os.read(fd, 10)
+        turns.append(data)
+        if data == b"bring":
+            loop.timer_by(loop.now)
+        handled.set()
+
+    loop.timer = timer
+    with running(loop, readable) as (write, _thread):
+        for _ in range(3):
+            handled.clear()
+            os.write(write, b"x")
+            assert handled.wait(5)
+        assert len(calls) == 1  # the first turn only: the deadline is an hour away
+        os.write(write, b"bring")
+        assert called_again.wait(5)
+    assert turns[-1] == b"bring"
+    assert len(calls) == 2
