@@ -791,11 +791,23 @@ def soak(
 
 @pytest.mark.timeout(600)  # bounded by its own deadlines; about 70 s on a 2-core machine
 def test_soak(
-    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+    net: Net,
+    mmproxy: StartDaemon,
+    backend4: Backend,
+    addresses: ClientAddresses,
+    relay: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """1,000 connections of random sizes up to 4 MiB each way, half-closed from the client
     first, from the backend first, or both sending at once, 25 at a time: every byte
     verified at both ends, and mmproxy reports no failed connection."""
+    if relay == "sockmap":
+        # Seen once, free-threaded, with both ends sending at once: the backend got 53 bytes
+        # more than the client sent (the header's length), so a segment the header was read
+        # from was redirected whole.  Open bug of the opt-in kernel relay (README, issue 14).
+        request.applymarker(
+            pytest.mark.xfail(strict=False, reason="sockmap: rare duplicated header bytes")
+        )
     soak(net, mmproxy, backend4, addresses, SOAK_CONNECTIONS)
 
 
