@@ -5,6 +5,12 @@ descriptor's handler when it is readable (level-triggered, so a handler may read
 batch and leave the rest for the next turn), and calls its ``timer`` hook once the deadline
 the hook last returned has come (after every turn while it returns None).
 
+Between turns a busy loop polls instead of sleeping (:class:`Spin`): while work keeps
+arriving within ``SPIN`` of the last turn, it polls without waiting (yielding the CPU to
+anything else runnable on it) for up to ``SPIN`` before it blocks.  Sleeping and being woken
+costs a CPU that goes idle a wake-up from another CPU, which on a virtual machine is slower
+than the turn itself; once the gaps grow longer than ``SPIN`` the loop blocks at once again.
+
 Ownership: only the loop's own thread touches the handler table and the epoll set while the
 loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
 thread that joined it owns everything.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import time
@@ -25,6 +32,7 @@ Handler = Callable[[], None]
 Timer = Callable[[float], float | None]
 
 BATCH = 256  # events taken per epoll_wait
+SPIN = 200e-6  # seconds a busy loop polls before it sleeps (bench/README.md, issue 15)
 
 _log = logging.getLogger(__name__)
 
@@ -33,10 +41,32 @@ def _no_timer(_now: float) -> float | None:
     return None
 
 
+class Spin:
+    """When the loop polls instead of sleeping: for ``window`` after a turn, if that turn's
+    work came within ``window`` of the turn before it ended.
+
+    Pure bookkeeping on times the loop passes in (one decision per turn that did work).
+    """
+
+    __slots__ = ("_last_end", "until", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._last_end = -math.inf  # when the last turn with work ended
+        self.until = -math.inf  # poll without waiting while the loop's time is before this
+
+    def worked(self, started: float, ended: float) -> None:
+        """A turn found work at ``started`` and finished it at ``ended``."""
+        short = started - self._last_end <= self.window
+        self._last_end = ended
+        self.until = ended + self.window if short else -math.inf
+
+
 class EventLoop:
     """An epoll set with a handler per descriptor, served by whichever thread calls :meth:`run`."""
 
-    def __init__(self) -> None:
+    def __init__(self, spin: float = SPIN) -> None:
+        self._spin = Spin(spin)
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -72,11 +102,18 @@ class EventLoop:
     def run(self) -> None:
         """Serve until :meth:`stop`."""
         epoll, handlers, wake, monotonic = self._epoll, self._handlers, self._wake, time.monotonic
+        spin, sched_yield = self._spin, os.sched_yield
+        events: list[tuple[int, int]] = []
         while not self._stopping:
-            deadline = self._deadline
-            # The turn's time is old by the handlers' few microseconds: a deadline may fire
-            # that much late, and the clock is read once per turn, not twice.
-            timeout = None if deadline is None else max(0.0, deadline - self.now)
+            if self.now < spin.until:
+                if not events:
+                    sched_yield()  # polled in vain: whatever else is runnable here goes first
+                timeout: float | None = 0.0
+            else:
+                deadline = self._deadline
+                # The turn's time is old by the handlers' few microseconds: a deadline may
+                # fire that much late, and the clock is read once per turn, not twice.
+                timeout = None if deadline is None else max(0.0, deadline - self.now)
             events = epoll.poll(timeout, BATCH)
             self.now = now = monotonic()
             for fd, _mask in events:
@@ -91,6 +128,8 @@ class EventLoop:
                     handler()
                 except Exception:  # noqa: BLE001 - one socket's bug must not stop the loop
                     _log.exception("an event handler failed")
+            if events:
+                spin.worked(now, monotonic())
             deadline = self._deadline  # a handler may have brought it forward (timer_by)
             if deadline is not None and now < deadline:
                 continue  # the timer has nothing due before its deadline

@@ -23,7 +23,7 @@ from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import build_config
 from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, Dispatcher
 from mmproxy.errors import Refusal
-from mmproxy.eventloop import EventLoop
+from mmproxy.eventloop import EventLoop, Spin
 from mmproxy.flows import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
@@ -398,3 +398,82 @@ def test_loop_timer_waits_for_its_deadline_unless_brought_forward() -> None:
         assert called_again.wait(5)
     assert turns[-1] == b"bring"
     assert len(calls) == 2
+
+
+def test_spin_only_after_work_that_came_soon() -> None:
+    """The loop polls without waiting only while each turn's work came within the window of
+    the turn before it; a longer gap, or the first turn, puts it back to sleeping."""
+    spin = Spin(0.001)
+    spin.worked(10.0, 10.0002)  # the first turn: nothing came before it
+    assert spin.until == float("-inf")
+    spin.worked(10.0009, 10.001)  # 0.7 ms after the last turn ended: within the window
+    assert spin.until == pytest.approx(10.002)
+    spin.worked(10.0015, 10.0016)  # found while polling
+    assert spin.until == pytest.approx(10.0026)
+    spin.worked(10.0040, 10.0041)  # 2.4 ms later: the polling ran out, the loop slept
+    assert spin.until == float("-inf")
+    spin.worked(10.0045, 10.0046)  # soon again: polling again
+    assert spin.until == pytest.approx(10.0056)
+
+
+def test_spin_window_zero_never_polls() -> None:
+    spin = Spin(0.0)
+    for turn in range(5):
+        spin.worked(float(turn), turn + 0.5)
+        assert spin.until == float("-inf")
+
+
+def yields_counted(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], threading.Event]:
+    """Count the loop's ``sched_yield`` calls (one per poll that found nothing while it
+    polls); the event is set at the first."""
+    counted = [0]
+    yielded = threading.Event()
+    real = os.sched_yield
+
+    def counting() -> None:
+        counted[0] += 1
+        yielded.set()
+        real()
+
+    monkeypatch.setattr(os, "sched_yield", counting)
+    return counted, yielded
+
+
+def reading(handled: threading.Event) -> Callable[[int], None]:
+    """A handler that drains its pipe and sets ``handled``."""
+
+    def readable(fd: int) -> None:
+        os.read(fd, 10)
+        handled.set()
+
+    return readable
+
+
+def test_loop_polls_instead_of_sleeping_while_work_comes_soon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two turns of work close together: the loop then polls (yielding the CPU in between)
+    instead of sleeping, and still stops when told."""
+    _yields, yielded = yields_counted(monkeypatch)
+    handled = threading.Event()
+    readable = reading(handled)
+    with running(EventLoop(spin=3600.0), readable) as (write, _thread):
+        os.write(write, b"x")
+        assert handled.wait(5)
+        assert not yielded.is_set()  # the first turn: nothing came before it, so it sleeps
+        handled.clear()
+        os.write(write, b"x")
+        assert handled.wait(5)
+        assert yielded.wait(5)  # within the window of the first: it polls now
+
+
+def test_loop_without_a_spin_window_always_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    yields, _yielded = yields_counted(monkeypatch)
+    handled = threading.Event()
+    readable = reading(handled)
+    with running(EventLoop(spin=0.0), readable) as (write, _thread):
+        for _ in range(5):
+            handled.clear()
+            os.write(write, b"x")
+            assert handled.wait(5)
+    assert yields[0] == 0
