@@ -149,6 +149,12 @@ class Dispatcher(ListenerThread):
         if destinations is not None and destinations.generation() != self._generation:
             self._forget_routes(destinations.generation())  # a reload or an address change
         routes, pending, first_only = self.routes, self._pending, self._first_only
+        # The last cache hit of this batch: with one busy flow most datagrams repeat it, and
+        # then no key is built or looked up.  Any slow path forgets it (--udp-header first
+        # may have moved its sender to another flow).
+        last_sender: Sender | None = None
+        last_header = b""
+        last_batch: list[bytes] = []
         received = 0
         for _ in range(READ_BATCH):
             try:
@@ -167,17 +173,26 @@ class Dispatcher(ListenerThread):
             if size >= V2_FIXED_LENGTH and buffer.startswith(V2_SIGNATURE):
                 end = V2_FIXED_LENGTH + (buffer[14] << 8 | buffer[15])
                 if end < size or (end == size and not first_only):
-                    flow = routes.get((sender, bytes(view[:end])))
+                    if (
+                        sender == last_sender
+                        and end == len(last_header)
+                        and buffer.startswith(last_header)
+                    ):
+                        last_batch.append(bytes(view[end:size]))
+                        continue
+                    header = bytes(view[:end])
+                    flow = routes.get((sender, header))
                     if flow is not None:
                         batch = pending.get(flow)
                         if batch is None:
-                            pending[flow] = [bytes(view[end:size])]
-                        else:
-                            batch.append(bytes(view[end:size]))
+                            batch = pending[flow] = []
+                        batch.append(bytes(view[end:size]))
                         if first_only:
                             self._latest[sender] = flow
+                        last_sender, last_header, last_batch = sender, header, batch
                         continue
             self._slow_path(size, sender)
+            last_sender = None
         self._received += received
         self._flush()
         if self._forwarded != self._reported:

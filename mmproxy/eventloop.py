@@ -103,18 +103,21 @@ class EventLoop:
         """Serve until :meth:`stop`."""
         epoll, handlers, wake, monotonic = self._epoll, self._handlers, self._wake, time.monotonic
         spin, sched_yield = self._spin, os.sched_yield
-        events: list[tuple[int, int]] = []
         while not self._stopping:
-            if self.now < spin.until:
-                if not events:
-                    sched_yield()  # polled in vain: whatever else is runnable here goes first
-                timeout: float | None = 0.0
-            else:
-                deadline = self._deadline
-                # The turn's time is old by the handlers' few microseconds: a deadline may
-                # fire that much late, and the clock is read once per turn, not twice.
-                timeout = None if deadline is None else max(0.0, deadline - self.now)
-            events = epoll.poll(timeout, BATCH)
+            events = epoll.poll(0.0, BATCH) if self.now < spin.until else []
+            if not events:
+                until = spin.until
+                while monotonic() < until:  # polling in vain: let others here run first
+                    sched_yield()
+                    events = epoll.poll(0.0, BATCH)
+                    if events:
+                        break
+                else:
+                    deadline = self._deadline
+                    # The turn's time is old by the handlers' few microseconds: a deadline
+                    # may fire that much late, and the clock is read once per turn, not twice.
+                    timeout = None if deadline is None else max(0.0, deadline - self.now)
+                    events = epoll.poll(timeout, BATCH)
             self.now = now = monotonic()
             for fd, _mask in events:
                 if fd == wake:
