@@ -160,6 +160,38 @@ def test_route_cache_holds_a_few_short_headers_per_flow(rig: Rig, backend: socke
     assert all(len(header) <= CACHED_HEADER for _sender, header in rig.dispatcher.routes)
 
 
+def _batch(rig: Rig, balancer: socket.socket, datagrams: list[bytes]) -> None:
+    """Queue ``datagrams`` at the listener, then let the dispatcher read them as one batch."""
+    for datagram in datagrams:
+        balancer.sendto(datagram, rig.listener.getsockname())
+    rig.dispatcher._readable()
+
+
+@pytest.mark.parametrize("udp_header", ["every", "first"])
+def test_one_batch_keeps_a_flow_in_order_across_headers(
+    backend: socket.socket, udp_header: str
+) -> None:
+    """Within one batch, repeated headers (the batch's last hit), another cached header, a
+    parsed one and (--udp-header first) a datagram without one all reach the flow in order."""
+    rig = Rig(backend, udp_header=udp_header)
+    try:
+        balancer = rig.balancer()
+        padded = encode(ProxyHeader.local(tlvs=(Noop(b"pad"),)))
+        longer = encode(ProxyHeader.local(tlvs=(Noop(b"longer"),)))
+        rig.send(balancer, LOCAL + b"0")
+        rig.send(balancer, padded + b"1")  # both headers are cached now
+        bare = [b"5"] if udp_header == "first" else [LOCAL + b"5"]
+        _batch(
+            rig,
+            balancer,
+            [LOCAL + b"2", LOCAL + b"3", padded + b"4", *bare, longer + b"6", LOCAL + b"7"],
+        )
+        assert [backend.recv(10) for _ in range(8)] == [str(n).encode() for n in range(8)]
+        assert len(rig.dispatcher.flows) == 1
+    finally:
+        rig.close()
+
+
 def test_no_route_is_cached_without_a_flow(backend: socket.socket) -> None:
     rig = Rig(backend, max_udp_flows=1)
     try:
