@@ -43,23 +43,40 @@ def _no_timer(_now: float) -> float | None:
 
 class Spin:
     """When the loop polls instead of sleeping: for ``window`` after a turn, if that turn's
-    work came within ``window`` of the turn before it ended.
+    work came within ``window`` of the turn before it ended, and unless polling has lately
+    found the CPU wanted by others.
 
-    Pure bookkeeping on times the loop passes in (one decision per turn that did work).
+    A yield that takes longer than ``CONTENDED`` gave the CPU to another task: that CPU does
+    not go idle when the loop sleeps, polling only delays whoever waits for it (the loop's
+    own peers when they share its CPU), so the loop sleeps between turns for ``BACK_OFF``.
+    Pure bookkeeping on times the loop passes in.
     """
 
-    __slots__ = ("_last_end", "until", "window")
+    __slots__ = ("_calm_from", "_last_end", "until", "window")
+
+    CONTENDED = 30e-6  # a yield this long ran someone else (an idle one takes a few us)
+    BACK_OFF = 0.05  # seconds of sleeping between turns after a contended yield
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._last_end = -math.inf  # when the last turn with work ended
+        self._calm_from = -math.inf  # no polling before this (see contended)
         self.until = -math.inf  # poll without waiting while the loop's time is before this
 
     def worked(self, started: float, ended: float) -> None:
         """A turn found work at ``started`` and finished it at ``ended``."""
-        short = started - self._last_end <= self.window
+        short = started - self._last_end <= self.window and ended >= self._calm_from
         self._last_end = ended
         self.until = ended + self.window if short else -math.inf
+
+    def yielded(self, before: float, after: float) -> bool:
+        """A yield between two empty polls took from ``before`` to ``after``: False (and
+        no polling for ``BACK_OFF``) if another task had the CPU meanwhile."""
+        if after - before <= self.CONTENDED:
+            return True
+        self._calm_from = after + self.BACK_OFF
+        self.until = -math.inf
+        return False
 
 
 class EventLoop:
@@ -107,12 +124,17 @@ class EventLoop:
             events = epoll.poll(0.0, BATCH) if self.now < spin.until else []
             if not events:
                 until = spin.until
-                while monotonic() < until:  # polling in vain: let others here run first
+                before = monotonic()
+                while before < until:  # polling in vain: let others here run first
                     sched_yield()
+                    after = monotonic()
+                    if not spin.yielded(before, after):
+                        break  # the CPU is wanted here: sleep instead
                     events = epoll.poll(0.0, BATCH)
                     if events:
                         break
-                else:
+                    before = after
+                if not events:
                     deadline = self._deadline
                     # The turn's time is old by the handlers' few microseconds: a deadline
                     # may fire that much late, and the clock is read once per turn, not twice.
