@@ -6,10 +6,11 @@ batch and leave the rest for the next turn), and calls its ``timer`` hook once t
 the hook last returned has come (after every turn while it returns None).
 
 Between turns a busy loop polls instead of sleeping (:class:`Spin`): while work keeps
-arriving within ``SPIN`` of the last turn, it polls without waiting (yielding the CPU to
-anything else runnable on it) for up to ``SPIN`` before it blocks.  Sleeping and being woken
-costs a CPU that goes idle a wake-up from another CPU, which on a virtual machine is slower
-than the turn itself; once the gaps grow longer than ``SPIN`` the loop blocks at once again.
+arriving within ``SPIN`` of the last turn, it polls without waiting, yielding the CPU between
+polls, for up to ``SPIN`` before it blocks.  A loop that sleeps lets its CPU go idle, and
+waking an idle CPU from another one (on a virtual machine above all) can take longer than the
+turn itself.  Once the gaps grow longer than ``SPIN``, or a yield shows another task wants the
+CPU, the loop blocks at once again.
 
 Ownership: only the loop's own thread touches the handler table and the epoll set while the
 loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
@@ -60,7 +61,7 @@ class Spin:
     def __init__(self, window: float) -> None:
         self.window = window
         self._last_end = -math.inf  # when the last turn with work ended
-        self._calm_from = -math.inf  # no polling before this (see contended)
+        self._calm_from = -math.inf  # no polling before this (see yielded)
         self.until = -math.inf  # poll without waiting while the loop's time is before this
 
     def worked(self, started: float, ended: float) -> None:
@@ -136,9 +137,7 @@ class EventLoop:
                     before = after
                 if not events:
                     deadline = self._deadline
-                    # The turn's time is old by the handlers' few microseconds: a deadline
-                    # may fire that much late, and the clock is read once per turn, not twice.
-                    timeout = None if deadline is None else max(0.0, deadline - self.now)
+                    timeout = None if deadline is None else max(0.0, deadline - before)
                     events = epoll.poll(timeout, BATCH)
             self.now = now = monotonic()
             for fd, _mask in events:
