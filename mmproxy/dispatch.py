@@ -58,6 +58,10 @@ READ_BATCH = 64  # datagrams read from the listening socket per turn of the loop
 CACHED_HEADER = 256  # longest header kept in the route cache (longer ones are parsed each time)
 HEADERS_PER_FLOW = 2  # distinct header byte strings cached per flow
 DROP_CHECK = 1.0  # seconds between two readings of the kernel's drop counter
+# The loop polls between turns only while at most this many flows sent datagrams in the last
+# DROP_CHECK: polling pays where a flow or two wait on round trips, and costs where many flows
+# keep the loop busy anyway (smaller turns, more CPU per datagram; bench/README.md).
+POLLING_FLOWS = 2
 
 RouteOf = Callable[[memoryview, Sender], tuple[Route, int]]
 
@@ -109,6 +113,8 @@ class Dispatcher(ListenerThread):
         self._reported = 0  # forwarded datagrams already given to the metrics
         self._kernel_drops = kernel_drops(sock) or 0
         self._next_check = 0.0
+        self._moved = 0  # flows that sent datagrams since the last check (see POLLING_FLOWS)
+        self._count_from = 0.0
         self.loop.timer = self._tick
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -239,6 +245,8 @@ class Dispatcher(ListenerThread):
                 )
             sent = len(payloads) - failed
             if sent:
+                if flow.last_in < self._count_from:
+                    self._moved += 1  # its first batch since the last check
                 flow.last_in = now
                 flow.datagrams_to_target += sent
                 flow.bytes_to_target += sum(map(len, payloads)) - failed_bytes
@@ -364,6 +372,8 @@ class Dispatcher(ListenerThread):
             self.replies.retire(flow, "idle")
         if now >= self._next_check:
             self._check_drops()
+            self.loop.spin.allowed = self._moved <= POLLING_FLOWS
+            self._moved, self._count_from = 0, now
             self._next_check = now + DROP_CHECK
         return min(heap[0][0], self._next_check) if heap else self._next_check
 

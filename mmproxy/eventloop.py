@@ -53,7 +53,7 @@ class Spin:
     Pure bookkeeping on times the loop passes in.
     """
 
-    __slots__ = ("_calm_from", "_last_end", "until", "window")
+    __slots__ = ("_calm_from", "_last_end", "allowed", "until", "window")
 
     CONTENDED = 30e-6  # a yield this long ran someone else (an idle one takes a few us)
     BACK_OFF = 0.05  # seconds of sleeping between turns after a contended yield
@@ -63,10 +63,13 @@ class Spin:
         self._last_end = -math.inf  # when the last turn with work ended
         self._calm_from = -math.inf  # no polling before this (see yielded)
         self.until = -math.inf  # poll without waiting while the loop's time is before this
+        self.allowed = True  # the loop's owner may rule polling out (see Dispatcher._tick)
 
     def worked(self, started: float, ended: float) -> None:
         """A turn found work at ``started`` and finished it at ``ended``."""
-        short = started - self._last_end <= self.window and ended >= self._calm_from
+        short = (
+            started - self._last_end <= self.window and ended >= self._calm_from and self.allowed
+        )
         self._last_end = ended
         self.until = ended + self.window if short else -math.inf
 
@@ -84,7 +87,7 @@ class EventLoop:
     """An epoll set with a handler per descriptor, served by whichever thread calls :meth:`run`."""
 
     def __init__(self, spin: float = SPIN) -> None:
-        self._spin = Spin(spin)
+        self.spin = Spin(spin)
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -120,7 +123,7 @@ class EventLoop:
     def run(self) -> None:
         """Serve until :meth:`stop`."""
         epoll, handlers, wake, monotonic = self._epoll, self._handlers, self._wake, time.monotonic
-        spin, sched_yield = self._spin, os.sched_yield
+        spin, sched_yield = self.spin, os.sched_yield
         while not self._stopping:
             events = epoll.poll(0.0, BATCH) if self.now < spin.until else []
             if not events:

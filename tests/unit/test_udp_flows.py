@@ -21,7 +21,7 @@ from test_config import GO_DEFAULTS
 
 from mmproxy.acl import AllowList, AllowListHolder
 from mmproxy.config import build_config
-from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, Dispatcher
+from mmproxy.dispatch import CACHED_HEADER, HEADERS_PER_FLOW, POLLING_FLOWS, Dispatcher
 from mmproxy.errors import Refusal
 from mmproxy.eventloop import EventLoop, Spin
 from mmproxy.flows import (
@@ -190,6 +190,29 @@ def test_one_batch_keeps_a_flow_in_order_across_headers(
         assert len(rig.dispatcher.flows) == 1
     finally:
         rig.close()
+
+
+def test_the_loop_polls_only_while_few_flows_move(rig: Rig, backend: socket.socket) -> None:
+    """Each second's check counts the flows that sent datagrams since the last one: more than
+    POLLING_FLOWS rule the loop's polling out until a later check counts few again."""
+    dispatcher = rig.dispatcher
+    spin = dispatcher.loop.spin
+    balancers = [rig.balancer() for _ in range(POLLING_FLOWS + 1)]
+    for balancer in balancers:
+        rig.send(balancer, LOCAL + b"open")
+    start = dispatcher.loop.now
+    dispatcher._tick(start + 1)
+    assert spin.allowed  # the flows opened in that second are not counted yet
+    for balancer in balancers:
+        rig.send(balancer, LOCAL + b"busy")
+    dispatcher._tick(start + 2)
+    assert not spin.allowed
+    spin.worked(start + 2.0001, start + 2.0002)
+    spin.worked(start + 2.0003, start + 2.0004)
+    assert spin.until == float("-inf")  # work came soon, but polling is ruled out
+    rig.send(balancers[0], LOCAL + b"one")
+    dispatcher._tick(start + 3)
+    assert spin.allowed
 
 
 def test_no_route_is_cached_without_a_flow(backend: socket.socket) -> None:
