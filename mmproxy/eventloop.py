@@ -125,10 +125,11 @@ class EventLoop:
         epoll, handlers, wake, monotonic = self._epoll, self._handlers, self._wake, time.monotonic
         spin, sched_yield = self.spin, os.sched_yield
         while not self._stopping:
-            events = epoll.poll(0.0, BATCH) if self.now < spin.until else []
-            if not events:
-                until = spin.until
-                before = monotonic()
+            events: list[tuple[int, int]] = []
+            until = spin.until
+            if self.now < until:
+                events = epoll.poll(0.0, BATCH)
+                before = monotonic() if not events else until
                 while before < until:  # polling in vain: let others here run first
                     sched_yield()
                     after = monotonic()
@@ -138,10 +139,12 @@ class EventLoop:
                     if events:
                         break
                     before = after
-                if not events:
-                    deadline = self._deadline
-                    timeout = None if deadline is None else max(0.0, deadline - before)
-                    events = epoll.poll(timeout, BATCH)
+            if not events:
+                deadline = self._deadline
+                # The turn's time is old by the handlers' few microseconds (and the polling's):
+                # a deadline may fire that much late, and the clock is not read again for it.
+                timeout = None if deadline is None else max(0.0, deadline - self.now)
+                events = epoll.poll(timeout, BATCH)
             self.now = now = monotonic()
             for fd, _mask in events:
                 if fd == wake:
@@ -155,7 +158,7 @@ class EventLoop:
                     handler()
                 except Exception:  # noqa: BLE001 - one socket's bug must not stop the loop
                     _log.exception("an event handler failed")
-            if events:
+            if events and spin.allowed:
                 spin.worked(now, monotonic())
             deadline = self._deadline  # a handler may have brought it forward (timer_by)
             if deadline is not None and now < deadline:
