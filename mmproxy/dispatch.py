@@ -245,8 +245,8 @@ class Dispatcher(ListenerThread):
                 )
             sent = len(payloads) - failed
             if sent:
-                if flow.last_in < self._count_from:
-                    self._moved += 1  # its first batch since the last check
+                if flow.last_in < self._count_from or not flow.datagrams_to_target:
+                    self._moved += 1  # its first batch since the last check (or ever)
                 flow.last_in = now
                 flow.datagrams_to_target += sent
                 flow.bytes_to_target += sum(map(len, payloads)) - failed_bytes
