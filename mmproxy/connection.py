@@ -5,11 +5,13 @@ RELAYING (at least one direction on a thread) and PARKED (none), then DONE.  Eve
 whatever the state and whichever thread finds it, goes through :meth:`Connection._finish`,
 which closes, logs, counts and leaves the tracker exactly once.
 
-:meth:`Connection.serve` reads the header and connects upstream (:mod:`mmproxy.handshake`),
-then parks both relay directions in the parking lot, which moves small messages and ends itself
-(:mod:`mmproxy.hop`); bulk, or a slow reader, gets a pool worker that splices until its source
-has been quiet for :data:`QUIET_GRACE`.  With ``--relay sockmap`` an established pair goes to
-the kernel instead, at one call site (:meth:`Connection._kernel_relay`).
+:meth:`Connection.start`, on the acceptor thread, reads the header and connects upstream
+(:mod:`mmproxy.handshake`) without blocking (a header still arriving parks, a connect still
+under way goes to a pool worker), then parks both relay directions in the parking lot, which
+moves small messages and ends itself (:mod:`mmproxy.hop`); bulk, or a slow reader, gets a pool
+worker that splices until its source has been quiet for :data:`QUIET_GRACE`.  With
+``--relay sockmap`` an established pair goes to the kernel instead, at one call site
+(:meth:`Connection._kernel_relay`).
 
 Descriptor ownership: the connection owns the client socket from accept, and both sockets
 once the relay starts (:class:`~mmproxy.relay.Pair` holds them), and only ``_finish`` closes
@@ -92,11 +94,11 @@ _STOPPED = "the daemon is stopping"
 class Connection:
     """A client connection from the load balancer, from accept to close.
 
-    The job :meth:`serve` reads the header and connects upstream; then both directions
-    park, and the lot moves their small messages and ends (:meth:`_move`).  A direction
-    with more goes to a pool worker (:meth:`_run`) until it ends or has been quiet for the
-    grace, when it parks its source socket again.  ``_threads`` counts the directions on a
-    thread now; with none, a relayed connection is PARKED.
+    :meth:`start` (or the job :meth:`serve`) reads the header and connects upstream; then
+    both directions park, and the lot moves their small messages and ends (:meth:`_move`).
+    A direction with more goes to a pool worker (:meth:`_run`) until it ends or has been
+    quiet for the grace, when it parks its source socket again.  ``_threads`` counts the
+    directions on a thread now; with none, a relayed connection is PARKED.
     """
 
     def __init__(
@@ -172,13 +174,34 @@ class Connection:
 
     # -------------------------------------------------------------- header
 
+    def start(self) -> None:
+        """On the acceptor thread: take the connection as far as it goes without blocking.
+
+        With the parking lot and the splice relay, the header is usually all there and the
+        backend's handshake over by the time ``connect()`` returns (it is on this host), so
+        the relay starts here and the lot takes it from there: no worker is woken.  A connect
+        still under way goes to a worker to wait; the kernel relay's hand-over, and a relay
+        without a lot, block, so those connections are served on a worker from the start.
+        """
+        services = self._services
+        if services.kernel is None and services.parking is not None:
+            self._serve(blocking=False)
+            return
+        try:
+            services.pool.submit(self.serve)
+        except (RuntimeError, OSError) as error:
+            self.not_served(error)
+
     def serve(self) -> None:
-        """Read the header, connect upstream and start the relay; runs on a pool worker and
-        never raises.
+        """:meth:`start`'s work on a pool worker, where waiting is allowed; never raises.
 
         A header that has not all arrived yet waits in the parking lot without a thread;
         the lot runs this again when more of it comes, or when its deadline passes.
         """
+        self._serve(blocking=True)
+
+    def _serve(self, *, blocking: bool) -> None:
+        """Read the header, start the upstream connect and, once it is up, the relay."""
         metrics = self._services.metrics
         try:
             found = self._read_header()
@@ -193,28 +216,50 @@ class Connection:
                 self._log_header(header)
             with self._lock:
                 self._state = State.CONNECTING
-            conn_up = handshake.connect(
+            connecting = handshake.connect(
                 header, self._balancer(), self._services.config, self._services.destinations
             )
-        except RefusedError as refusal:
-            message = logs.tcp_refusal_message(refusal.reason)
-            self._finish(Outcome(message, str(refusal), refusal.reason, refusal.reason))
+        except BaseException as error:
+            self._failed(error)
+            if not isinstance(error, Exception):
+                raise
             return
-        except HeaderError as error:
+        if blocking or connecting.done():
+            self._connected(connecting, payload)
+            return
+        try:
+            self._services.pool.submit(lambda: self._connected(connecting, payload))
+        except (RuntimeError, OSError) as error:
+            connecting.sock.close()
+            self.not_served(error)
+
+    def _connected(self, connecting: upstream.Connecting, payload: bytes) -> None:
+        """Wait for the upstream connect if it is still under way, then relay."""
+        try:
+            conn_up = handshake.connected(connecting)
+        except BaseException as error:
+            self._failed(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self._relay(conn_up, payload)
+
+    def _failed(self, error: BaseException) -> None:
+        """Finish a connection whose header or upstream connect failed, saying why."""
+        if isinstance(error, RefusedError):
+            message = logs.tcp_refusal_message(error.reason)
+            self._finish(Outcome(message, str(error), error.reason, error.reason))
+        elif isinstance(error, HeaderError):
             # A peer that closed before sending a byte is a failed read, as go-mmproxy has it.
             failed_read = error.reason == Reason.INCOMPLETE and not self._buffer
             message = logs.MSG_READ_HEADER_FAILED if failed_read else logs.MSG_PARSE_HEADER_FAILED
             self._finish(Outcome(message, error, None, error.reason))
-            return
-        except OSError as error:
+        elif isinstance(error, OSError):
             self._finish(
                 Outcome(logs.MSG_READ_HEADER_FAILED, error, Refusal.READ_ERROR, Refusal.READ_ERROR)
             )
-            return
-        except BaseException as error:
+        else:
             self._finish(Outcome(_BEFORE_RELAY, repr(error)))
-            raise
-        self._relay(conn_up, payload)
 
     def _read_header(self) -> tuple[ProxyHeader, bytes] | None:
         """The header and the bytes that came after it, or None when parked to wait for more.
@@ -288,16 +333,14 @@ class Connection:
         self._opened = True
         parking = services.parking
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)
+            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)  # inherited from the listening socket
             self._log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it already
-            if payload:
+            if payload:  # what came with the header goes first
                 try:
-                    conn_up.sock.sendall(payload)  # what came with the header goes first
+                    self._send_first(pair, payload)
                 except OSError as error:
                     self._finish(Outcome(logs.MSG_WRITE_UPSTREAM_FAILED, error))
                     return
-                pair.to_target[0] += len(payload)
             if self._kernel_relay(pair):
                 return
         except OSError as error:
@@ -307,7 +350,10 @@ class Connection:
             # Both directions wait in the lot, which moves small messages and the ends itself
             # (mmproxy.hop) and gives a direction a thread only for bulk: this one is free.
             self._release()
-            self._wait(pair, FORWARD)
+            if pair.pending[FORWARD]:  # the backend did not take it all: a worker sends it
+                self._hand_over(pair, FORWARD)
+            else:
+                self._wait(pair, FORWARD)
             self._wait(pair, BACKWARD)
             return
         with self._lock:
@@ -318,6 +364,22 @@ class Connection:
             self._release()
             self._lost(pair, error)  # ends the pair: the run below sees it at once
         self._run(pair, FORWARD)
+
+    def _send_first(self, pair: Pair, payload: bytes) -> None:
+        """Send what came with the header; with the lot, without waiting: what the backend
+        does not take now waits in ``pair.pending`` for a worker (:meth:`_hand_over`)."""
+        sock = pair.upstream
+        if self._services.parking is None or self._services.kernel is not None:
+            sock.sendall(payload)  # on a worker: the relay or the hand-over blocks anyway
+            pair.to_target[0] += len(payload)
+            return
+        try:
+            sent = sock.send(payload, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        pair.to_target[0] += sent
+        if sent < len(payload):
+            pair.pending[FORWARD] = payload[sent:]
 
     def _kernel_relay(self, pair: Pair) -> bool:
         """--relay sockmap: hand the pair to the kernel (mmproxy.sockmap), which relays it

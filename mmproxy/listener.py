@@ -98,6 +98,8 @@ def open_listeners(config: Config, kind: int = socket.SOCK_STREAM) -> list[socke
                 _grow_receive_buffer(sock)
             sock.bind(address)
             if kind == socket.SOCK_STREAM:
+                # Accepted sockets inherit it: no setsockopt per connection.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.listen(BACKLOG)
             address = sock.getsockname()  # the real port, for the sockets that follow
     except BaseException:

@@ -3,8 +3,8 @@
 :class:`TcpServer` is the TCP side of :mod:`mmproxy.server`.  Each acceptor thread waits for
 room under ``--max-connections`` before it calls ``accept()`` (so at the cap new connections
 wait in the kernel's backlog), checks the allow-list, registers the connection with the
-:class:`Tracker` and hands it to the worker pool; a connection's life from there is
-:mod:`mmproxy.connection`'s.
+:class:`Tracker` and starts it (:meth:`~mmproxy.connection.Connection.start`: as far as it
+goes without blocking); a connection's life from there is :mod:`mmproxy.connection`'s.
 """
 
 from __future__ import annotations
@@ -195,10 +195,7 @@ class TcpServer(Server):
         if not self._tracker.add(connection):  # waits at the cap; False: stopping
             sock.close()
             return
-        try:
-            self._pool.submit(connection.serve)
-        except (RuntimeError, OSError) as error:
-            connection.not_served(error)
+        connection.start()
 
     def _stop_admitting(self) -> None:
         self._tracker.close()  # wakes acceptors paused at the cap
