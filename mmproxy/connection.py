@@ -54,6 +54,15 @@ _BEFORE_RELAY = "connection failed before the relay started"
 QUIET_GRACE = 0.25
 
 
+def socket_host(text: str) -> IPAddress:
+    """The address in a host string a socket call gave (``accept()``): an IPv4 dotted quad
+    without the text parser's cost, anything else by ``ipaddress`` (a zone suffix dropped)."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return ipaddress.ip_address(text.partition("%")[0])
+
+
 class Registry(Protocol):
     """Where live connections are counted (the server's tracker): a finished one leaves."""
 
@@ -107,6 +116,9 @@ class Connection:
         self._sock = sock
         self._peer = peer[0]  # the load balancer's address, as accept() gave it
         self._services = services
+        # The header and the connect can be served where they are seen (the acceptor, the
+        # lot) without blocking: with a lot to wait in, and the splice relay to start.
+        self._never_blocks = services.kernel is None and services.parking is not None
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
@@ -183,10 +195,10 @@ class Connection:
         still under way goes to a worker to wait; the kernel relay's hand-over, and a relay
         without a lot, block, so those connections are served on a worker from the start.
         """
-        services = self._services
-        if services.kernel is None and services.parking is not None:
+        if self._never_blocks:
             self._serve(blocking=False)
             return
+        services = self._services
         try:
             services.pool.submit(self.serve)
         except (RuntimeError, OSError) as error:
@@ -292,10 +304,16 @@ class Connection:
                 self._header_stopped,
                 timeout=max(remaining, 0.001),
                 abandon=lambda: self._header_stopped(_STOPPED),
+                move=self._more_arrived if self._never_blocks else None,
             )
         except RuntimeError as error:  # the lot is closed: the daemon is stopping
             raise RefusedError(Refusal.STOPPING, "daemon is stopping", str(error)) from error
         return True
+
+    def _more_arrived(self, _buffer: bytearray) -> Job:
+        """On the lot's thread, when more of a parked header came: go on right there, as
+        :meth:`start` does on the acceptor (it never blocks), instead of waking a worker."""
+        return functools.partial(self._serve, blocking=False)
 
     def _header_stopped(self, error: BaseException | str) -> None:
         """A parked header cannot be read on: the pool or the lot refused (stopping)."""
@@ -511,4 +529,4 @@ class Connection:
 
     def _balancer(self) -> IPAddress:
         """The load balancer's address (a zone suffix, if any, dropped)."""
-        return ipaddress.ip_address(self._peer.partition("%")[0])
+        return socket_host(self._peer)

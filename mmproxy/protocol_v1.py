@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 
 from mmproxy.errors import HeaderError, Reason
 from mmproxy.header import (
@@ -93,10 +92,10 @@ def _tcp4_line(line: bytes) -> ProxyHeader | None:
     sport, dport = int(source_port), int(destination_port)
     if sport > 0xFFFF or dport > 0xFFFF:
         return None
-    try:  # the pattern leaves only octets above 255 to refuse
-        src = ipaddress.IPv4Address(socket.inet_aton(source.decode("ascii")))
-        dst = ipaddress.IPv4Address(socket.inet_aton(destination.decode("ascii")))
-    except OSError:
+    try:  # the pattern leaves only octets above 255 to refuse: bytes() refuses them
+        src = ipaddress.IPv4Address(bytes([int(octet) for octet in source.split(b".")]))
+        dst = ipaddress.IPv4Address(bytes([int(octet) for octet in destination.split(b".")]))
+    except ValueError:
         return None
     return ProxyHeader(
         1,

@@ -257,6 +257,8 @@ def test_a_trickling_header_parks_then_completes(rig: Rig, on_acceptor: bool) ->
     backend.close()
     rig.done(connection)
     assert rig.metrics.closed_bytes == [(4, 0)]
+    # Where start() never blocks, the lot goes on with the header itself: no worker.
+    assert rig.pool._started == (0 if on_acceptor else 1)
 
 
 # ------------------------------------------------------------------ ways out before the relay
