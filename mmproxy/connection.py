@@ -310,7 +310,7 @@ class Connection:
             raise RefusedError(Refusal.STOPPING, "daemon is stopping", str(error)) from error
         return True
 
-    def _more_arrived(self, _buffer: bytearray) -> Job:
+    def _more_arrived(self, _buffer: memoryview) -> Job:
         """On the lot's thread, when more of a parked header came: go on right there, as
         :meth:`start` does on the acceptor (it never blocks), instead of waking a worker."""
         return functools.partial(self._serve, blocking=False)
@@ -480,12 +480,12 @@ class Connection:
                 timeout=pair.time_to_idle(),
                 expire=pair.expire_if_idle,
                 abandon=lambda: self._lost(pair, _STOPPED),
-                move=lambda buffer: self._move(pair, side, buffer),
+                move=functools.partial(self._move, pair, side),
             )
         except (OSError, RuntimeError) as error:
             self._lost(pair, error)
 
-    def _move(self, pair: Pair, side: int, buffer: bytearray) -> Job | None:
+    def _move(self, pair: Pair, side: int, buffer: memoryview) -> Job | None:
         """On the lot's thread: move what parked direction ``side`` has, if it is small.
         None: it stays parked; else what to do once it has left the lot."""
         try:

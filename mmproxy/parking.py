@@ -58,7 +58,7 @@ _log = logging.getLogger(__name__)
 OnFailure = Callable[[BaseException], None]
 # Given the lot's scratch buffer: None to stay parked, or a job to run on the lot's thread
 # once the spot has left the lot.
-Move = Callable[[bytearray], Job | None]
+Move = Callable[[memoryview], Job | None]
 
 
 @dataclass(eq=False)
@@ -148,7 +148,7 @@ class _Lot:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
-        self._scratch = bytearray(scratch)  # only the lot's thread uses it
+        self._scratch = memoryview(bytearray(scratch))  # only the lot's thread uses it
         self._closing = False
         self._thread = threading.Thread(
             target=self._loop, name=f"mmproxy-parking{suffix}", daemon=True
