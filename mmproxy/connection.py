@@ -82,6 +82,10 @@ class Services:
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
     grace: float = QUIET_GRACE  # seconds a quiet direction keeps its thread (with a lot)
     kernel: KernelRelay | None = None  # --relay sockmap: established pairs go to the kernel
+    # Serve a connection where it is seen (the accepting thread, the lot's) whenever that
+    # cannot block: one thread for everything with the GIL; free-threaded builds hand the
+    # header and the connect to a worker, which runs beside the acceptor.
+    inline: bool = False
     destinations: policy.Destinations | None = None  # with -dynamic-destination
 
 
@@ -116,9 +120,11 @@ class Connection:
         self._sock = sock
         self._peer = peer[0]  # the load balancer's address, as accept() gave it
         self._services = services
-        # The header and the connect can be served where they are seen (the acceptor, the
-        # lot) without blocking: with a lot to wait in, and the splice relay to start.
-        self._never_blocks = services.kernel is None and services.parking is not None
+        # The header and the connect are served where they are seen (the acceptor, the lot):
+        # when asked to, with a lot to wait in, and the splice relay to start (never blocks).
+        self._never_blocks = (
+            services.inline and services.kernel is None and services.parking is not None
+        )
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
@@ -187,13 +193,15 @@ class Connection:
     # -------------------------------------------------------------- header
 
     def start(self) -> None:
-        """On the acceptor thread: take the connection as far as it goes without blocking.
+        """On the accepting thread: serve the connection there, or hand it to a worker.
 
-        With the parking lot and the splice relay, the header is usually all there and the
-        backend's handshake over by the time ``connect()`` returns (it is on this host), so
-        the relay starts here and the lot takes it from there: no worker is woken.  A connect
-        still under way goes to a worker to wait; the kernel relay's hand-over, and a relay
-        without a lot, block, so those connections are served on a worker from the start.
+        With ``Services.inline`` (and the splice relay and a lot) it goes as far as it can
+        without blocking: the header is usually all there and the backend's handshake over
+        by the time ``connect()`` returns (it is on this host), so the relay starts here and
+        the lot takes it from there, and no worker is woken.  A connect still under way goes
+        to a worker to wait.  Otherwise (the kernel relay's hand-over, a relay without a lot
+        block; free-threaded builds run the worker beside the acceptor) :meth:`serve` runs
+        on a worker.
         """
         if self._never_blocks:
             self._serve(blocking=False)

@@ -125,6 +125,14 @@ class ParkingLot:
             events=events,
         )
 
+    @property
+    def threads(self) -> int:
+        return len(self._lots)
+
+    def alive(self) -> bool:
+        """Every lot's thread runs."""
+        return all(lot.alive() for lot in self._lots)
+
     def withdraw(self, sock: socket.socket) -> bool:
         """See :meth:`_Lot.withdraw` (a descriptor is parked in one lot at most)."""
         return any(lot.withdraw(sock) for lot in self._lots)
@@ -161,6 +169,9 @@ class _Lot:
         """Spots parked now."""
         with self._lock:
             return self._parked
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def park_sockets(
         self,

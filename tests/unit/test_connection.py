@@ -116,6 +116,7 @@ class Rig:
         parking: bool = True,
         backend_port: int | None = None,
         scratch: int = SCRATCH,
+        inline: bool = True,
     ) -> None:
         self.backend = socket.create_server(("127.0.0.1", 0))
         port = backend_port or self.backend.getsockname()[1]
@@ -155,6 +156,7 @@ class Rig:
             self.metrics,
             parking=self.lot,
             grace=grace,
+            inline=inline,
         )
         self.sockets: list[socket.socket] = [self.backend]
 
@@ -620,3 +622,18 @@ def test_what_the_backend_cannot_take_at_once_is_left_pending(rig: Rig) -> None:
     assert pair.pending[FORWARD] == payload[sent:]
     received = recv_exactly(backend, sent)
     assert received == payload[:sent]
+
+
+def test_without_inline_start_hands_the_connection_to_a_worker() -> None:
+    """Free-threaded builds: the acceptor hands the header and the connect to a worker."""
+    rig = Rig(inline=False)
+    try:
+        client, connection = rig.connect(LOCAL + b"x", on_acceptor=True)
+        backend = rig.accept()
+        assert recv_exactly(backend, 1) == b"x"
+        assert rig.pool._started == 1
+        client.close()
+        backend.close()
+        rig.done(connection)
+    finally:
+        rig.close()
