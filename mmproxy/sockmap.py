@@ -44,6 +44,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mmproxy import bpf
 from mmproxy.parking import ParkingLot
@@ -202,6 +203,7 @@ class KernelPair:
         self._base = [0, 0]  # taken_in of each socket at insertion
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
+        self._excess = [0, 0]  # bytes the partner took in beyond that (a kernel duplicate)
         self._flush_wait = FLUSH_POLL[0]
         self._finished = False
 
@@ -217,17 +219,17 @@ class KernelPair:
         """
         if not self._drain():
             return FALLBACK_BUSY
-        snapshot = [self._snapshot(sock) for sock in self._socks]
-        if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
+        snapshot = [_snapshot(sock) for sock in self._socks]
+        if any(self._ended) or any(shot.fin for shot in snapshot):
             return FALLBACK_ENDED
-        for side, sock in enumerate(self._socks):  # before insertion: the kernel moves at once
-            received, queued, _fin = snapshot[side]
-            self._consumed[side] = received - queued
-            self._base[side] = counters(sock).taken_in
+        for side, shot in enumerate(snapshot):  # before insertion: the kernel moves at once
+            self._consumed[side] = shot.consumed
+            self._base[side] = shot.taken_in
             self._user_sent[side] = self._counts[1 - side][0]
         try:
             self._kernel.insert(*self._socks)
         except OSError:
+            self._check_untouched()
             return FALLBACK_INSERT
         for sock in self._socks:
             with contextlib.suppress(OSError):
@@ -262,15 +264,12 @@ class KernelPair:
                 return False
         return True
 
-    @staticmethod
-    def _snapshot(sock: socket.socket) -> tuple[int, int, int]:
-        """(bytes received, bytes still queued, 1 if a FIN is among them), read consistently."""
-        while True:
-            before = counters(sock).bytes_received
-            queued = inq(sock)
-            fin = 1 if revents(sock) & select.POLLRDHUP else 0
-            if counters(sock).bytes_received == before:
-                return before, queued, fin
+    def _check_untouched(self) -> None:
+        """After a failed insertion, raise OSError if a socket ran the verdict meanwhile: what
+        it redirected was dropped with the partner's queue, and splice cannot resend it."""
+        for side, sock in enumerate(self._socks):
+            if _snapshot(sock).consumed != self._consumed[side]:
+                raise OSError(errno.EIO, "the kernel took bytes from a pair it could not relay")
 
     # ------------------------------------------------------------ watching
 
@@ -302,11 +301,12 @@ class KernelPair:
             if self._ended[side] or not events & (select.POLLRDHUP | select.POLLHUP):
                 continue
             self._fin[side] = True
-            if not self._flushed(side):
+            flushed = self._flushed(side)
+            if flushed is None:
                 wait = True
                 continue
             self._ended[side] = True
-            self._final[side] = self._moved(side)
+            self._final[side], self._excess[side] = flushed
             _half_close(self._socks[1 - side])
         if wait:
             return False
@@ -325,19 +325,21 @@ class KernelPair:
         received = counters(self._socks[side]).bytes_received - (1 if self._fin[side] else 0)
         return max(0, received - self._consumed[side])
 
-    def _flushed(self, side: int) -> bool:
-        """Whether the partner has taken in all the kernel took from socket ``side``."""
+    def _flushed(self, side: int) -> tuple[int, int] | None:
+        """Once the partner took in all the kernel took from ``side``: that count and what the
+        partner took in beyond it (a duplicate); None while some is still on its way."""
         tries, pause = FLUSH_SPIN
         for _ in range(tries):
-            if self._flushed_now(side):
-                return True
+            if (flushed := self._flushed_now(side)) is not None:
+                return flushed
             time.sleep(pause)
         return self._flushed_now(side)
 
-    def _flushed_now(self, side: int) -> bool:
+    def _flushed_now(self, side: int) -> tuple[int, int] | None:
         partner = 1 - side
         written = counters(self._socks[partner]).taken_in - self._base[partner]
-        return written >= self._moved(side)
+        moved = self._moved(side)
+        return (moved, written - moved) if written >= moved else None
 
     def _final_count(self, side: int) -> int:
         """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
@@ -410,9 +412,33 @@ class KernelPair:
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
                 self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
+        if any(self._excess) and self._pair.error is None:  # a stream corrupted: say so
+            self._pair.error = OSError(
+                errno.EIO, f"the kernel relay wrote {max(self._excess)} bytes more than it read"
+            )
         self._kernel.remove(*self._socks)
         self._pair.close()
         self._done()
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    consumed: int  # bytes user space read from the socket (received, less still queued)
+    taken_in: int  # bytes written into it so far (sequence space, see TcpCounters)
+    fin: bool  # a FIN is among what it received
+
+
+def _snapshot(sock: socket.socket) -> _Snapshot:
+    """One socket's counters, read again until nothing arrived or was acknowledged meanwhile
+    (an ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small: the FIN too early)."""
+    while True:
+        before = counters(sock)
+        queued = inq(sock)
+        fin = bool(revents(sock) & select.POLLRDHUP)
+        after = counters(sock)
+        if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
+            # TCP counts a FIN as one byte received, which no read returns.
+            return _Snapshot(before.bytes_received - queued - fin, before.taken_in, fin)
 
 
 def _half_close(sock: socket.socket) -> None:

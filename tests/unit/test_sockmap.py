@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -166,3 +168,79 @@ def test_a_full_map_leaves_the_pair_to_splice_with_nothing_lost(rig: Rig) -> Non
             small.close()
     finally:
         first.close()
+
+
+def test_an_insertion_that_fails_after_the_kernel_took_bytes_fails_the_pair(rig: Rig) -> None:
+    """The last map update fails after the first socket already ran the verdict: what that
+    redirected is gone with the removal, so the pair must fail, not go on to splice with a
+    hole in the stream."""
+
+    class LateFailure(KernelRelay):
+        def insert(self, a: socket.socket, b: socket.socket) -> None:
+            super().insert(a, b)
+            rig.client.sendall(b"taken")  # redirected by the verdict, queued for the backend
+            rig.backend.settimeout(10)
+            assert rig.backend.recv(5) == b"taken"
+            self.remove(a, b)
+            raise OSError(errno.ENOMEM, "a late failure")
+
+    failing = LateFailure.open(4)
+    try:
+        with pytest.raises(OSError, match="took bytes"):
+            rig.hand_over(failing)
+        assert failing.held == 0
+    finally:
+        failing.close()
+
+
+def test_an_insertion_that_fails_before_any_byte_moved_leaves_the_pair_to_splice(
+    rig: Rig,
+) -> None:
+    class LateFailure(KernelRelay):
+        def insert(self, a: socket.socket, b: socket.socket) -> None:
+            super().insert(a, b)
+            self.remove(a, b)
+            raise OSError(errno.ENOMEM, "a late failure")
+
+    failing = LateFailure.open(4)
+    try:
+        assert rig.hand_over(failing) == FALLBACK_INSERT
+        rig.client.sendall(b"spliced")
+        assert rig.daemon_client.recv(7) == b"spliced"  # still readable here: nothing taken
+    finally:
+        failing.close()
+
+
+def test_bytes_written_twice_are_reported_as_a_failed_pair(rig: Rig) -> None:
+    """The partner took in more than the kernel read from its source (here a stray write
+    stands in for a duplicate): the end says so instead of reporting a clean relay."""
+    assert rig.hand_over() is None
+    rig.daemon_upstream.sendall(b"stray")  # not from the client: 5 bytes nobody read
+    rig.client.sendall(b"data")
+    rig.client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(rig.backend) == b"straydata"
+    rig.backend.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(rig.client) == b""
+    assert rig.done.wait(10)
+    assert isinstance(rig.pair.error, OSError)
+    assert "5 bytes more than it read" in str(rig.pair.error)
+
+
+def test_a_fin_that_fails_the_insertion_leaves_the_pair_to_splice(rig: Rig) -> None:
+    """The client's FIN arrives between the drain and the insertion (which then fails: the
+    socket is no longer established).  TCP counts the FIN as a byte received; it is not one
+    the kernel took, so the pair goes on to splice."""
+
+    class FinFirst(KernelRelay):
+        def insert(self, a: socket.socket, b: socket.socket) -> None:
+            rig.client.shutdown(socket.SHUT_WR)
+            poller = select.poll()
+            poller.register(a, select.POLLRDHUP)
+            assert poller.poll(10_000)
+            raise OSError(errno.EOPNOTSUPP, "not established")
+
+    refusing = FinFirst.open(4)
+    try:
+        assert rig.hand_over(refusing) == FALLBACK_INSERT
+    finally:
+        refusing.close()
