@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from mmproxy import bpf
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
-from mmproxy.tcpinfo import cookie, counters, inq, revents
+from mmproxy.tcpinfo import FIN_RECEIVED, TCP_ESTABLISHED, cookie, counters, inq, revents
 
 # What a parked pair waits for: an end (errors and hang-ups come anyway).  Not EPOLLIN: the
 # kernel signals "data ready" for every segment it redirects, and each would wake the lot.
@@ -126,13 +126,13 @@ class KernelRelay:
         with self._lock:
             return self._held
 
-    def insert(self, a: socket.socket, b: socket.socket) -> None:
-        """Make each of ``a`` and ``b`` redirect to the other; raises OSError, inserting nothing."""
+    def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+        """Make each of ``a`` and ``b`` (whose cookies are ``keys``) redirect to the other;
+        raises OSError, inserting nothing."""
         with self._lock:
             if self._closed or self._held >= self.capacity:
                 raise OSError(errno.E2BIG, "the socket map is full")
             self._held += 1
-        keys = (cookie(a), cookie(b))
         done: list[tuple[int, bytes]] = []
         try:
             for table, key, sock in (
@@ -150,12 +150,16 @@ class KernelRelay:
             self._release()
             raise
 
-    def remove(self, a: socket.socket, b: socket.socket) -> None:
+    def remove(self, keys: tuple[bytes, bytes]) -> None:
         """Take the pair out of both maps: verdicts first, so nothing is redirected to a gap."""
         for table in (self._verdicts, self._targets):
-            for sock in (a, b):
+            for key in keys:
                 with contextlib.suppress(OSError):  # a closed or reset socket left on its own
-                    bpf.delete(table, cookie(sock))
+                    bpf.delete(table, key)
+        self._release()
+
+    def release(self) -> None:
+        """A pair left the maps on its own: closing a socket takes it out of every map."""
         self._release()
 
     def _release(self) -> None:
@@ -205,6 +209,7 @@ class KernelPair:
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._excess = [0, 0]  # bytes the partner took in beyond that (a kernel duplicate)
         self._flush_wait = FLUSH_POLL[0]
+        self._keys = (b"", b"")  # the sockets' cookies, their keys in the maps
         self._finished = False
 
     # ------------------------------------------------------------ hand-over
@@ -220,21 +225,22 @@ class KernelPair:
         if not self._drain():
             return FALLBACK_BUSY
         snapshot = [_snapshot(sock) for sock in self._socks]
-        if any(self._ended) or any(shot.fin for shot in snapshot):
+        if any(self._ended) or any(shot.ended for shot in snapshot):
             return FALLBACK_ENDED
         for side, shot in enumerate(snapshot):  # before insertion: the kernel moves at once
             self._consumed[side] = shot.consumed
             self._base[side] = shot.taken_in
             self._user_sent[side] = self._counts[1 - side][0]
+        self._keys = (cookie(self._socks[0]), cookie(self._socks[1]))
         try:
-            self._kernel.insert(*self._socks)
+            self._kernel.insert(self._keys, *self._socks)
         except OSError:
             self._check_untouched()
             return FALLBACK_INSERT
         for sock in self._socks:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
-        self._step()
+        self._step(look=False)  # an end or error already there shows in the lot at once
         return None
 
     def _drain(self) -> bool:
@@ -273,10 +279,10 @@ class KernelPair:
 
     # ------------------------------------------------------------ watching
 
-    def _step(self) -> None:
+    def _step(self, look: bool = True) -> None:
         """Look at both sockets and act; then wait in the parking lot for the next event."""
         try:
-            if self._advance():
+            if look and self._advance():
                 self._finish()
                 return
             self._park()
@@ -328,17 +334,17 @@ class KernelPair:
     def _flushed(self, side: int) -> tuple[int, int] | None:
         """Once the partner took in all the kernel took from ``side``: that count and what the
         partner took in beyond it (a duplicate); None while some is still on its way."""
+        moved = self._moved(side)  # final: nothing arrives after the FIN
         tries, pause = FLUSH_SPIN
         for _ in range(tries):
-            if (flushed := self._flushed_now(side)) is not None:
+            if (flushed := self._flushed_now(side, moved)) is not None:
                 return flushed
             time.sleep(pause)
-        return self._flushed_now(side)
+        return self._flushed_now(side, moved)
 
-    def _flushed_now(self, side: int) -> tuple[int, int] | None:
+    def _flushed_now(self, side: int, moved: int) -> tuple[int, int] | None:
         partner = 1 - side
         written = counters(self._socks[partner]).taken_in - self._base[partner]
-        moved = self._moved(side)
         return (moved, written - moved) if written >= moved else None
 
     def _final_count(self, side: int) -> int:
@@ -416,8 +422,12 @@ class KernelPair:
             self._pair.error = OSError(
                 errno.EIO, f"the kernel relay wrote {max(self._excess)} bytes more than it read"
             )
-        self._kernel.remove(*self._socks)
-        self._pair.close()
+        if all(self._ended) and not self._pair.aborted:
+            self._pair.close()  # both ways over, nothing in flight: the close unlinks them
+            self._kernel.release()
+        else:
+            self._kernel.remove(self._keys)  # before the close: nothing redirected to a gap
+            self._pair.close()
         self._done()
 
 
@@ -425,7 +435,7 @@ class KernelPair:
 class _Snapshot:
     consumed: int  # bytes user space read from the socket (received, less still queued)
     taken_in: int  # bytes written into it so far (sequence space, see TcpCounters)
-    fin: bool  # a FIN is among what it received
+    ended: bool  # no longer established: a FIN came or went, or a reset
 
 
 def _snapshot(sock: socket.socket) -> _Snapshot:
@@ -434,11 +444,11 @@ def _snapshot(sock: socket.socket) -> _Snapshot:
     while True:
         before = counters(sock)
         queued = inq(sock)
-        fin = bool(revents(sock) & select.POLLRDHUP)
-        after = counters(sock)
+        after = counters(sock, outq=False)
         if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
-            # TCP counts a FIN as one byte received, which no read returns.
-            return _Snapshot(before.bytes_received - queued - fin, before.taken_in, fin)
+            fin = before.state in FIN_RECEIVED  # counted as a byte received, read by none
+            consumed = before.bytes_received - queued - fin
+            return _Snapshot(consumed, before.taken_in, before.state != TCP_ESTABLISHED)
 
 
 def _half_close(sock: socket.socket) -> None:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 SIOCINQ = termios.FIONREAD
 SIOCOUTQ = termios.TIOCOUTQ
+TCP_ESTABLISHED = 1  # tcpi_state values (include/net/tcp_states.h)
+# The states a socket is in once its peer's FIN arrived.
+FIN_RECEIVED = frozenset({6, 8, 9, 11})  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
 
 # struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
 _TCP_INFO_SIZE = 136
@@ -46,16 +49,17 @@ class TcpCounters:
         return self.bytes_acked + self.outq
 
 
-def counters(sock: socket.socket) -> TcpCounters:
+def counters(sock: socket.socket, outq: bool = True) -> TcpCounters:
+    """``TCP_INFO``, and ``SIOCOUTQ`` unless ``outq`` is False (then ``outq`` reads 0)."""
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0] if outq else 0
     return TcpCounters(
         raw[_STATE],
         struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
         struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
         struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
         struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
-        outq,
+        queued,
     )
 
 

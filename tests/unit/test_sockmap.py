@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from loopback import recv_exactly
 
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
@@ -176,12 +177,12 @@ def test_an_insertion_that_fails_after_the_kernel_took_bytes_fails_the_pair(rig:
     hole in the stream."""
 
     class LateFailure(KernelRelay):
-        def insert(self, a: socket.socket, b: socket.socket) -> None:
-            super().insert(a, b)
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+            super().insert(keys, a, b)
             rig.client.sendall(b"taken")  # redirected by the verdict, queued for the backend
             rig.backend.settimeout(10)
             assert rig.backend.recv(5) == b"taken"
-            self.remove(a, b)
+            self.remove(keys)
             raise OSError(errno.ENOMEM, "a late failure")
 
     failing = LateFailure.open(4)
@@ -197,9 +198,9 @@ def test_an_insertion_that_fails_before_any_byte_moved_leaves_the_pair_to_splice
     rig: Rig,
 ) -> None:
     class LateFailure(KernelRelay):
-        def insert(self, a: socket.socket, b: socket.socket) -> None:
-            super().insert(a, b)
-            self.remove(a, b)
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+            super().insert(keys, a, b)
+            self.remove(keys)
             raise OSError(errno.ENOMEM, "a late failure")
 
     failing = LateFailure.open(4)
@@ -217,8 +218,9 @@ def test_bytes_written_twice_are_reported_as_a_failed_pair(rig: Rig) -> None:
     assert rig.hand_over() is None
     rig.daemon_upstream.sendall(b"stray")  # not from the client: 5 bytes nobody read
     rig.client.sendall(b"data")
-    rig.client.shutdown(socket.SHUT_WR)
-    assert recv_to_eof(rig.backend) == b"straydata"
+    assert recv_exactly(rig.backend, 9) == b"straydata"
+    rig.client.shutdown(socket.SHUT_WR)  # (earlier, the stray bytes could pass for "data")
+    assert recv_to_eof(rig.backend) == b""
     rig.backend.shutdown(socket.SHUT_WR)
     assert recv_to_eof(rig.client) == b""
     assert rig.done.wait(10)
@@ -232,7 +234,7 @@ def test_a_fin_that_fails_the_insertion_leaves_the_pair_to_splice(rig: Rig) -> N
     the kernel took, so the pair goes on to splice."""
 
     class FinFirst(KernelRelay):
-        def insert(self, a: socket.socket, b: socket.socket) -> None:
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
             rig.client.shutdown(socket.SHUT_WR)
             poller = select.poll()
             poller.register(a, select.POLLRDHUP)
@@ -244,3 +246,26 @@ def test_a_fin_that_fails_the_insertion_leaves_the_pair_to_splice(rig: Rig) -> N
         assert rig.hand_over(refusing) == FALLBACK_INSERT
     finally:
         refusing.close()
+
+
+def test_a_pair_that_ended_cleanly_leaves_the_maps_with_its_close() -> None:
+    """After a clean end the pair is only closed (no removal calls): closing a socket takes
+    it out of every map, so a relay with room for one pair takes one pair after another."""
+    small = KernelRelay.open(1)
+    try:
+        for _ in range(3):
+            rig = Rig()
+            try:
+                assert rig.hand_over(small) is None
+                rig.client.sendall(b"ping")
+                rig.client.shutdown(socket.SHUT_WR)
+                assert recv_to_eof(rig.backend) == b"ping"
+                rig.backend.shutdown(socket.SHUT_WR)
+                assert recv_to_eof(rig.client) == b""
+                assert rig.done.wait(10)
+                assert rig.pair.error is None
+                assert small.held == 0
+            finally:
+                rig.close()
+    finally:
+        small.close()
