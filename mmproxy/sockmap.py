@@ -44,18 +44,22 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mmproxy import bpf
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
-from mmproxy.tcpinfo import FIN_RECEIVED, TCP_ESTABLISHED, cookie, counters, inq, revents
+from mmproxy.tcpinfo import cookie, counters, revents, snapshot
 
 # What a parked pair waits for: an end (errors and hang-ups come anyway).  Not EPOLLIN: the
 # kernel signals "data ready" for every segment it redirects, and each would wake the lot.
 _ENDS = select.EPOLLRDHUP
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
+# Each socket's send buffer in the kernel (SO_SNDBUFFORCE; the kernel doubles it).  A full
+# one makes the kernel's writer wait a whole timer tick, whatever frees up meanwhile: the
+# bound on one bulk connection (bench/README.md).
+SEND_BUFFER = 16 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
 # How often a direction whose end arrived looks at whether its partner has written
 # everything yet (doubling from the first to the last).
@@ -224,10 +228,10 @@ class KernelPair:
         """
         if not self._drain():
             return FALLBACK_BUSY
-        snapshot = [_snapshot(sock) for sock in self._socks]
-        if any(self._ended) or any(shot.ended for shot in snapshot):
+        shots = [snapshot(sock) for sock in self._socks]
+        if any(self._ended) or any(shot.ended for shot in shots):
             return FALLBACK_ENDED
-        for side, shot in enumerate(snapshot):  # before insertion: the kernel moves at once
+        for side, shot in enumerate(shots):  # before insertion: the kernel moves at once
             self._consumed[side] = shot.consumed
             self._base[side] = shot.taken_in
             self._user_sent[side] = self._counts[1 - side][0]
@@ -238,6 +242,8 @@ class KernelPair:
             self._check_untouched()
             return FALLBACK_INSERT
         for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
         self._step(look=False)  # an end or error already there shows in the lot at once
@@ -274,7 +280,7 @@ class KernelPair:
         """After a failed insertion, raise OSError if a socket ran the verdict meanwhile: what
         it redirected was dropped with the partner's queue, and splice cannot resend it."""
         for side, sock in enumerate(self._socks):
-            if _snapshot(sock).consumed != self._consumed[side]:
+            if snapshot(sock).consumed != self._consumed[side]:
                 raise OSError(errno.EIO, "the kernel took bytes from a pair it could not relay")
 
     # ------------------------------------------------------------ watching
@@ -429,26 +435,6 @@ class KernelPair:
             self._kernel.remove(self._keys)  # before the close: nothing redirected to a gap
             self._pair.close()
         self._done()
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    consumed: int  # bytes user space read from the socket (received, less still queued)
-    taken_in: int  # bytes written into it so far (sequence space, see TcpCounters)
-    ended: bool  # no longer established: a FIN came or went, or a reset
-
-
-def _snapshot(sock: socket.socket) -> _Snapshot:
-    """One socket's counters, read again until nothing arrived or was acknowledged meanwhile
-    (an ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small: the FIN too early)."""
-    while True:
-        before = counters(sock)
-        queued = inq(sock)
-        after = counters(sock, outq=False)
-        if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
-            fin = before.state in FIN_RECEIVED  # counted as a byte received, read by none
-            consumed = before.bytes_received - queued - fin
-            return _Snapshot(consumed, before.taken_in, before.state != TCP_ESTABLISHED)
 
 
 def _half_close(sock: socket.socket) -> None:

@@ -74,3 +74,25 @@ def revents(sock: socket.socket) -> int:
     poller.register(sock, WATCH)
     ready = poller.poll(0)
     return ready[0][1] if ready else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What user space needs to know of a socket before handing it to the kernel."""
+
+    consumed: int  # bytes user space read from the socket (received, less still queued)
+    taken_in: int  # bytes written into it so far (sequence space, see TcpCounters)
+    ended: bool  # no longer established: a FIN came or went, or a reset
+
+
+def snapshot(sock: socket.socket) -> Snapshot:
+    """One socket's counters, read again until nothing arrived or was acknowledged meanwhile
+    (an ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small: the FIN too early)."""
+    while True:
+        before = counters(sock)
+        queued = inq(sock)
+        after = counters(sock, outq=False)
+        if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
+            fin = before.state in FIN_RECEIVED  # counted as a byte received, read by none
+            consumed = before.bytes_received - queued - fin
+            return Snapshot(consumed, before.taken_in, before.state != TCP_ESTABLISHED)
