@@ -9,12 +9,9 @@ How a pair is handed over (:meth:`KernelPair.start`), and why in this order:
 
 1. **Drain in user space.**  Each socket is read (``MSG_DONTWAIT``) until it has nothing
    queued, and what was read is sent on.  A segment partly consumed by ``recv`` (the PROXY
-   header read, payload left in the same skb) must never reach the verdict: with a verdict
-   program alone it is redirected *whole*, header bytes included; with a stream parser
-   in front (strparser) it was lost on this kernel.  A socket read until EAGAIN holds no
-   partly consumed skb; what arrives afterwards arrives whole.  That makes the plain stream
-   verdict (``BPF_SK_SKB_STREAM_VERDICT`` without a parser) correct, and it is the simplest
-   attach type: one program run per skb, no message framing.
+   header read, payload left in the same skb) must never reach the verdict, which takes
+   skbs *whole* (with strparser in front it was lost instead).  A socket read until EAGAIN
+   holds no partly consumed skb, so the plain stream verdict (no parser) is correct.
 2. **Insert into the target map, then the verdict map.**  The redirect looks its partner
    up in ``targets`` (keyed by cookie, see :mod:`mmproxy.bpf`), a map with no program.
    Sockets join ``verdicts`` (the map that carries the program) only once both are in
@@ -32,6 +29,12 @@ goes out behind the data.  The same counters give the byte counts at the end.
 After insertion nothing in user space may read these sockets (a blocking ``recv`` would
 sleep forever: the data never reaches the receive queue); ends are watched with
 ``EPOLLRDHUP``, never with ``recv``.
+
+A known kernel fault (6.18): a segment that repeats some bytes already received (a
+retransmission cut differently from the original) is queued by TCP as it came, and the
+verdict redirects it whole, so the partner gets those bytes twice (TCP's own reads skip
+them).  Nothing here can trim it; a direction's end finds the surplus in the counters and
+resets the pair rather than end a corrupted stream like a good one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -55,9 +59,8 @@ from mmproxy.tcpinfo import cookie, counters, revents, snapshot
 _ENDS = select.EPOLLRDHUP
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
-# Each socket's send buffer in the kernel (SO_SNDBUFFORCE; the kernel doubles it).  A full
-# one makes the kernel's writer wait a whole timer tick, whatever frees up meanwhile: the
-# bound on one bulk connection (bench/README.md).
+# Each socket's send buffer (doubled by the kernel): a full one makes the kernel's writer
+# wait a timer tick, the bound on one bulk connection (bench/README.md).
 SEND_BUFFER = 16 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
@@ -151,7 +154,7 @@ class KernelRelay:
             for table, key in reversed(done):
                 with contextlib.suppress(OSError):
                     bpf.delete(table, key)
-            self._release()
+            self.release()
             raise
 
     def remove(self, keys: tuple[bytes, bytes]) -> None:
@@ -160,13 +163,10 @@ class KernelRelay:
             for key in keys:
                 with contextlib.suppress(OSError):  # a closed or reset socket left on its own
                     bpf.delete(table, key)
-        self._release()
+        self.release()
 
     def release(self) -> None:
-        """A pair left the maps on its own: closing a socket takes it out of every map."""
-        self._release()
-
-    def _release(self) -> None:
+        """A pair left the maps (on its own: closing a socket takes it out of every map)."""
         with self._lock:
             self._held -= 1
 
@@ -211,7 +211,6 @@ class KernelPair:
         self._base = [0, 0]  # taken_in of each socket at insertion
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
-        self._excess = [0, 0]  # bytes the partner took in beyond that (a kernel duplicate)
         self._flush_wait = FLUSH_POLL[0]
         self._keys = (b"", b"")  # the sockets' cookies, their keys in the maps
         self._finished = False
@@ -241,11 +240,10 @@ class KernelPair:
         except OSError:
             self._check_untouched()
             return FALLBACK_INSERT
-        for sock in self._socks:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
+        for sock in self._socks:  # the buffer, then the kick
+            for option, value in ((SO_SNDBUFFORCE, SEND_BUFFER), (socket.SO_RCVLOWAT, 1)):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, value)
         self._step(look=False)  # an end or error already there shows in the lot at once
         return None
 
@@ -292,6 +290,12 @@ class KernelPair:
                 self._finish()
                 return
             self._park()
+        except _SurplusError as error:
+            self._pair.error = error
+            for sock in self._socks:  # closed with SO_LINGER 0: a reset, not a FIN
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self._finish()
         except OSError as error:
             self._fail(error)
         except BaseException:
@@ -317,8 +321,10 @@ class KernelPair:
             if flushed is None:
                 wait = True
                 continue
+            self._final[side], surplus = flushed
+            if surplus:  # a corrupted stream must not end like a good one: reset both
+                raise _SurplusError(errno.EIO, f"the kernel relay wrote {surplus} bytes twice")
             self._ended[side] = True
-            self._final[side], self._excess[side] = flushed
             _half_close(self._socks[1 - side])
         if wait:
             return False
@@ -354,12 +360,9 @@ class KernelPair:
         return (moved, written - moved) if written >= moved else None
 
     def _final_count(self, side: int) -> int:
-        """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
-
-        Unknown FINs (an abort sends ours, a peer may answer with its own) each add one to
-        the sequence counters: the lower of what the source received and what the partner
-        took in, less the FIN an abort sent, is the count.
-        """
+        """Bytes the kernel moved from ``side``, for a direction that did not end cleanly:
+        unknown FINs (an abort sends ours, a peer may answer) each add one to the counters,
+        so the lower of what the source received and what the partner took in is the count."""
         final = self._final[side]
         if final is not None:
             return final
@@ -371,11 +374,8 @@ class KernelPair:
 
     def _idle_for(self) -> float:
         """Seconds since either socket last received or sent data."""
-        last = min(
-            min(info.last_data_recv, info.last_data_sent)
-            for info in (counters(sock) for sock in self._socks)
-        )
-        return last / 1000.0
+        infos = [counters(sock) for sock in self._socks]
+        return min(min(i.last_data_recv, i.last_data_sent) for i in infos) / 1000.0
 
     def _park(self) -> None:
         flushing = any(self._fin[side] and not self._ended[side] for side in range(2))
@@ -424,10 +424,6 @@ class KernelPair:
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
                 self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
-        if any(self._excess) and self._pair.error is None:  # a stream corrupted: say so
-            self._pair.error = OSError(
-                errno.EIO, f"the kernel relay wrote {max(self._excess)} bytes more than it read"
-            )
         if all(self._ended) and not self._pair.aborted:
             self._pair.close()  # both ways over, nothing in flight: the close unlinks them
             self._kernel.release()
@@ -435,6 +431,13 @@ class KernelPair:
             self._kernel.remove(self._keys)  # before the close: nothing redirected to a gap
             self._pair.close()
         self._done()
+
+
+class _SurplusError(OSError):
+    """The kernel wrote into a socket more than it read from the partner (module docstring)."""
+
+
+_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 seconds
 
 
 def _half_close(sock: socket.socket) -> None:

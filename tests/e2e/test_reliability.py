@@ -803,11 +803,11 @@ def test_soak(
     verified at both ends, and mmproxy reports no failed connection."""
     if relay == "sockmap":
         # Seen once, free-threaded, with both ends sending at once: the backend got 53 bytes
-        # more than the client sent.  Not the header (46 to 49 bytes here); not reproduced in
-        # 15,000 connections since (bench/README).  Open bug of the opt-in kernel relay
-        # (README, issue 14); strict once its cause is found.
+        # more than the client sent.  A kernel fault (6.18): a retransmitted segment that
+        # repeats received bytes is redirected whole (tests/unit/test_sockmap.py reproduces
+        # it); the relay now resets such a pair, which still fails this soak.  Rare here.
         request.applymarker(
-            pytest.mark.xfail(strict=False, reason="sockmap: rare surplus bytes, cause unknown")
+            pytest.mark.xfail(strict=False, reason="sockmap: kernel redirects repeated bytes")
         )
     soak(net, mmproxy, backend4, addresses, SOAK_CONNECTIONS)
 

@@ -3,9 +3,9 @@
 The pair is handed to the kernel while both ends may be sending (mmproxy.sockmap: drain,
 insert, kick).  Nothing read in user space may reach the verdict program again (a partly
 read segment is redirected whole), nothing queued may be stranded, and the kernel must not
-write a byte twice (the relay reports that as a failed connection).  These connections vary
-what shares a segment with the header (nothing, a little, more than one read takes) and
-whether the backend speaks at once, many at a time, each checked byte for byte.
+write a byte twice (the relay resets such a pair).  These connections vary what shares a
+segment with the header (nothing, a little, more than one read takes) and whether the
+backend speaks at once, many at a time, each checked byte for byte.
 """
 
 from __future__ import annotations
