@@ -804,7 +804,7 @@ def test_soak(
     if relay == "sockmap":
         # Seen once, free-threaded, with both ends sending at once: the backend got 53 bytes
         # more than the client sent.  A kernel fault (6.18): a retransmitted segment that
-        # repeats received bytes is redirected whole (tests/unit/test_sockmap.py reproduces
+        # repeats received bytes is redirected whole (test_sockmap_handover.py reproduces
         # it); the relay now resets such a pair, which still fails this soak.  Rare here.
         request.applymarker(
             pytest.mark.xfail(strict=False, reason="sockmap: kernel redirects repeated bytes")

@@ -27,6 +27,7 @@ from netns import (
     Net,
     Peer,
     exchange,
+    rewound,
 )
 
 CONNECTIONS = 600
@@ -39,7 +40,7 @@ HEADER_MODES = ("together", "apart", "split")  # payload in the header's send, a
 
 @pytest.fixture
 def relay() -> str:
-    return "sockmap"
+    return "sockmap"  # a test that runs both relays says so
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,46 @@ def test_every_byte_once_while_both_ends_send_at_hand_over(
     assert kernel  # the kernel relay was exercised, not only its fallbacks
     failures = daemon.wait_for(lambda line: line.get("dropConnection") is True, 1, 0.5)
     assert not failures, failures
+
+
+@pytest.mark.parametrize("relay", ["splice", "sockmap"])
+def test_a_retransmission_that_repeats_received_bytes(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses, relay: str
+) -> None:
+    """A segment that repeats 2 bytes the daemon already has (a retransmission cut
+    differently from the original, made here with TCP_REPAIR).  TCP's own reads skip them:
+    splice relays the stream exactly.  The kernel relay's program gets the segment whole
+    and redirects the repeated bytes again (a kernel fault, 6.18); the relay cannot undo
+    that, so it resets both sides at the end instead of ending the stream like a good one,
+    and says why."""
+    received = threading.Event()
+
+    def reader(conn: BackendConnection) -> None:
+        while conn.received < 4:
+            conn.recv()
+        received.set()
+        conn.recv_to_eof()
+
+    backend4.handler = reader
+    daemon = mmproxy(verbose=2)
+    sock = net.sockets.connect((daemon.host, daemon.port), 10)
+    try:
+        sock.sendall(header(addresses.v4()) + b"AAAA")
+        assert received.wait(10)
+        if relay == "sockmap":
+            assert daemon.wait_for(lambda line: line.get("msg") == "relayed in the kernel")
+        sock = rewound(sock, 2, net.sockets.new_socket)
+        sock.sendall(b"AABBBB")
+        sock.shutdown(socket.SHUT_WR)
+        (conn,) = backend4.wait_done()
+    finally:
+        sock.close()
+    if relay == "splice":
+        assert bytes(conn.head) == b"AAAABBBB"
+        assert conn.error is None
+        return
+    assert bytes(conn.head) == b"AAAAAABBBB"  # the kernel's doing: 2 bytes twice
+    assert conn.error is not None
+    assert "ConnectionResetError" in conn.error
+    (line,) = daemon.wait_for(lambda line: "wrote 2 bytes twice" in str(line.get("error")))
+    assert line.get("dropConnection") is True

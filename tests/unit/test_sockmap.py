@@ -6,12 +6,10 @@ import errno
 import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 
 import pytest
-from loopback import recv_exactly
 
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
@@ -231,75 +229,6 @@ def test_a_fin_that_fails_the_insertion_leaves_the_pair_to_splice(rig: Rig) -> N
         assert rig.hand_over(refusing) == FALLBACK_INSERT
     finally:
         refusing.close()
-
-
-# TCP_REPAIR (include/uapi/linux/tcp.h): rebuild a connected socket with chosen sequence numbers.
-TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_REPAIR_WINDOW = (
-    19,
-    20,
-    21,
-    22,
-    29,
-)
-TCP_RECV_QUEUE, TCP_SEND_QUEUE, TCPOPT_MAXSEG = 1, 2, 2
-
-
-def rewound(sock: socket.socket, back: int) -> socket.socket:
-    """``sock`` rebuilt (silently, as CRIU does) so that its next segment starts ``back``
-    bytes before what its peer has already received: what a retransmission cut differently
-    from the original segments looks like to the receiver."""
-
-    def seq(queue: int) -> int:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
-        return int(struct.unpack("I", sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0])
-
-    local, peer = sock.getsockname(), sock.getpeername()
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-    sent, received = seq(TCP_SEND_QUEUE), seq(TCP_RECV_QUEUE)
-    window = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)
-    sock.close()  # in repair mode: nothing goes out
-    new = socket.socket()
-    new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    new.bind(local)
-    for queue, value in ((TCP_SEND_QUEUE, sent - back), (TCP_RECV_QUEUE, received)):
-        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
-        new.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("I", value & 0xFFFFFFFF))
-    new.connect(peer)
-    new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, window)
-    new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, struct.pack("II", TCPOPT_MAXSEG, 1460))
-    new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
-    return new
-
-
-def test_tcp_itself_skips_the_repeated_bytes_of_an_overlapping_segment(rig: Rig) -> None:
-    """The control for the next test: read by user space, the overlap is dropped."""
-    rig.client.sendall(b"AAAA")
-    assert recv_exactly(rig.daemon_client, 4) == b"AAAA"
-    rig.client = rewound(rig.client, 2)
-    rig.client.sendall(b"AABBBB")
-    rig.client.shutdown(socket.SHUT_WR)
-    assert recv_to_eof(rig.daemon_client) == b"BBBB"
-
-
-def test_an_overlapping_segment_redirected_whole_resets_the_pair(rig: Rig) -> None:
-    """The kernel fault behind the soak's surplus bytes (6.18): a segment that repeats bytes
-    already received is redirected whole, so the backend gets them twice.  The relay cannot
-    trim it; at the direction's end it sees the surplus and resets both sides, so the
-    corrupted stream does not end like a good one, and the error names it."""
-    assert rig.hand_over() is None
-    rig.client.sendall(b"AAAA")
-    assert recv_exactly(rig.backend, 4) == b"AAAA"
-    rig.client = rewound(rig.client, 2)
-    rig.client.sendall(b"AABBBB")
-    assert recv_exactly(rig.backend, 6) == b"AABBBB"  # the kernel's fault, not ours
-    rig.client.shutdown(socket.SHUT_WR)
-    with pytest.raises(ConnectionResetError):
-        recv_to_eof(rig.backend)
-    assert rig.done.wait(10)
-    assert isinstance(rig.pair.error, OSError)
-    assert "wrote 2 bytes twice" in str(rig.pair.error)
-    assert rig.kernel.held == 0
 
 
 def test_a_pair_that_ended_cleanly_leaves_the_maps_with_its_close() -> None:
