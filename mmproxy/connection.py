@@ -5,11 +5,13 @@ RELAYING (at least one direction on a thread) and PARKED (none), then DONE.  Eve
 whatever the state and whichever thread finds it, goes through :meth:`Connection._finish`,
 which closes, logs, counts and leaves the tracker exactly once.
 
-:meth:`Connection.serve` reads the header and connects upstream (:mod:`mmproxy.handshake`),
-then parks both relay directions in the parking lot, which moves small messages and ends itself
-(:mod:`mmproxy.hop`); bulk, or a slow reader, gets a pool worker that splices until its source
-has been quiet for :data:`QUIET_GRACE`.  With ``--relay sockmap`` an established pair goes to
-the kernel instead, at one call site (:meth:`Connection._kernel_relay`).
+:meth:`Connection.start`, on the acceptor thread, reads the header and connects upstream
+(:mod:`mmproxy.handshake`) without blocking (a header still arriving parks, a connect still
+under way goes to a pool worker), then parks both relay directions in the parking lot, which
+moves small messages and ends itself (:mod:`mmproxy.hop`); bulk, or a slow reader, gets a pool
+worker that splices until its source has been quiet for :data:`QUIET_GRACE`.  With
+``--relay sockmap`` an established pair goes to the kernel instead, at one call site
+(:meth:`Connection._kernel_relay`).
 
 Descriptor ownership: the connection owns the client socket from accept, and both sockets
 once the relay starts (:class:`~mmproxy.relay.Pair` holds them), and only ``_finish`` closes
@@ -52,6 +54,15 @@ _BEFORE_RELAY = "connection failed before the relay started"
 QUIET_GRACE = 0.25
 
 
+def socket_host(text: str) -> IPAddress:
+    """The address in a host string a socket call gave (``accept()``): an IPv4 dotted quad
+    without the text parser's cost, anything else by ``ipaddress`` (a zone suffix dropped)."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return ipaddress.ip_address(text.partition("%")[0])
+
+
 class Registry(Protocol):
     """Where live connections are counted (the server's tracker): a finished one leaves."""
 
@@ -71,6 +82,10 @@ class Services:
     parking: ParkingLot | None = None  # None: relay at once, one thread per direction
     grace: float = QUIET_GRACE  # seconds a quiet direction keeps its thread (with a lot)
     kernel: KernelRelay | None = None  # --relay sockmap: established pairs go to the kernel
+    # Serve a connection where it is seen (the accepting thread, the lot's) whenever that
+    # cannot block: one thread for everything with the GIL; free-threaded builds hand the
+    # header and the connect to a worker, which runs beside the acceptor.
+    inline: bool = False
     destinations: policy.Destinations | None = None  # with -dynamic-destination
 
 
@@ -92,11 +107,11 @@ _STOPPED = "the daemon is stopping"
 class Connection:
     """A client connection from the load balancer, from accept to close.
 
-    The job :meth:`serve` reads the header and connects upstream; then both directions
-    park, and the lot moves their small messages and ends (:meth:`_move`).  A direction
-    with more goes to a pool worker (:meth:`_run`) until it ends or has been quiet for the
-    grace, when it parks its source socket again.  ``_threads`` counts the directions on a
-    thread now; with none, a relayed connection is PARKED.
+    :meth:`start` (or the job :meth:`serve`) reads the header and connects upstream; then
+    both directions park, and the lot moves their small messages and ends (:meth:`_move`).
+    A direction with more goes to a pool worker (:meth:`_run`) until it ends or has been
+    quiet for the grace, when it parks its source socket again.  ``_threads`` counts the
+    directions on a thread now; with none, a relayed connection is PARKED.
     """
 
     def __init__(
@@ -105,6 +120,11 @@ class Connection:
         self._sock = sock
         self._peer = peer[0]  # the load balancer's address, as accept() gave it
         self._services = services
+        # The header and the connect are served where they are seen (the acceptor, the lot):
+        # when asked to, with a lot to wait in, and the splice relay to start (never blocks).
+        self._never_blocks = (
+            services.inline and services.kernel is None and services.parking is not None
+        )
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
@@ -172,13 +192,36 @@ class Connection:
 
     # -------------------------------------------------------------- header
 
+    def start(self) -> None:
+        """On the accepting thread: serve the connection there, or hand it to a worker.
+
+        With ``Services.inline`` (and the splice relay and a lot) it goes as far as it can
+        without blocking: the header is usually all there and the backend's handshake over
+        by the time ``connect()`` returns (it is on this host), so the relay starts here and
+        the lot takes it from there, and no worker is woken.  A connect still under way goes
+        to a worker to wait.  Otherwise (the kernel relay's hand-over, a relay without a lot
+        block; free-threaded builds run the worker beside the acceptor) :meth:`serve` runs
+        on a worker.
+        """
+        if self._never_blocks:
+            self._serve(blocking=False)
+            return
+        services = self._services
+        try:
+            services.pool.submit(self.serve)
+        except (RuntimeError, OSError) as error:
+            self.not_served(error)
+
     def serve(self) -> None:
-        """Read the header, connect upstream and start the relay; runs on a pool worker and
-        never raises.
+        """:meth:`start`'s work on a pool worker, where waiting is allowed; never raises.
 
         A header that has not all arrived yet waits in the parking lot without a thread;
         the lot runs this again when more of it comes, or when its deadline passes.
         """
+        self._serve(blocking=True)
+
+    def _serve(self, *, blocking: bool) -> None:
+        """Read the header, start the upstream connect and, once it is up, the relay."""
         metrics = self._services.metrics
         try:
             found = self._read_header()
@@ -193,28 +236,50 @@ class Connection:
                 self._log_header(header)
             with self._lock:
                 self._state = State.CONNECTING
-            conn_up = handshake.connect(
+            connecting = handshake.connect(
                 header, self._balancer(), self._services.config, self._services.destinations
             )
-        except RefusedError as refusal:
-            message = logs.tcp_refusal_message(refusal.reason)
-            self._finish(Outcome(message, str(refusal), refusal.reason, refusal.reason))
+        except BaseException as error:
+            self._failed(error)
+            if not isinstance(error, Exception):
+                raise
             return
-        except HeaderError as error:
+        if blocking or connecting.done():
+            self._connected(connecting, payload)
+            return
+        try:
+            self._services.pool.submit(lambda: self._connected(connecting, payload))
+        except (RuntimeError, OSError) as error:
+            connecting.sock.close()
+            self.not_served(error)
+
+    def _connected(self, connecting: upstream.Connecting, payload: bytes) -> None:
+        """Wait for the upstream connect if it is still under way, then relay."""
+        try:
+            conn_up = handshake.connected(connecting)
+        except BaseException as error:
+            self._failed(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self._relay(conn_up, payload)
+
+    def _failed(self, error: BaseException) -> None:
+        """Finish a connection whose header or upstream connect failed, saying why."""
+        if isinstance(error, RefusedError):
+            message = logs.tcp_refusal_message(error.reason)
+            self._finish(Outcome(message, str(error), error.reason, error.reason))
+        elif isinstance(error, HeaderError):
             # A peer that closed before sending a byte is a failed read, as go-mmproxy has it.
             failed_read = error.reason == Reason.INCOMPLETE and not self._buffer
             message = logs.MSG_READ_HEADER_FAILED if failed_read else logs.MSG_PARSE_HEADER_FAILED
             self._finish(Outcome(message, error, None, error.reason))
-            return
-        except OSError as error:
+        elif isinstance(error, OSError):
             self._finish(
                 Outcome(logs.MSG_READ_HEADER_FAILED, error, Refusal.READ_ERROR, Refusal.READ_ERROR)
             )
-            return
-        except BaseException as error:
+        else:
             self._finish(Outcome(_BEFORE_RELAY, repr(error)))
-            raise
-        self._relay(conn_up, payload)
 
     def _read_header(self) -> tuple[ProxyHeader, bytes] | None:
         """The header and the bytes that came after it, or None when parked to wait for more.
@@ -247,10 +312,16 @@ class Connection:
                 self._header_stopped,
                 timeout=max(remaining, 0.001),
                 abandon=lambda: self._header_stopped(_STOPPED),
+                move=self._more_arrived if self._never_blocks else None,
             )
         except RuntimeError as error:  # the lot is closed: the daemon is stopping
             raise RefusedError(Refusal.STOPPING, "daemon is stopping", str(error)) from error
         return True
+
+    def _more_arrived(self, _buffer: memoryview) -> Job:
+        """On the lot's thread, when more of a parked header came: go on right there, as
+        :meth:`start` does on the acceptor (it never blocks), instead of waking a worker."""
+        return functools.partial(self._serve, blocking=False)
 
     def _header_stopped(self, error: BaseException | str) -> None:
         """A parked header cannot be read on: the pool or the lot refused (stopping)."""
@@ -288,16 +359,14 @@ class Connection:
         self._opened = True
         parking = services.parking
         try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)
+            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)  # inherited from the listening socket
             self._log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it already
-            if payload:
+            if payload:  # what came with the header goes first
                 try:
-                    conn_up.sock.sendall(payload)  # what came with the header goes first
+                    self._send_first(pair, payload)
                 except OSError as error:
                     self._finish(Outcome(logs.MSG_WRITE_UPSTREAM_FAILED, error))
                     return
-                pair.to_target[0] += len(payload)
             if self._kernel_relay(pair):
                 return
         except OSError as error:
@@ -307,7 +376,10 @@ class Connection:
             # Both directions wait in the lot, which moves small messages and the ends itself
             # (mmproxy.hop) and gives a direction a thread only for bulk: this one is free.
             self._release()
-            self._wait(pair, FORWARD)
+            if pair.pending[FORWARD]:  # the backend did not take it all: a worker sends it
+                self._hand_over(pair, FORWARD)
+            else:
+                self._wait(pair, FORWARD)
             self._wait(pair, BACKWARD)
             return
         with self._lock:
@@ -318,6 +390,22 @@ class Connection:
             self._release()
             self._lost(pair, error)  # ends the pair: the run below sees it at once
         self._run(pair, FORWARD)
+
+    def _send_first(self, pair: Pair, payload: bytes) -> None:
+        """Send what came with the header; with the lot, without waiting: what the backend
+        does not take now waits in ``pair.pending`` for a worker (:meth:`_hand_over`)."""
+        sock = pair.upstream
+        if self._services.parking is None or self._services.kernel is not None:
+            sock.sendall(payload)  # on a worker: the relay or the hand-over blocks anyway
+            pair.to_target[0] += len(payload)
+            return
+        try:
+            sent = sock.send(payload, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        pair.to_target[0] += sent
+        if sent < len(payload):
+            pair.pending[FORWARD] = payload[sent:]
 
     def _kernel_relay(self, pair: Pair) -> bool:
         """--relay sockmap: hand the pair to the kernel (mmproxy.sockmap), which relays it
@@ -400,12 +488,12 @@ class Connection:
                 timeout=pair.time_to_idle(),
                 expire=pair.expire_if_idle,
                 abandon=lambda: self._lost(pair, _STOPPED),
-                move=lambda buffer: self._move(pair, side, buffer),
+                move=functools.partial(self._move, pair, side),
             )
         except (OSError, RuntimeError) as error:
             self._lost(pair, error)
 
-    def _move(self, pair: Pair, side: int, buffer: bytearray) -> Job | None:
+    def _move(self, pair: Pair, side: int, buffer: memoryview) -> Job | None:
         """On the lot's thread: move what parked direction ``side`` has, if it is small.
         None: it stays parked; else what to do once it has left the lot."""
         try:
@@ -449,4 +537,4 @@ class Connection:
 
     def _balancer(self) -> IPAddress:
         """The load balancer's address (a zone suffix, if any, dropped)."""
-        return ipaddress.ip_address(self._peer.partition("%")[0])
+        return socket_host(self._peer)

@@ -66,10 +66,11 @@ def connect(
     balancer: IPAddress,
     config: Config,
     destinations: policy.Destinations | None,
-) -> upstream.Upstream:
-    """The upstream socket for ``header``, from the client's address when it has one.
+) -> upstream.Connecting:
+    """Start the upstream connect for ``header``, from the client's address when it has one.
 
-    Raises the policy's refusals, and ``upstream_failed`` when the connect fails.
+    Never waits for the backend (:func:`connected` does).  Raises the policy's refusals,
+    and ``upstream_failed`` when the connect fails at once.
     """
     timeout = config.connect_timeout
     route = policy.decide(header, balancer, config, destinations)
@@ -79,13 +80,28 @@ def connect(
         return upstream.connect_spoofed(
             route.source, route.target, mark=config.mark, timeout=timeout
         )
-    except PermissionError as error:
-        raise RefusedError(
+    except OSError as error:
+        raise _upstream_failed(error) from error
+
+
+def connected(connecting: upstream.Connecting) -> upstream.Upstream:
+    """The upstream socket once its connect completed (waiting up to the connect timeout).
+
+    Raises ``upstream_failed`` when it did not.
+    """
+    try:
+        return connecting.finish()
+    except OSError as error:
+        raise _upstream_failed(error) from error
+
+
+def _upstream_failed(error: OSError) -> RefusedError:
+    if isinstance(error, PermissionError):
+        return RefusedError(
             Refusal.UPSTREAM_FAILED,
             "cannot impersonate the client (IP_TRANSPARENT needs CAP_NET_ADMIN)",
             error.strerror or str(error),
-        ) from error
-    except OSError as error:
-        raise RefusedError(
-            Refusal.UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
-        ) from error
+        )
+    return RefusedError(
+        Refusal.UPSTREAM_FAILED, "cannot connect to the target", error.strerror or str(error)
+    )

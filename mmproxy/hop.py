@@ -36,16 +36,19 @@ class Hop(enum.Enum):
     ENDED = "ended"  # the source ended and the half-close was relayed: the direction is over
 
 
-def move(pair: Pair, side: int, buffer: bytearray) -> Hop:
+def move(pair: Pair, side: int, buffer: memoryview | bytearray) -> Hop:
     """Move what direction ``side`` of ``pair`` has now, through ``buffer``, without blocking.
 
     Call only while the direction is parked (no thread runs it) and has nothing pending.
     Raises OSError when either socket fails (the pair then ends, as when a splice fails).
+    ``buffer`` is best a memoryview (the lot's is): slicing it then copies nothing.
     """
-    src, dst = pair.source(side), pair.source(1 - side)
-    counter = pair.to_target if side == FORWARD else pair.to_client
+    if side == FORWARD:  # attributes, not pair.source(): this runs for every message
+        src, dst, counter = pair.client, pair.upstream, pair.to_target
+    else:
+        src, dst, counter = pair.upstream, pair.client, pair.to_client
     try:
-        received = src.recv_into(buffer, len(buffer), socket.MSG_DONTWAIT)
+        received = src.recv_into(buffer, 0, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return Hop.MOVED  # woken with nothing to read
     if not received:
@@ -55,13 +58,14 @@ def move(pair: Pair, side: int, buffer: bytearray) -> Hop:
             if error.errno != errno.ENOTCONN:
                 raise
         return Hop.ENDED
-    with memoryview(buffer) as whole, whole[:received] as data:
-        try:
-            sent = dst.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        if sent < received:
-            pair.pending[side] = bytes(data[sent:])
+    data = buffer[:received]
+    try:
+        sent = dst.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
     counter[0] += sent
     pair.touch(side)
-    return Hop.BUSY if sent < received or received == len(buffer) else Hop.MOVED
+    if sent < received:
+        pair.pending[side] = bytes(data[sent:])
+        return Hop.BUSY
+    return Hop.BUSY if received == len(buffer) else Hop.MOVED

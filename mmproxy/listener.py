@@ -1,8 +1,9 @@
-"""Listening sockets and their acceptor threads.
+"""Listening sockets and what accepts on them.
 
 ``-listeners N`` opens N sockets on one address with ``SO_REUSEPORT`` so the
 kernel spreads new connections across N accept queues, each drained by its
-own thread.  The accept loop must survive everything: one peer's failure is
+own thread (:class:`Acceptor`), or, with the GIL, by the parking lot's one thread
+(:class:`ParkedAcceptor`).  The accept loop must survive everything: one peer's failure is
 ignored, running out of descriptors or memory is logged (rate-limited) and
 retried after a short pause, and only the daemon stopping ends it.
 """
@@ -15,7 +16,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from mmproxy import logs, upstream
 from mmproxy.config import Config
@@ -98,6 +100,8 @@ def open_listeners(config: Config, kind: int = socket.SOCK_STREAM) -> list[socke
                 _grow_receive_buffer(sock)
             sock.bind(address)
             if kind == socket.SOCK_STREAM:
+                # Accepted sockets inherit it: no setsockopt per connection.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.listen(BACKLOG)
             address = sock.getsockname()  # the real port, for the sockets that follow
     except BaseException:
@@ -152,20 +156,12 @@ class ListenerThread:
 
     @property
     def address(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return host_port(host, port)
+        return _address(self.sock)
 
     def start(self, protocol: str) -> None:
         """Start serving and log ``listening`` (the address, with the real port for port 0)."""
         self._thread.start()
-        self.log.info(
-            "listening",
-            extra={
-                logs.LISTEN_ADR: self.address,
-                logs.LISTENER_NUM: self.number,
-                logs.PROTOCOL: protocol,
-            },
-        )
+        _log_listening(self.log, self.sock, self.number, protocol)
 
     def alive(self) -> bool:
         """Serving: the thread runs and was not told to stop."""
@@ -182,18 +178,38 @@ class ListenerThread:
 
     def _pause_after(self, error: OSError, message: str) -> None:
         """Log a resource error (at most every 10 s, counting the rest), then pause."""
-        suppressed = self._throttle.ready()
-        if suppressed is not None:
-            self.log.warning(
-                message,
-                extra={
-                    logs.LISTENER_NUM: self.number,
-                    logs.ERROR: f"{errno.errorcode.get(error.errno or 0, '?')}: {error.strerror}",
-                    "suppressed": suppressed,
-                    "pauseSeconds": BACK_OFF,  # then it tries again (go-mmproxy's listener ends)
-                },
-            )
+        _log_pause(self.log, self._throttle, self.number, error, message)
         self.stopping.wait(BACK_OFF)
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return host_port(host, port)
+
+
+def _log_listening(log: logging.Logger, sock: socket.socket, number: int, protocol: str) -> None:
+    """``listening``, with the address (the real port for port 0)."""
+    log.info(
+        "listening",
+        extra={logs.LISTEN_ADR: _address(sock), logs.LISTENER_NUM: number, logs.PROTOCOL: protocol},
+    )
+
+
+def _log_pause(
+    log: logging.Logger, throttle: Throttle, number: int, error: OSError, message: str
+) -> None:
+    """A resource error, at most every 10 s (counting the rest), before a pause."""
+    suppressed = throttle.ready()
+    if suppressed is not None:
+        log.warning(
+            message,
+            extra={
+                logs.LISTENER_NUM: number,
+                logs.ERROR: f"{errno.errorcode.get(error.errno or 0, '?')}: {error.strerror}",
+                "suppressed": suppressed,
+                "pauseSeconds": BACK_OFF,  # then it tries again (go-mmproxy's listener ends)
+            },
+        )
 
 
 class Acceptor(ListenerThread):
@@ -240,3 +256,159 @@ class Acceptor(ListenerThread):
             except Exception:
                 conn.close()
                 self.log.exception("accepting a connection failed")
+
+
+class Lot(Protocol):
+    """What :class:`ParkedAcceptor` needs of :class:`~mmproxy.parking.ParkingLot`."""
+
+    def park_sockets(
+        self,
+        sockets: Sequence[socket.socket],
+        resume: Callable[[], None],
+        failed: Callable[[BaseException], None],
+        *,
+        timeout: float,
+        abandon: Callable[[], None],
+        move: Callable[[memoryview], Callable[[], None] | None] | None = None,
+    ) -> None: ...
+
+    def withdraw(self, sock: socket.socket) -> bool: ...
+
+    def alive(self) -> bool: ...
+
+
+# Connections accepted per readiness before the lot looks at its other sockets.
+ACCEPT_BATCH = 16
+
+
+class ParkedAcceptor:
+    """Accepts on one listening TCP socket from the parking lot's thread: no thread of its own.
+
+    With the GIL only one thread runs Python at a time, and an acceptor thread beside the lot's
+    spent its time handing the GIL back and forth with it (bench/README.md, issue 13).  So
+    where the lot has one thread, it watches the listening sockets too: one thread accepts a
+    connection, starts it (:meth:`~mmproxy.connection.Connection.start` never blocks) and
+    moves its messages.  The socket is non-blocking; ``accept4`` still gives blocking ones.
+
+    ``room(wake)`` says whether a connection may be added now; when it may not, the acceptor
+    leaves the lot (the kernel's backlog holds new connections) and ``wake`` is called once a
+    slot frees.  A resource error pauses it for :data:`BACK_OFF`, as :class:`Acceptor` pauses.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        number: int,
+        on_accept: OnAccept,
+        log: logging.Logger,
+        lot: Lot,
+        room: Callable[[Callable[[], None]], bool],
+    ) -> None:
+        self.sock = sock
+        self.number = number
+        self.log = log
+        self._on_accept = on_accept
+        self._lot = lot
+        self._room = room
+        self._throttle = Throttle(10.0)
+        self._lock = threading.Lock()
+        self._parked = False  # in the lot, or being moved there
+        self._stopping = False
+        self._started = False
+
+    def start(self, protocol: str) -> None:
+        self.sock.setblocking(False)
+        self._started = True
+        self._park()
+        _log_listening(self.log, self.sock, self.number, protocol)
+
+    def alive(self) -> bool:
+        with self._lock:
+            return self._started and not self._stopping and self._lot.alive()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket (nothing else uses it).
+
+        Taken back from the lot if it waits there; if the lot's thread is accepting on it now,
+        that accept loop sees ``_stopping`` and closes it on its way out.
+        """
+        with self._lock:
+            self._stopping = True
+            parked = self._parked
+        if not parked or self._lot.withdraw(self.sock):
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            self._parked = False
+        self.sock.close()
+
+    def _park(self) -> None:
+        """Wait in the lot for connections (again); closed instead once stopping."""
+        with self._lock:
+            if self._stopping or self._parked:
+                return
+            self._parked = True
+        try:
+            self._lot.park_sockets(
+                (self.sock,),
+                self._park,  # the lot hands it over only when closing: nothing to do
+                self._failed,
+                timeout=0,
+                abandon=self._close,
+                move=self._accept,
+            )
+        except (OSError, RuntimeError) as error:  # the lot is closing: the daemon is stopping
+            self._failed(error)
+
+    def _failed(self, _error: BaseException) -> None:
+        self._close()
+
+    def _accept(self, _buffer: memoryview) -> Callable[[], None] | None:
+        """On the lot's thread: accept what is waiting.  None: stay parked; else leave first."""
+        for _ in range(ACCEPT_BATCH):
+            with self._lock:
+                if self._stopping:
+                    return self._close
+            if not self._room(self._resumed):
+                return self._left
+            try:
+                conn, peer = self.sock.accept()
+            except BlockingIOError:
+                return None
+            except OSError as error:
+                if error.errno in STOPPED_ERRORS:
+                    return self._close
+                if error.errno in PEER_ERRORS:
+                    continue
+                _log_pause(self.log, self._throttle, self.number, error, logs.MSG_ACCEPT_FAILED)
+                return self._back_off
+            try:
+                self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
+            except Exception:
+                conn.close()
+                self.log.exception("accepting a connection failed")
+        return None  # more may be waiting: the level-triggered lot comes back at once
+
+    def _left(self) -> None:
+        """Out of the lot at the cap: ``room`` calls :meth:`_resumed` once a slot frees."""
+        with self._lock:
+            self._parked = False
+        if self._room(self._resumed):  # a slot freed before we were out: go on now
+            self._park()
+
+    def _resumed(self) -> None:
+        with self._lock:
+            if self._parked:  # still on its way out of the lot: _left looks again
+                return
+        self._park()
+
+    def _back_off(self) -> None:
+        with self._lock:
+            self._parked = False
+        try:
+            self._lot.park_sockets(
+                (), self._park, self._failed, timeout=BACK_OFF, abandon=self._close
+            )
+        except (OSError, RuntimeError) as error:
+            self._failed(error)

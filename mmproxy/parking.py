@@ -58,7 +58,7 @@ _log = logging.getLogger(__name__)
 OnFailure = Callable[[BaseException], None]
 # Given the lot's scratch buffer: None to stay parked, or a job to run on the lot's thread
 # once the spot has left the lot.
-Move = Callable[[bytearray], Job | None]
+Move = Callable[[memoryview], Job | None]
 
 
 @dataclass(eq=False)
@@ -125,6 +125,14 @@ class ParkingLot:
             events=events,
         )
 
+    @property
+    def threads(self) -> int:
+        return len(self._lots)
+
+    def alive(self) -> bool:
+        """Every lot's thread runs."""
+        return all(lot.alive() for lot in self._lots)
+
     def withdraw(self, sock: socket.socket) -> bool:
         """See :meth:`_Lot.withdraw` (a descriptor is parked in one lot at most)."""
         return any(lot.withdraw(sock) for lot in self._lots)
@@ -148,7 +156,7 @@ class _Lot:
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
-        self._scratch = bytearray(scratch)  # only the lot's thread uses it
+        self._scratch = memoryview(bytearray(scratch))  # only the lot's thread uses it
         self._closing = False
         self._thread = threading.Thread(
             target=self._loop, name=f"mmproxy-parking{suffix}", daemon=True
@@ -161,6 +169,9 @@ class _Lot:
         """Spots parked now."""
         with self._lock:
             return self._parked
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def park_sockets(
         self,

@@ -30,6 +30,10 @@ from mmproxy.header import (
 _V1_IPV4 = re.compile(rb"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}")
 _V1_IPV6 = re.compile(rb"[0-9A-Fa-f:.]{2,45}")  # ipaddress checks the rest; no "%scope"
 _V1_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
+_V1_TCP4_LINE = re.compile(
+    rb"PROXY TCP4 (%s) (%s) (%s) (%s)"
+    % (_V1_IPV4.pattern, _V1_IPV4.pattern, _V1_PORT.pattern, _V1_PORT.pattern)
+)
 # What an incomplete field may look like while it is still arriving.
 _V1_IPV4_SO_FAR = re.compile(rb"[0-9.]{0,15}")
 _V1_IPV6_SO_FAR = re.compile(rb"[0-9A-Fa-f:.]{0,45}")
@@ -61,6 +65,9 @@ def parse_v1(data: bytes) -> NeedMore | Parsed:
 
 def _parse_v1_line(line: bytes) -> ProxyHeader:
     """Parse one complete line, CRLF excluded."""
+    fast = _tcp4_line(line)
+    if fast is not None:
+        return fast
     family = _check_v1(line, complete=True)
     if family is Family.UNSPEC:
         return ProxyHeader(1, Command.PROXY, Family.UNSPEC, Transport.UNSPEC)
@@ -72,6 +79,31 @@ def _parse_v1_line(line: bytes) -> ProxyHeader:
         Transport.STREAM,
         InetAddress(_v1_address(src, family), int(sport)),
         InetAddress(_v1_address(dst, family), int(dport)),
+    )
+
+
+def _tcp4_line(line: bytes) -> ProxyHeader | None:
+    """The common case, a well-formed TCP4 line, in one match; None for anything else,
+    which :func:`_check_v1` then judges (and refuses with its reason, if it must)."""
+    match = _V1_TCP4_LINE.fullmatch(line)
+    if match is None:
+        return None
+    source, destination, source_port, destination_port = match.groups()
+    sport, dport = int(source_port), int(destination_port)
+    if sport > 0xFFFF or dport > 0xFFFF:
+        return None
+    try:  # the pattern leaves only octets above 255 to refuse: bytes() refuses them
+        src = ipaddress.IPv4Address(bytes([int(octet) for octet in source.split(b".")]))
+        dst = ipaddress.IPv4Address(bytes([int(octet) for octet in destination.split(b".")]))
+    except ValueError:
+        return None
+    return ProxyHeader(
+        1,
+        Command.PROXY,
+        Family.INET,
+        Transport.STREAM,
+        InetAddress(src, sport),
+        InetAddress(dst, dport),
     )
 
 

@@ -323,14 +323,14 @@ class Pair:
         self._watch: IdleWatch | None = None
         self._quiet = grace > 0
         # The wait before a read gives up: the grace, or the idle timeout if that is shorter.
-        wait = min(grace, idle_timeout) if grace > 0 and idle_timeout > 0 else grace or idle_timeout
+        # Set on a source when a thread first reads it (most pairs never need one: the lot
+        # moves their messages), each flag by that direction's thread only.
+        self._wait = (
+            min(grace, idle_timeout) if grace > 0 and idle_timeout > 0 else grace or idle_timeout
+        )
+        self._timed = [self._wait <= 0, self._wait <= 0]
         if idle_timeout > 0:
             self._watch = IdleWatch(idle_timeout)
-        if wait > 0:
-            for sock in (client, upstream):
-                # Only fails on a socket that is already broken; the relay then sees that at once.
-                with contextlib.suppress(OSError):
-                    set_receive_timeout(sock, wait)
         self._lock = threading.Lock()
         self._running = 2
         self._closed = False
@@ -345,6 +345,11 @@ class Pair:
             src, dst, counter = self.client, self.upstream, self.to_target
         else:
             src, dst, counter = self.upstream, self.client, self.to_client
+        if not self._timed[side]:
+            self._timed[side] = True
+            # Only fails on a socket that is already broken; the relay then sees that at once.
+            with contextlib.suppress(OSError):
+                set_receive_timeout(src, self._wait)
         try:
             if pending := self.pending[side]:
                 self.pending[side] = b""

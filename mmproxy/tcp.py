@@ -3,8 +3,8 @@
 :class:`TcpServer` is the TCP side of :mod:`mmproxy.server`.  Each acceptor thread waits for
 room under ``--max-connections`` before it calls ``accept()`` (so at the cap new connections
 wait in the kernel's backlog), checks the allow-list, registers the connection with the
-:class:`Tracker` and hands it to the worker pool; a connection's life from there is
-:mod:`mmproxy.connection`'s.
+:class:`Tracker` and starts it (:meth:`~mmproxy.connection.Connection.start`: as far as it
+goes without blocking); a connection's life from there is :mod:`mmproxy.connection`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mmproxy.config import Config
 from mmproxy.connection import Connection, Services
 from mmproxy.errors import Refusal
 from mmproxy.header import host_port
-from mmproxy.listener import Acceptor, Throttle, listener_fields
+from mmproxy.listener import Acceptor, ParkedAcceptor, Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.parking import ParkingLot, lot_threads
 from mmproxy.pool import WorkerPool
@@ -47,12 +47,24 @@ class Tracker:
         self._live: set[Connection] = set()
         self._changed = threading.Condition()
         self._closed = False  # no more admissions: the daemon is stopping
+        self._wakers: list[Callable[[], None]] = []  # called once when a slot frees
 
     def wait_for_room(self, timeout: float | None = None) -> bool:
         """Wait until a connection may be added; False when closed (or on timeout)."""
         with self._changed:
             self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity, timeout)
             return not self._closed and len(self._live) < self.capacity
+
+    def room_or_wake(self, wake: Callable[[], None]) -> bool:
+        """True when a connection may be added now; else ``wake`` is called (once, on the
+        thread that frees it) when a slot frees, unless the tracker closes first."""
+        with self._changed:
+            if self._closed:
+                return False
+            if len(self._live) < self.capacity:
+                return True
+            self._wakers.append(wake)
+            return False
 
     def add(self, connection: Connection) -> bool:
         """Register ``connection``, waiting for room at the cap; False once closed.
@@ -74,11 +86,16 @@ class Tracker:
             self._changed.notify_all()
 
     def remove(self, connection: Connection) -> None:
+        wakers: list[Callable[[], None]] = []
         with self._changed:
             was_full = len(self._live) >= self.capacity
             self._live.discard(connection)
             if was_full or not self._live:
                 self._changed.notify_all()
+            if was_full and not self._closed:
+                wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
 
     def __len__(self) -> int:
         with self._changed:
@@ -134,11 +151,19 @@ class TcpServer(Server):
             self._parking,
             kernel=kernel,
             destinations=destinations,
+            inline=self._parking.threads == 1,  # the GIL: one thread does it all
         )
-        self._acceptors = [
-            Acceptor(sock, number, self._admit, log, self._wait_for_room)
-            for number, sock in enumerate(sockets)
-        ]
+        self._acceptors: list[Acceptor | ParkedAcceptor]
+        if self._services.inline:  # the lot's one thread accepts, starts and moves
+            self._acceptors = [
+                ParkedAcceptor(sock, number, self._admit, log, self._parking, self._room)
+                for number, sock in enumerate(sockets)
+            ]
+        else:
+            self._acceptors = [
+                Acceptor(sock, number, self._admit, log, self._wait_for_room)
+                for number, sock in enumerate(sockets)
+            ]
         self._full = Throttle(10.0)
 
     @property
@@ -154,6 +179,27 @@ class TcpServer(Server):
     def _start_services(self) -> None:
         self._parking.start()
 
+    def _room(self, wake: Callable[[], None]) -> bool:
+        """A parked acceptor's look before accept(): at the cap it leaves the lot, and
+        ``wake`` brings it back once a slot frees."""
+        if self._tracker.room_or_wake(lambda: self._resume_accepting(wake)):
+            return True
+        self._metrics.accept_paused(True)
+        self._warn_full()
+        return False
+
+    def _resume_accepting(self, wake: Callable[[], None]) -> None:
+        self._metrics.accept_paused(False)
+        wake()
+
+    def _warn_full(self) -> None:
+        suppressed = self._full.ready()
+        if suppressed is not None:
+            self._log.warning(
+                "connection limit reached: not accepting until a connection ends",
+                extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
+            )
+
     def _wait_for_room(self) -> bool:
         """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
         tracker = self._tracker
@@ -161,12 +207,7 @@ class TcpServer(Server):
             return True
         metrics = self._metrics
         metrics.accept_paused(True)
-        suppressed = self._full.ready()
-        if suppressed is not None:
-            self._log.warning(
-                "connection limit reached: not accepting until a connection ends",
-                extra={"maxConnections": tracker.capacity, "suppressed": suppressed},
-            )
+        self._warn_full()
         try:
             return tracker.wait_for_room()
         finally:
@@ -195,10 +236,7 @@ class TcpServer(Server):
         if not self._tracker.add(connection):  # waits at the cap; False: stopping
             sock.close()
             return
-        try:
-            self._pool.submit(connection.serve)
-        except (RuntimeError, OSError) as error:
-            connection.not_served(error)
+        connection.start()
 
     def _stop_admitting(self) -> None:
         self._tracker.close()  # wakes acceptors paused at the cap

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
+import os
+import select
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,16 +72,16 @@ def connect_spoofed(
     *,
     mark: int,
     timeout: float,
-) -> Upstream:
-    """Connect to ``target`` from the client's ``(address, port)``.
+) -> Connecting:
+    """Start connecting to ``target`` from the client's ``(address, port)``.
 
     Port 0 binds the address only (``IP_BIND_ADDRESS_NO_PORT`` leaves the port
     to connect time).  When the client's port is in use here (the client and
     mmproxy share a host, or the same client reconnects before TIME_WAIT is
     over) the connection is made from an ephemeral port of the same address
     instead, and ``Upstream.fallback`` says so.  Raises OSError (with the
-    failing step in the message) when no connection can be made; the socket
-    is closed then.
+    failing step in the message) when no connection can be started; the socket
+    is closed then.  The connect completes in :meth:`Connecting.finish`.
     """
     host, port = client
     try:
@@ -88,15 +92,60 @@ def connect_spoofed(
     return _connect(host, 0, target, mark, timeout, fallback=True)
 
 
-def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Upstream:
-    """Connect to ``target`` from this host's own address (LOCAL and UNKNOWN headers)."""
+def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Connecting:
+    """Start connecting to ``target`` from this host's own address (LOCAL and UNKNOWN headers)."""
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         _common_options(sock, mark)
-        return _finish(sock, target, timeout, fallback=False)
+        return _start(sock, target, timeout, fallback=False)
     except BaseException:
         sock.close()
         raise
+
+
+class Connecting:
+    """A TCP connect under way, started without blocking.
+
+    To a backend on this host the handshake is over by the time ``connect()`` returns
+    (:meth:`done` says so without waiting); :meth:`finish` waits for the rest, up to the
+    connect timeout, and gives the blocking socket splice needs.  Until then the socket is
+    this object's: :meth:`finish` closes it when the connect failed.
+    """
+
+    __slots__ = ("deadline", "fallback", "sock", "target")
+
+    def __init__(
+        self, sock: socket.socket, target: Endpoint, fallback: bool, deadline: float
+    ) -> None:
+        self.sock = sock
+        self.target = target
+        self.fallback = fallback
+        self.deadline = deadline
+
+    def done(self) -> bool:
+        """The connect has completed (or failed): :meth:`finish` will not wait."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        return bool(poller.poll(0))
+
+    def finish(self) -> Upstream:
+        """Wait for the connect until the deadline; raises OSError (TimeoutError) if it failed."""
+        sock = self.sock
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            while not poller.poll(max(0, math.ceil((self.deadline - time.monotonic()) * 1000))):
+                if time.monotonic() >= self.deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"connect {_show(self.target)}: timed out")
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise _failed("connect", self.target, OSError(code, os.strerror(code)))
+            sock.setblocking(True)
+            local = sock.getsockname()
+        except BaseException:
+            sock.close()
+            raise
+        return Upstream(sock, (str(local[0]), int(local[1])), fallback=self.fallback)
 
 
 def open_datagram(client: tuple[IPAddress, int] | None, target: Endpoint, *, mark: int) -> Upstream:
@@ -145,7 +194,7 @@ def _connect(
     timeout: float,
     *,
     fallback: bool,
-) -> Upstream:
+) -> Connecting:
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         _common_options(sock, mark)
@@ -155,19 +204,20 @@ def _connect(
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
         _step("bind", bind_to, sock.bind, bind_to)
-        return _finish(sock, target, timeout, fallback=fallback)
+        return _start(sock, target, timeout, fallback=fallback)
     except BaseException:
         sock.close()
         raise
 
 
-def _finish(sock: socket.socket, target: Endpoint, timeout: float, *, fallback: bool) -> Upstream:
-    """Connect within ``timeout``, then make the socket blocking again (splice needs that)."""
-    sock.settimeout(timeout)
-    _step("connect", target, sock.connect, target.sockaddr)
-    sock.settimeout(None)
-    local = sock.getsockname()
-    return Upstream(sock, (str(local[0]), int(local[1])), fallback=fallback)
+def _start(sock: socket.socket, target: Endpoint, timeout: float, *, fallback: bool) -> Connecting:
+    """Send the SYN without waiting for the answer; errors known at once raise OSError."""
+    deadline = time.monotonic() + timeout
+    sock.setblocking(False)
+    code = sock.connect_ex(target.sockaddr)
+    if code not in (0, errno.EINPROGRESS):
+        raise _failed("connect", target, OSError(code, os.strerror(code)))
+    return Connecting(sock, target, fallback, deadline)
 
 
 def _common_options(sock: socket.socket, mark: int) -> None:
@@ -181,11 +231,14 @@ def _step(what: str, where: object, call: Callable[..., object], *args: object) 
     """Run one socket call; an OSError keeps its errno and says which step failed, and where."""
     try:
         call(*args)
-    except TimeoutError:
-        raise TimeoutError(errno.ETIMEDOUT, f"{what} {_show(where)}: timed out") from None
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise type(error)(error.errno, f"{what} {_show(where)}: {reason}") from None
+        raise _failed(what, where, error) from None
+
+
+def _failed(what: str, where: object, error: OSError) -> OSError:
+    """``error`` (its errno and type kept) saying which step failed, and where."""
+    reason = error.strerror or str(error)
+    return type(error)(error.errno, f"{what} {_show(where)}: {reason}")
 
 
 def _show(where: object) -> str:

@@ -24,6 +24,7 @@ from mmproxy.errors import Refusal
 from mmproxy.metrics import Metrics
 from mmproxy.parking import SCRATCH, ParkingLot
 from mmproxy.pool import WorkerPool
+from mmproxy.relay import FORWARD, Pair
 from mmproxy.tcp import Tracker
 
 HEADER_TIMEOUT = Refusal.HEADER_TIMEOUT
@@ -115,6 +116,7 @@ class Rig:
         parking: bool = True,
         backend_port: int | None = None,
         scratch: int = SCRATCH,
+        inline: bool = True,
     ) -> None:
         self.backend = socket.create_server(("127.0.0.1", 0))
         port = backend_port or self.backend.getsockname()[1]
@@ -154,11 +156,17 @@ class Rig:
             self.metrics,
             parking=self.lot,
             grace=grace,
+            inline=inline,
         )
         self.sockets: list[socket.socket] = [self.backend]
 
-    def connect(self, first: bytes = LOCAL) -> tuple[socket.socket, Connection]:
-        """A client whose connection is being served; ``first`` is what it sends at once."""
+    def connect(
+        self, first: bytes = LOCAL, *, on_acceptor: bool = False
+    ) -> tuple[socket.socket, Connection]:
+        """A client whose connection is being served; ``first`` is what it sends at once.
+
+        ``on_acceptor``: started on this thread, as the acceptor does, instead of on a worker.
+        """
         client, daemon_side = tcp_pair()
         self.sockets.append(client)
         connection = Connection(daemon_side, ("127.0.0.1", 4000), 0, self.services)
@@ -166,7 +174,12 @@ class Rig:
         assert connection.state is State.HEADER
         if first:
             client.sendall(first)
-        self.pool.submit(connection.serve)
+            if on_acceptor:  # all of it arrived, as the tests of this mode assume
+                wait_for(lambda: inq(daemon_side) == len(first), "the bytes to arrive")
+        if on_acceptor:
+            connection.start()
+        else:
+            self.pool.submit(connection.serve)
         return client, connection
 
     def accept(self) -> socket.socket:
@@ -199,6 +212,11 @@ def rig() -> Iterator[Rig]:
     made.close()
 
 
+def inq(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue."""
+    return len(sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+
+
 def assert_closed_by_peer(sock: socket.socket) -> None:
     sock.settimeout(WAIT)
     assert sock.recv(1) == b""
@@ -228,8 +246,9 @@ def test_header_connect_relay_close(rig: Rig) -> None:
     assert messages.count("connection closing") == 1
 
 
-def test_a_trickling_header_parks_then_completes(rig: Rig) -> None:
-    client, connection = rig.connect(b"PROXY UNK")
+@pytest.mark.parametrize("on_acceptor", [False, True], ids=["worker", "acceptor"])
+def test_a_trickling_header_parks_then_completes(rig: Rig, on_acceptor: bool) -> None:
+    client, connection = rig.connect(b"PROXY UNK", on_acceptor=on_acceptor)
     wait_for(lambda: rig.lot is not None and len(rig.lot) == 1, "the header to be parked")
     assert connection.state is State.HEADER
     wait_for(lambda: rig.busy_workers() == 0, "a parked header to hold no thread")
@@ -240,6 +259,8 @@ def test_a_trickling_header_parks_then_completes(rig: Rig) -> None:
     backend.close()
     rig.done(connection)
     assert rig.metrics.closed_bytes == [(4, 0)]
+    # Where start() never blocks, the lot goes on with the header itself: no worker.
+    assert rig.pool._started == (0 if on_acceptor else 1)
 
 
 # ------------------------------------------------------------------ ways out before the relay
@@ -517,9 +538,15 @@ def test_without_a_lot_a_relay_keeps_its_threads() -> None:
         rig.close()
 
 
-def test_a_request_its_answer_and_the_closes_take_no_relay_thread(rig: Rig) -> None:
-    """The lot moves the answer and both ends itself: the serving thread is the only one."""
-    client, connection = rig.connect(LOCAL + b"GET\n")
+@pytest.mark.parametrize("on_acceptor", [False, True], ids=["worker", "acceptor"])
+def test_a_request_its_answer_and_the_closes_take_no_relay_thread(
+    rig: Rig, on_acceptor: bool
+) -> None:
+    """The lot moves the answer and both ends itself: the thread that read the header is
+    the only one (on the acceptor, header, connect and the relay's start need no worker)."""
+    client, connection = rig.connect(LOCAL + b"GET\n", on_acceptor=on_acceptor)
+    if on_acceptor:
+        assert connection.state is State.PARKED, "relaying, back from start() with no thread"
     backend = rig.accept()
     assert recv_exactly(backend, 4) == b"GET\n"
     backend.sendall(b"answer")
@@ -530,6 +557,83 @@ def test_a_request_its_answer_and_the_closes_take_no_relay_thread(rig: Rig) -> N
     rig.done(connection)
     assert rig.lot is not None
     assert len(rig.lot) == 0
-    assert rig.pool._started == 1
+    assert rig.pool._started == (0 if on_acceptor else 1)
     assert rig.metrics.closed_bytes == [(4, 6)]
     assert rig.metrics.calls["parked"] == rig.metrics.calls["resumed"] == 1
+
+
+# ------------------------------------------------------------------ started on the acceptor
+
+
+def test_on_the_acceptor_a_refused_connect_finishes_at_once() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    rig = Rig(backend_port=port)
+    try:
+        client, connection = rig.connect(on_acceptor=True)
+        assert connection.state is State.DONE, "a refusal on loopback is known at once"
+        assert_closed_by_peer(client)
+        rig.done(connection)
+        assert rig.metrics.calls == {"upstream_failed": 1}
+        assert rig.pool._started == 0
+    finally:
+        rig.close()
+
+
+def test_on_the_acceptor_a_connect_under_way_waits_on_a_worker() -> None:
+    """A backend that has not answered the SYN yet: the acceptor never waits for it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    filler = socket.create_connection(server.getsockname(), timeout=WAIT)  # queue full
+    rig = Rig(backend_port=server.getsockname()[1])
+    rig.sockets += [server, filler]
+    try:
+        client, connection = rig.connect(LOCAL + b"late", on_acceptor=True)
+        assert connection.state is State.CONNECTING
+        assert rig.pool._started == 1, "the wait for the connect went to a worker"
+        first, _ = server.accept()  # room in the queue: the retransmitted SYN gets in
+        first.close()
+        server.settimeout(WAIT)
+        backend, _ = server.accept()
+        rig.sockets.append(backend)
+        assert recv_exactly(backend, 4) == b"late"
+        client.close()
+        backend.close()
+        rig.done(connection)
+        assert rig.metrics.closed_bytes == [(4, 0)]
+    finally:
+        rig.close()
+
+
+def test_what_the_backend_cannot_take_at_once_is_left_pending(rig: Rig) -> None:
+    """The bytes that came with the header are sent without waiting: what a full backend
+    does not take now waits in the pair, for the direction's worker to send first."""
+    client, daemon_side = tcp_pair()
+    up, backend = socket.socketpair()  # stream sockets whose buffers can be made small
+    rig.sockets += [client, daemon_side, up, backend]
+    up.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    connection = Connection(daemon_side, ("127.0.0.1", 4000), 0, rig.services)
+    pair = Pair(daemon_side, up)
+    payload = bytes(range(256)) * 1024
+    connection._send_first(pair, payload)
+    sent = pair.to_target[0]
+    assert 0 < sent < len(payload)
+    assert pair.pending[FORWARD] == payload[sent:]
+    received = recv_exactly(backend, sent)
+    assert received == payload[:sent]
+
+
+def test_without_inline_start_hands_the_connection_to_a_worker() -> None:
+    """Free-threaded builds: the acceptor hands the header and the connect to a worker."""
+    rig = Rig(inline=False)
+    try:
+        client, connection = rig.connect(LOCAL + b"x", on_acceptor=True)
+        backend = rig.accept()
+        assert recv_exactly(backend, 1) == b"x"
+        assert rig.pool._started == 1
+        client.close()
+        backend.close()
+        rig.done(connection)
+    finally:
+        rig.close()

@@ -7,13 +7,15 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from test_config import config as config_with_defaults
 
 from mmproxy.config import Config
-from mmproxy.listener import Acceptor, Throttle, open_listeners
+from mmproxy.listener import BACK_OFF, Acceptor, ParkedAcceptor, Throttle, open_listeners
+from mmproxy.parking import ParkingLot
+from mmproxy.pool import WorkerPool
 
 
 class ScriptedListener:
@@ -164,3 +166,125 @@ def test_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
     now[0] = 100.25  # the interval has passed
     assert throttle.ready() == 2
     assert throttle.ready() is None
+
+
+# ------------------------------------------------------------------ accepting from the lot
+
+
+class Room:
+    """A cap for ParkedAcceptor: ``free`` slots; ``wake`` callbacks wait for the next one."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.waiting: list[Any] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, wake: Any) -> bool:
+        with self.lock:
+            if self.free > 0:
+                return True
+            self.waiting.append(wake)
+            return False
+
+    def take(self) -> None:
+        with self.lock:
+            self.free -= 1
+
+    def give(self) -> None:
+        with self.lock:
+            self.free += 1
+            waiting, self.waiting = self.waiting, []
+        for wake in waiting:
+            wake()
+
+
+def wait_until(condition: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for: {what}"
+        threading.Event().wait(0.005)
+
+
+@pytest.fixture
+def lot() -> Any:
+    pool = WorkerPool(idle_timeout=5)
+    parking = ParkingLot(pool)
+    parking.start()
+    yield parking
+    parking.close()
+    pool.close(timeout=5)
+
+
+def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
+    """Connections are accepted on the lot's thread; at the cap the acceptor leaves the lot
+    (the rest wait in the backlog) and comes back when a slot frees."""
+    server = socket.create_server(("127.0.0.1", 0))
+    room = Room(2)
+    accepted: list[socket.socket] = []
+    threads: set[str] = set()
+
+    def on_accept(conn: socket.socket, peer: tuple[str, int], number: int) -> None:
+        threads.add(threading.current_thread().name)
+        accepted.append(conn)
+        room.take()
+
+    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("test"), lot, room)
+    acceptor.start("tcp")
+    clients = [socket.create_connection(server.getsockname()) for _ in range(3)]
+    try:
+        wait_until(lambda: len(accepted) == 2, "two accepted")
+        assert threads == {"mmproxy-parking"}
+        wait_until(lambda: room.waiting, "the acceptor to wait for room")
+        assert len(lot) == 0, "out of the lot at the cap"
+        assert len(accepted) == 2, "the third waits in the backlog"
+        room.give()
+        wait_until(lambda: len(accepted) == 3, "the third accepted once a slot freed")
+        assert acceptor.alive()
+        acceptor.stop()
+        assert server.fileno() == -1, "stop() closes the listening socket"
+        assert not acceptor.alive()
+        assert len(lot) == 0
+    finally:
+        for sock in clients + accepted:
+            sock.close()
+        server.close()
+
+
+def test_a_resource_error_pauses_the_lot_acceptor_and_it_retries(
+    lot: ParkingLot, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Flaky(socket.socket):
+        """A listening socket whose first accept() fails as if out of descriptors."""
+
+        failures: ClassVar[list[OSError]] = [OSError(errno.EMFILE, "Too many open files")]
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            if self.failures:
+                raise self.failures.pop()
+            return super().accept()
+
+    server = Flaky(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted: list[socket.socket] = []
+    acceptor = ParkedAcceptor(
+        server,
+        0,
+        lambda conn, peer, n: accepted.append(conn),
+        logging.getLogger("t"),
+        lot,
+        Room(10),
+    )
+    with caplog.at_level(logging.WARNING):
+        acceptor.start("tcp")
+        client = socket.create_connection(server.getsockname())
+        try:
+            wait_until(lambda: len(accepted) == 1, "accepted after the pause")
+        finally:
+            client.close()
+            for sock in accepted:
+                sock.close()
+            acceptor.stop()
+    warnings = [r for r in caplog.records if r.getMessage() == "failed to accept new connection"]
+    assert len(warnings) == 1
+    assert getattr(warnings[0], "pauseSeconds", None) == BACK_OFF

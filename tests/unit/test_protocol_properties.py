@@ -14,6 +14,7 @@ from corpus import SIG, crc32c_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmproxy import protocol_v1
 from mmproxy.crc32c import crc32c
 from mmproxy.errors import HeaderError, Reason
 from mmproxy.protocol import (
@@ -324,6 +325,39 @@ V1_ALPHABET = "PROXYTCP46UNKOW0123456789abcdefABCDEF.:% \r\n\t\x00"
 )
 def test_v1_like_text(start: str, rest: str) -> None:
     _check_total(("PROXY " + start + rest).encode("latin-1"))
+
+
+_V1_NUMBERS = st.one_of(
+    st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "+1", "-1", " 1", "65536"])
+)
+
+
+@settings(deadline=None, max_examples=600)
+@given(
+    st.lists(_V1_NUMBERS, min_size=4, max_size=4),
+    st.lists(_V1_NUMBERS, min_size=4, max_size=4),
+    _V1_NUMBERS,
+    st.one_of(st.integers(0, 70000).map(str), _V1_NUMBERS),
+)
+def test_v1_tcp4_fast_path_agrees_with_the_full_check(
+    source: list[str], destination: list[str], source_port: str, destination_port: str
+) -> None:
+    """The one-match path for TCP4 lines gives what the field-by-field check gives: the
+    same header, or (declining) the full check's refusal."""
+    line = (
+        f"PROXY TCP4 {'.'.join(source)} {'.'.join(destination)} {source_port} {destination_port}"
+    ).encode()
+    fast = protocol_v1._tcp4_line(line)
+    try:
+        family = protocol_v1._check_v1(line, complete=True)
+    except HeaderError:
+        assert fast is None
+        return
+    assert family is Family.INET
+    _, _, src, dst, sport, dport = line.split(b" ")
+    assert fast is not None
+    assert fast.source == InetAddress(ipaddress.IPv4Address(src.decode()), int(sport))
+    assert fast.destination == InetAddress(ipaddress.IPv4Address(dst.decode()), int(dport))
 
 
 @st.composite
