@@ -313,6 +313,7 @@ class ParkedAcceptor:
         self._throttle = Throttle(10.0)
         self._lock = threading.Lock()
         self._parked = False  # in the lot, or being moved there
+        self._woken = False  # room came back while it was leaving the lot
         self._stopping = False
         self._started = False
 
@@ -394,12 +395,14 @@ class ParkedAcceptor:
         """Out of the lot at the cap: ``room`` calls :meth:`_resumed` once a slot frees."""
         with self._lock:
             self._parked = False
-        if self._room(self._resumed):  # a slot freed before we were out: go on now
+            woken, self._woken = self._woken, False
+        if woken:  # a slot freed before we were out: go on now
             self._park()
 
     def _resumed(self) -> None:
         with self._lock:
-            if self._parked:  # still on its way out of the lot: _left looks again
+            if self._parked:  # still on its way out of the lot: _left parks it again
+                self._woken = True
                 return
         self._park()
 

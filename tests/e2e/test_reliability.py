@@ -288,9 +288,15 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
     connection waiting in the backlog is served once descriptors are available again, and so
     are the ones after it."""
     daemon = mmproxy(verbose=1)
+    ready = daemon.wait_for(lambda line: line.get("msg") == "ready")
+    assert ready, daemon.describe()
+    # With the GIL the parking lot's thread accepts, never blocked in accept(); otherwise an
+    # acceptor thread is, and the kernel has reserved it the number for the next connection.
+    accepts_from_the_lot = ready[0]["gil"] is True
     base = Usage.of(daemon).fds
     held = [connect(net, daemon) for _ in range(3)]
     waiting: socket.socket | None = None
+    first: socket.socket | None = None
     try:
         for sock in held:  # idle relayed connections: 2 descriptors each
             sock.sendall(v1_header(addresses.v4()))
@@ -302,13 +308,15 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
         # Descriptors 0-3 are stdio and the listener: with the soft limit at 4, no new
         # descriptor fits (those above it stay valid), so accept() fails with EMFILE.
         prlimit_nofile(daemon.proc.pid, 4)
-        # The acceptor blocked in accept() already holds the number for the next connection
-        # (the kernel reserves it before waiting): that one is accepted, and refused when its
-        # upstream socket cannot be made, promptly.
-        with connect(net, daemon) as first:
-            first.sendall(v1_header(addresses.v4()))
-            assert wait_closed(first, 5) < 3
-        assert daemon.wait_for(lambda line: str(line.get("error")).endswith("Too many open files"))
+        first = connect(net, daemon)
+        first_source = addresses.v4()
+        first.sendall(v1_header(first_source) + b"first")
+        if not accepts_from_the_lot:  # accepted with the reserved number, refused promptly
+            with first:
+                assert wait_closed(first, 5) < 3
+            assert daemon.wait_for(
+                lambda line: str(line.get("error")).endswith("Too many open files")
+            )
         waiting = connect(net, daemon)  # the kernel completes the handshake; accept() cannot
         source = addresses.v4()
         waiting.sendall(v1_header(source) + b"queued")
@@ -324,6 +332,9 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
         prlimit_nofile(daemon.proc.pid, None)
         assert exchange(waiting, b" and served", Deadline(10)) == b"queued and served"
         assert source in backend4.peers()
+        if accepts_from_the_lot:  # it waited in the backlog too, and is served now
+            assert exchange(first, b" too", Deadline(10)) == b"first too"
+            assert first_source in backend4.peers()
         for sock in held:  # the connections held all along still relay
             sock.settimeout(10)
             sock.sendall(b"still")
@@ -337,6 +348,8 @@ def test_running_out_of_descriptors_at_accept_is_logged_and_survived(
             sock.close()
         if waiting is not None:
             waiting.close()
+        if first is not None:
+            first.close()
     assert not daemon.wait_for(lambda line: "accepting a connection failed" in str(line), 1, 0.1)
 
 

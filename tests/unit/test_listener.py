@@ -237,6 +237,7 @@ def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
         wait_until(lambda: room.waiting, "the acceptor to wait for room")
         assert len(lot) == 0, "out of the lot at the cap"
         assert len(accepted) == 2, "the third waits in the backlog"
+        assert len(room.waiting) == 1, "one pause, asked about once (the metrics count it)"
         room.give()
         wait_until(lambda: len(accepted) == 3, "the third accepted once a slot freed")
         assert acceptor.alive()
