@@ -9,12 +9,9 @@ How a pair is handed over (:meth:`KernelPair.start`), and why in this order:
 
 1. **Drain in user space.**  Each socket is read (``MSG_DONTWAIT``) until it has nothing
    queued, and what was read is sent on.  A segment partly consumed by ``recv`` (the PROXY
-   header read, payload left in the same skb) must never reach the verdict: with a verdict
-   program alone it is redirected *whole*, header bytes included; with a stream parser
-   in front (strparser) it was lost on this kernel.  A socket read until EAGAIN holds no
-   partly consumed skb; what arrives afterwards arrives whole.  That makes the plain stream
-   verdict (``BPF_SK_SKB_STREAM_VERDICT`` without a parser) correct, and it is the simplest
-   attach type: one program run per skb, no message framing.
+   header read, payload left in the same skb) must never reach the verdict, which takes
+   skbs *whole* (with strparser in front it was lost instead).  A socket read until EAGAIN
+   holds no partly consumed skb, so the plain stream verdict (no parser) is correct.
 2. **Insert into the target map, then the verdict map.**  The redirect looks its partner
    up in ``targets`` (keyed by cookie, see :mod:`mmproxy.bpf`), a map with no program.
    Sockets join ``verdicts`` (the map that carries the program) only once both are in
@@ -32,6 +29,12 @@ goes out behind the data.  The same counters give the byte counts at the end.
 After insertion nothing in user space may read these sockets (a blocking ``recv`` would
 sleep forever: the data never reaches the receive queue); ends are watched with
 ``EPOLLRDHUP``, never with ``recv``.
+
+A known kernel fault (6.18): a segment that repeats some bytes already received (a
+retransmission cut differently from the original) is queued by TCP as it came, and the
+verdict redirects it whole, so the partner gets those bytes twice (TCP's own reads skip
+them).  Nothing here can trim it; a direction's end finds the surplus in the counters and
+resets the pair rather than end a corrupted stream like a good one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -48,13 +52,17 @@ from collections.abc import Callable
 from mmproxy import bpf
 from mmproxy.parking import ParkingLot
 from mmproxy.relay import Pair
-from mmproxy.tcpinfo import cookie, counters, inq, revents
+from mmproxy.tcpinfo import cookie, counters, revents, snapshot
 
 # What a parked pair waits for: an end (errors and hang-ups come anyway).  Not EPOLLIN: the
 # kernel signals "data ready" for every segment it redirects, and each would wake the lot.
 _ENDS = select.EPOLLRDHUP
 
 DRAIN_LIMIT = 4 << 20  # bytes read in user space before giving up on a quiet moment
+# Each socket's send buffer (doubled by the kernel): a full one makes the kernel's writer
+# wait a timer tick, the bound on one bulk connection (bench/README.md).
+SEND_BUFFER = 16 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 DRAIN_CHUNK = 64 * 1024  # bytes per read while draining
 # How often a direction whose end arrived looks at whether its partner has written
 # everything yet (doubling from the first to the last).
@@ -125,13 +133,13 @@ class KernelRelay:
         with self._lock:
             return self._held
 
-    def insert(self, a: socket.socket, b: socket.socket) -> None:
-        """Make each of ``a`` and ``b`` redirect to the other; raises OSError, inserting nothing."""
+    def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+        """Make each of ``a`` and ``b`` (whose cookies are ``keys``) redirect to the other;
+        raises OSError, inserting nothing."""
         with self._lock:
             if self._closed or self._held >= self.capacity:
                 raise OSError(errno.E2BIG, "the socket map is full")
             self._held += 1
-        keys = (cookie(a), cookie(b))
         done: list[tuple[int, bytes]] = []
         try:
             for table, key, sock in (
@@ -146,18 +154,19 @@ class KernelRelay:
             for table, key in reversed(done):
                 with contextlib.suppress(OSError):
                     bpf.delete(table, key)
-            self._release()
+            self.release()
             raise
 
-    def remove(self, a: socket.socket, b: socket.socket) -> None:
+    def remove(self, keys: tuple[bytes, bytes]) -> None:
         """Take the pair out of both maps: verdicts first, so nothing is redirected to a gap."""
         for table in (self._verdicts, self._targets):
-            for sock in (a, b):
+            for key in keys:
                 with contextlib.suppress(OSError):  # a closed or reset socket left on its own
-                    bpf.delete(table, cookie(sock))
-        self._release()
+                    bpf.delete(table, key)
+        self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """A pair left the maps (on its own: closing a socket takes it out of every map)."""
         with self._lock:
             self._held -= 1
 
@@ -203,6 +212,7 @@ class KernelPair:
         self._user_sent = [0, 0]  # counters at insertion: what user space wrote
         self._final: list[int | None] = [None, None]  # bytes the kernel moved, once known
         self._flush_wait = FLUSH_POLL[0]
+        self._keys = (b"", b"")  # the sockets' cookies, their keys in the maps
         self._finished = False
 
     # ------------------------------------------------------------ hand-over
@@ -217,22 +227,24 @@ class KernelPair:
         """
         if not self._drain():
             return FALLBACK_BUSY
-        snapshot = [self._snapshot(sock) for sock in self._socks]
-        if any(self._ended) or any(fin for _received, _inq, fin in snapshot):
+        shots = [snapshot(sock) for sock in self._socks]
+        if any(self._ended) or any(shot.ended for shot in shots):
             return FALLBACK_ENDED
-        for side, sock in enumerate(self._socks):  # before insertion: the kernel moves at once
-            received, queued, _fin = snapshot[side]
-            self._consumed[side] = received - queued
-            self._base[side] = counters(sock).taken_in
+        for side, shot in enumerate(shots):  # before insertion: the kernel moves at once
+            self._consumed[side] = shot.consumed
+            self._base[side] = shot.taken_in
             self._user_sent[side] = self._counts[1 - side][0]
+        self._keys = (cookie(self._socks[0]), cookie(self._socks[1]))
         try:
-            self._kernel.insert(*self._socks)
+            self._kernel.insert(self._keys, *self._socks)
         except OSError:
+            self._check_untouched()
             return FALLBACK_INSERT
-        for sock in self._socks:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # the kick
-        self._step()
+        for sock in self._socks:  # the buffer, then the kick
+            for option, value in ((SO_SNDBUFFORCE, SEND_BUFFER), (socket.SO_RCVLOWAT, 1)):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, value)
+        self._step(look=False)  # an end or error already there shows in the lot at once
         return None
 
     def _drain(self) -> bool:
@@ -262,25 +274,28 @@ class KernelPair:
                 return False
         return True
 
-    @staticmethod
-    def _snapshot(sock: socket.socket) -> tuple[int, int, int]:
-        """(bytes received, bytes still queued, 1 if a FIN is among them), read consistently."""
-        while True:
-            before = counters(sock).bytes_received
-            queued = inq(sock)
-            fin = 1 if revents(sock) & select.POLLRDHUP else 0
-            if counters(sock).bytes_received == before:
-                return before, queued, fin
+    def _check_untouched(self) -> None:
+        """After a failed insertion, raise OSError if a socket ran the verdict meanwhile: what
+        it redirected was dropped with the partner's queue, and splice cannot resend it."""
+        for side, sock in enumerate(self._socks):
+            if snapshot(sock).consumed != self._consumed[side]:
+                raise OSError(errno.EIO, "the kernel took bytes from a pair it could not relay")
 
     # ------------------------------------------------------------ watching
 
-    def _step(self) -> None:
+    def _step(self, look: bool = True) -> None:
         """Look at both sockets and act; then wait in the parking lot for the next event."""
         try:
-            if self._advance():
+            if look and self._advance():
                 self._finish()
                 return
             self._park()
+        except _SurplusError as error:
+            self._pair.error = error
+            for sock in self._socks:  # closed with SO_LINGER 0: a reset, not a FIN
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self._finish()
         except OSError as error:
             self._fail(error)
         except BaseException:
@@ -302,11 +317,14 @@ class KernelPair:
             if self._ended[side] or not events & (select.POLLRDHUP | select.POLLHUP):
                 continue
             self._fin[side] = True
-            if not self._flushed(side):
+            flushed = self._flushed(side)
+            if flushed is None:
                 wait = True
                 continue
+            self._final[side], surplus = flushed
+            if surplus:  # a corrupted stream must not end like a good one: reset both
+                raise _SurplusError(errno.EIO, f"the kernel relay wrote {surplus} bytes twice")
             self._ended[side] = True
-            self._final[side] = self._moved(side)
             _half_close(self._socks[1 - side])
         if wait:
             return False
@@ -325,27 +343,26 @@ class KernelPair:
         received = counters(self._socks[side]).bytes_received - (1 if self._fin[side] else 0)
         return max(0, received - self._consumed[side])
 
-    def _flushed(self, side: int) -> bool:
-        """Whether the partner has taken in all the kernel took from socket ``side``."""
+    def _flushed(self, side: int) -> tuple[int, int] | None:
+        """Once the partner took in all the kernel took from ``side``: that count and what the
+        partner took in beyond it (a duplicate); None while some is still on its way."""
+        moved = self._moved(side)  # final: nothing arrives after the FIN
         tries, pause = FLUSH_SPIN
         for _ in range(tries):
-            if self._flushed_now(side):
-                return True
+            if (flushed := self._flushed_now(side, moved)) is not None:
+                return flushed
             time.sleep(pause)
-        return self._flushed_now(side)
+        return self._flushed_now(side, moved)
 
-    def _flushed_now(self, side: int) -> bool:
+    def _flushed_now(self, side: int, moved: int) -> tuple[int, int] | None:
         partner = 1 - side
         written = counters(self._socks[partner]).taken_in - self._base[partner]
-        return written >= self._moved(side)
+        return (moved, written - moved) if written >= moved else None
 
     def _final_count(self, side: int) -> int:
-        """Bytes the kernel moved from ``side``, for a direction that did not end cleanly.
-
-        Unknown FINs (an abort sends ours, a peer may answer with its own) each add one to
-        the sequence counters: the lower of what the source received and what the partner
-        took in, less the FIN an abort sent, is the count.
-        """
+        """Bytes the kernel moved from ``side``, for a direction that did not end cleanly:
+        unknown FINs (an abort sends ours, a peer may answer) each add one to the counters,
+        so the lower of what the source received and what the partner took in is the count."""
         final = self._final[side]
         if final is not None:
             return final
@@ -357,11 +374,8 @@ class KernelPair:
 
     def _idle_for(self) -> float:
         """Seconds since either socket last received or sent data."""
-        last = min(
-            min(info.last_data_recv, info.last_data_sent)
-            for info in (counters(sock) for sock in self._socks)
-        )
-        return last / 1000.0
+        infos = [counters(sock) for sock in self._socks]
+        return min(min(i.last_data_recv, i.last_data_sent) for i in infos) / 1000.0
 
     def _park(self) -> None:
         flushing = any(self._fin[side] and not self._ended[side] for side in range(2))
@@ -410,9 +424,20 @@ class KernelPair:
         for side in range(2):
             with contextlib.suppress(OSError):  # a socket that failed keeps what was counted
                 self._counts[side][0] = self._user_sent[1 - side] + self._final_count(side)
-        self._kernel.remove(*self._socks)
-        self._pair.close()
+        if all(self._ended) and not self._pair.aborted:
+            self._pair.close()  # both ways over, nothing in flight: the close unlinks them
+            self._kernel.release()
+        else:
+            self._kernel.remove(self._keys)  # before the close: nothing redirected to a gap
+            self._pair.close()
         self._done()
+
+
+class _SurplusError(OSError):
+    """The kernel wrote into a socket more than it read from the partner (module docstring)."""
+
+
+_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 seconds
 
 
 def _half_close(sock: socket.socket) -> None:

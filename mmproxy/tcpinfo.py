@@ -16,6 +16,9 @@ from dataclasses import dataclass
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 SIOCINQ = termios.FIONREAD
 SIOCOUTQ = termios.TIOCOUTQ
+TCP_ESTABLISHED = 1  # tcpi_state values (include/net/tcp_states.h)
+# The states a socket is in once its peer's FIN arrived.
+FIN_RECEIVED = frozenset({6, 8, 9, 11})  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
 
 # struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by offset.
 _TCP_INFO_SIZE = 136
@@ -46,16 +49,17 @@ class TcpCounters:
         return self.bytes_acked + self.outq
 
 
-def counters(sock: socket.socket) -> TcpCounters:
+def counters(sock: socket.socket, outq: bool = True) -> TcpCounters:
+    """``TCP_INFO``, and ``SIOCOUTQ`` unless ``outq`` is False (then ``outq`` reads 0)."""
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0] if outq else 0
     return TcpCounters(
         raw[_STATE],
         struct.unpack_from("<I", raw, _LAST_DATA_SENT)[0],
         struct.unpack_from("<I", raw, _LAST_DATA_RECV)[0],
         struct.unpack_from("<Q", raw, _BYTES_ACKED)[0],
         struct.unpack_from("<Q", raw, _BYTES_RECEIVED)[0],
-        outq,
+        queued,
     )
 
 
@@ -70,3 +74,25 @@ def revents(sock: socket.socket) -> int:
     poller.register(sock, WATCH)
     ready = poller.poll(0)
     return ready[0][1] if ready else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What user space needs to know of a socket before handing it to the kernel."""
+
+    consumed: int  # bytes user space read from the socket (received, less still queued)
+    taken_in: int  # bytes written into it so far (sequence space, see TcpCounters)
+    ended: bool  # no longer established: a FIN came or went, or a reset
+
+
+def snapshot(sock: socket.socket) -> Snapshot:
+    """One socket's counters, read again until nothing arrived or was acknowledged meanwhile
+    (an ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small: the FIN too early)."""
+    while True:
+        before = counters(sock)
+        queued = inq(sock)
+        after = counters(sock, outq=False)
+        if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
+            fin = before.state in FIN_RECEIVED  # counted as a byte received, read by none
+            consumed = before.bytes_received - queued - fin
+            return Snapshot(consumed, before.taken_in, before.state != TCP_ESTABLISHED)

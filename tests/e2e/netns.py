@@ -552,3 +552,50 @@ def wait_accept_queue(ns: NetNamespace, port: int, count: int, timeout: float = 
         if queued >= count or deadline.expired():
             return queued
         time.sleep(0.05)
+
+
+# TCP_REPAIR (include/uapi/linux/tcp.h): rebuild a connected socket with chosen sequence numbers.
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_REPAIR_WINDOW = (
+    19,
+    20,
+    21,
+    22,
+    29,
+)
+TCP_RECV_QUEUE, TCP_SEND_QUEUE, TCPOPT_MAXSEG = 1, 2, 2
+
+
+def rewound(sock: socket.socket, back: int, make: Callable[[], socket.socket]) -> socket.socket:
+    """``sock`` rebuilt in place (silently, as CRIU restores one; ``make`` creates the new
+    socket, in the right namespace) so that its next segment starts ``back`` bytes before
+    what the peer has received: what a retransmission cut differently from the original
+    segments looks like to the receiver.  ``sock`` is closed."""
+
+    def seq(queue: int) -> int:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+        return int(struct.unpack("I", sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0])
+
+    local, peer = sock.getsockname(), sock.getpeername()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its port for the new one
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    sent, received = seq(TCP_SEND_QUEUE), seq(TCP_RECV_QUEUE)
+    window = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)
+    sock.close()  # in repair mode: nothing goes out
+    new = make()
+    try:
+        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        new.bind(local)
+        for queue, value in ((TCP_SEND_QUEUE, sent - back), (TCP_RECV_QUEUE, received)):
+            new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+            new.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("I", value & 0xFFFFFFFF))
+        new.connect(peer)
+        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, window)
+        new.setsockopt(
+            socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, struct.pack("II", TCPOPT_MAXSEG, 1460)
+        )
+        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    except BaseException:
+        new.close()
+        raise
+    return new

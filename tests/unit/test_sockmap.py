@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -166,3 +168,87 @@ def test_a_full_map_leaves_the_pair_to_splice_with_nothing_lost(rig: Rig) -> Non
             small.close()
     finally:
         first.close()
+
+
+def test_an_insertion_that_fails_after_the_kernel_took_bytes_fails_the_pair(rig: Rig) -> None:
+    """The last map update fails after the first socket already ran the verdict: what that
+    redirected is gone with the removal, so the pair must fail, not go on to splice with a
+    hole in the stream."""
+
+    class LateFailure(KernelRelay):
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+            super().insert(keys, a, b)
+            rig.client.sendall(b"taken")  # redirected by the verdict, queued for the backend
+            rig.backend.settimeout(10)
+            assert rig.backend.recv(5) == b"taken"
+            self.remove(keys)
+            raise OSError(errno.ENOMEM, "a late failure")
+
+    failing = LateFailure.open(4)
+    try:
+        with pytest.raises(OSError, match="took bytes"):
+            rig.hand_over(failing)
+        assert failing.held == 0
+    finally:
+        failing.close()
+
+
+def test_an_insertion_that_fails_before_any_byte_moved_leaves_the_pair_to_splice(
+    rig: Rig,
+) -> None:
+    class LateFailure(KernelRelay):
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+            super().insert(keys, a, b)
+            self.remove(keys)
+            raise OSError(errno.ENOMEM, "a late failure")
+
+    failing = LateFailure.open(4)
+    try:
+        assert rig.hand_over(failing) == FALLBACK_INSERT
+        rig.client.sendall(b"spliced")
+        assert rig.daemon_client.recv(7) == b"spliced"  # still readable here: nothing taken
+    finally:
+        failing.close()
+
+
+def test_a_fin_that_fails_the_insertion_leaves_the_pair_to_splice(rig: Rig) -> None:
+    """The client's FIN arrives between the drain and the insertion (which then fails: the
+    socket is no longer established).  TCP counts the FIN as a byte received; it is not one
+    the kernel took, so the pair goes on to splice."""
+
+    class FinFirst(KernelRelay):
+        def insert(self, keys: tuple[bytes, bytes], a: socket.socket, b: socket.socket) -> None:
+            rig.client.shutdown(socket.SHUT_WR)
+            poller = select.poll()
+            poller.register(a, select.POLLRDHUP)
+            assert poller.poll(10_000)
+            raise OSError(errno.EOPNOTSUPP, "not established")
+
+    refusing = FinFirst.open(4)
+    try:
+        assert rig.hand_over(refusing) == FALLBACK_INSERT
+    finally:
+        refusing.close()
+
+
+def test_a_pair_that_ended_cleanly_leaves_the_maps_with_its_close() -> None:
+    """After a clean end the pair is only closed (no removal calls): closing a socket takes
+    it out of every map, so a relay with room for one pair takes one pair after another."""
+    small = KernelRelay.open(1)
+    try:
+        for _ in range(3):
+            rig = Rig()
+            try:
+                assert rig.hand_over(small) is None
+                rig.client.sendall(b"ping")
+                rig.client.shutdown(socket.SHUT_WR)
+                assert recv_to_eof(rig.backend) == b"ping"
+                rig.backend.shutdown(socket.SHUT_WR)
+                assert recv_to_eof(rig.client) == b""
+                assert rig.done.wait(10)
+                assert rig.pair.error is None
+                assert small.held == 0
+            finally:
+                rig.close()
+    finally:
+        small.close()
