@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import itertools
 import os
@@ -565,6 +566,20 @@ TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_REPAIR_WIND
 TCP_RECV_QUEUE, TCP_SEND_QUEUE, TCPOPT_MAXSEG = 1, 2, 2
 
 
+def _bind_when_free(sock: socket.socket, local: tuple[str, int], timeout: float = 2.0) -> None:
+    """Bind ``sock`` to ``local``, which a socket closed just now may hold for a moment
+    (seen once in CI: EADDRINUSE right after the repaired socket's close)."""
+    deadline = Deadline(timeout)
+    while True:
+        try:
+            sock.bind(local)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or deadline.expired():
+                raise
+        threading.Event().wait(0.01)
+
+
 def rewound(sock: socket.socket, back: int, make: Callable[[], socket.socket]) -> socket.socket:
     """``sock`` rebuilt in place (silently, as CRIU restores one; ``make`` creates the new
     socket, in the right namespace) so that its next segment starts ``back`` bytes before
@@ -585,7 +600,7 @@ def rewound(sock: socket.socket, back: int, make: Callable[[], socket.socket]) -
     try:
         new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
         new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        new.bind(local)
+        _bind_when_free(new, local)
         for queue, value in ((TCP_SEND_QUEUE, sent - back), (TCP_RECV_QUEUE, received)):
             new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
             new.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("I", value & 0xFFFFFFFF))
