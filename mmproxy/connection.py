@@ -120,11 +120,10 @@ class Connection:
         self._sock = sock
         self._peer = peer[0]  # the load balancer's address, as accept() gave it
         self._services = services
-        # The header and the connect are served where they are seen (the acceptor, the lot):
-        # when asked to, with a lot to wait in, and the splice relay to start (never blocks).
-        self._never_blocks = (
-            services.inline and services.kernel is None and services.parking is not None
-        )
+        # The lot starts the relay (the splice relay, with a lot): nothing on the way blocks.
+        # Then, when asked to, the header and the connect are served where they are seen.
+        self._lot_relays = services.kernel is None and services.parking is not None
+        self._never_blocks = services.inline and self._lot_relays
         self._log = services.log
         if services.log.failures:  # at -v 0 nothing is logged: skip the formatting
             self._log = services.log.bind(
@@ -395,7 +394,7 @@ class Connection:
         """Send what came with the header; with the lot, without waiting: what the backend
         does not take now waits in ``pair.pending`` for a worker (:meth:`_hand_over`)."""
         sock = pair.upstream
-        if self._services.parking is None or self._services.kernel is not None:
+        if not self._lot_relays:
             sock.sendall(payload)  # on a worker: the relay or the hand-over blocks anyway
             pair.to_target[0] += len(payload)
             return
