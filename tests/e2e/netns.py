@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import hashlib
 import itertools
 import os
@@ -412,6 +411,8 @@ class Backend:
                 self.connections.append(conn)
                 self._lock.notify_all()
             thread = threading.Thread(target=self._serve, args=(conn, self.handler), daemon=True)
+            if len(self._threads) >= 1024:  # a finished thread's stack is freed once dropped
+                self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
             thread.start()
 
@@ -566,20 +567,6 @@ TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_REPAIR_WIND
 TCP_RECV_QUEUE, TCP_SEND_QUEUE, TCPOPT_MAXSEG = 1, 2, 2
 
 
-def _bind_when_free(sock: socket.socket, local: tuple[str, int], timeout: float = 2.0) -> None:
-    """Bind ``sock`` to ``local``, which a socket closed just now may hold for a moment
-    (seen once in CI: EADDRINUSE right after the repaired socket's close)."""
-    deadline = Deadline(timeout)
-    while True:
-        try:
-            sock.bind(local)
-            return
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE or deadline.expired():
-                raise
-        threading.Event().wait(0.01)
-
-
 def rewound(sock: socket.socket, back: int, make: Callable[[], socket.socket]) -> socket.socket:
     """``sock`` rebuilt in place (silently, as CRIU restores one; ``make`` creates the new
     socket, in the right namespace) so that its next segment starts ``back`` bytes before
@@ -598,9 +585,12 @@ def rewound(sock: socket.socket, back: int, make: Callable[[], socket.socket]) -
     sock.close()  # in repair mode: nothing goes out
     new = make()
     try:
-        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        # SO_REUSEADDR first: TCP_REPAIR sets the socket's reuse to "force", which binds
+        # past a TIME_WAIT socket that shares the port; SO_REUSEADDR after it would lower
+        # that back to plain reuse, and the bind would fail (seen in CI).
         new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _bind_when_free(new, local)
+        new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        new.bind(local)
         for queue, value in ((TCP_SEND_QUEUE, sent - back), (TCP_RECV_QUEUE, received)):
             new.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
             new.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("I", value & 0xFFFFFFFF))
