@@ -55,12 +55,12 @@ class Tracker:
             self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity, timeout)
             return not self._closed and len(self._live) < self.capacity
 
-    def room_or_wake(self, wake: Callable[[], None]) -> bool:
-        """True when a connection may be added now; else ``wake`` is called (once, on the
-        thread that frees it) when a slot frees, unless the tracker closes first."""
+    def room_or_wake(self, wake: Callable[[], None]) -> bool | None:
+        """True when a connection may be added now; None when closed.  False: ``wake`` will
+        be called once, on the thread that frees a slot or on the one that closes the tracker."""
         with self._changed:
             if self._closed:
-                return False
+                return None
             if len(self._live) < self.capacity:
                 return True
             self._wakers.append(wake)
@@ -84,6 +84,9 @@ class Tracker:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
 
     def remove(self, connection: Connection) -> None:
         wakers: list[Callable[[], None]] = []
@@ -182,9 +185,10 @@ class TcpServer(Server):
     def _room(self, wake: Callable[[], None]) -> bool:
         """A parked acceptor's look before accept(): at the cap it leaves the lot, and
         ``wake`` brings it back once a slot frees."""
-        if self._tracker.room_or_wake(lambda: self._resume_accepting(wake)):
-            return True
-        self._metrics.accept_paused(True)
+        room = self._tracker.room_or_wake(lambda: self._resume_accepting(wake))
+        if room is not False:  # room now, or stopping: not paused
+            return bool(room)
+        self._metrics.accept_paused(True)  # the tracker's wake ends the pause, even at close
         self._warn_full()
         return False
 

@@ -7,6 +7,7 @@ log's ``reason``, and with ``--metrics`` the counter), for TCP and for UDP.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -398,3 +399,25 @@ def test_udp_local_header_from_loopback_is_still_relayed(rig: UdpRig) -> None:  
 
 
 _ = InetAddress  # imported for readers of the header helpers
+
+
+def test_stopping_while_paused_at_the_cap_ends_the_pause(
+    net: Net, mmproxy: StartDaemon, backend4: Backend, addresses: ClientAddresses
+) -> None:
+    """SIGTERM while accepting is paused at --max-connections: the daemon stops admitting,
+    so the pause gauge falls back to 0 while the held connection drains."""
+    daemon = mmproxy("--max-connections", "1", "--metrics", "127.0.0.1:0", verbose=1)
+    with connect(net, daemon) as held, connect(net, daemon) as waiting:
+        held.sendall(header(addresses.v4(), ("203.0.113.1", 443), 1) + b"h")
+        held.settimeout(10)
+        assert held.recv(1) == b"h"
+        waiting.sendall(header(addresses.v4(), ("203.0.113.1", 443), 1) + b"w")
+        assert wait_accept_queue(net.ns, daemon.port, 1) == 1, daemon.describe()
+        scrape_until(net, metrics_address(daemon), lambda s: value(s, "mmproxy_accept_paused") == 1)
+        daemon.signal(signal.SIGTERM)  # the held connection keeps it draining (3 s)
+        samples = scrape_until(
+            net, metrics_address(daemon), lambda s: value(s, "mmproxy_accept_paused") == 0
+        )
+        assert value(samples, "mmproxy_accept_paused") == 0
+        assert value(samples, "mmproxy_accept_pauses_total") == 1
+    assert daemon.wait(10) == 0
