@@ -353,13 +353,15 @@ class Connection:
         if aborted:
             self._finish(Outcome("daemon is stopping", None, Refusal.STOPPING))
             return
-        self._log.state(logs.MSG_UPSTREAM_ESTABLISHED)
+        log = self._log
+        if log.states:
+            log.state(logs.MSG_UPSTREAM_ESTABLISHED)
+            log.state(logs.MSG_NODELAY_DOWNSTREAM)  # inherited from the listening socket
+            log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it already
         services.metrics.opened()
         self._opened = True
         parking = services.parking
         try:
-            self._log.state(logs.MSG_NODELAY_DOWNSTREAM)  # inherited from the listening socket
-            self._log.state(logs.MSG_NODELAY_UPSTREAM)  # upstream.connect_* set it already
             if payload:  # what came with the header goes first
                 try:
                     self._send_first(pair, payload)

@@ -28,12 +28,15 @@ def read_header(sock: socket.socket, buffer: bytearray) -> tuple[ProxyHeader, by
     Reads only what has arrived: the socket stays blocking for splice, each read is
     ``MSG_DONTWAIT``.  Raises HeaderError for a bad header or a peer that closed.
     """
+    size = RECV_SIZE
     while True:
-        result = parse(buffer)
-        if not isinstance(result, NeedMore):
-            return result.header, bytes(buffer[result.consumed :])
+        if buffer:  # nothing to parse before the first read (an empty buffer needs more)
+            result = parse(buffer)
+            if not isinstance(result, NeedMore):
+                return result.header, bytes(buffer[result.consumed :])
+            size = max(result.at_least, RECV_SIZE)
         try:
-            chunk = sock.recv(max(result.at_least, RECV_SIZE), socket.MSG_DONTWAIT)
+            chunk = sock.recv(size, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         if not chunk:

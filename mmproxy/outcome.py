@@ -30,6 +30,10 @@ class Outcome:
     failure: bool = True
 
 
+# The common end, one immutable object for every connection that closed cleanly.
+CLOSED = Outcome(logs.MSG_CONNECTION_CLOSING, failure=False)
+
+
 def relay_ended(pair: Pair, idle_timeout: float, aborted: bool) -> Outcome:
     """The outcome of a relay whose directions have both ended (``aborted``: by a stop)."""
     if pair.idle:
@@ -38,7 +42,7 @@ def relay_ended(pair: Pair, idle_timeout: float, aborted: bool) -> Outcome:
     error = pair.error
     if error is not None and not (aborted and error.errno in PEER_GONE):
         return Outcome(logs.MSG_CONNECTION_BROKEN, error)
-    return Outcome(logs.MSG_CONNECTION_CLOSING, failure=False)
+    return CLOSED
 
 
 def report(
@@ -46,6 +50,17 @@ def report(
 ) -> None:
     """Log ``outcome`` and count it; ``relayed`` is the pair of a connection that was
     counted as opened (its bytes are logged and counted), None for one that never was."""
+    if log.failures if outcome.failure else log.states:  # else nothing would be logged
+        _log(outcome, log, relayed)
+    if relayed is not None:
+        metrics.closed(relayed.to_target[0], relayed.to_client[0])
+    elif outcome.metric == Refusal.UPSTREAM_FAILED:
+        metrics.upstream_failed()
+    elif outcome.metric is not None:
+        metrics.header_error(outcome.metric)
+
+
+def _log(outcome: Outcome, log: logs.ConnectionLog, relayed: Pair | None) -> None:
     fields: dict[str, object] = {}
     if relayed is not None:
         fields = {
@@ -59,9 +74,3 @@ def report(
         log.failure(outcome.message, outcome.error, **fields)
     else:
         log.failure(outcome.message, outcome.error, reason=outcome.reason, **fields)
-    if relayed is not None:
-        metrics.closed(relayed.to_target[0], relayed.to_client[0])
-    elif outcome.metric == Refusal.UPSTREAM_FAILED:
-        metrics.upstream_failed()
-    elif outcome.metric is not None:
-        metrics.header_error(outcome.metric)

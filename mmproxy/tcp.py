@@ -73,7 +73,8 @@ class Tracker:
         :meth:`wait_for_room`: then this waits, holding one accepted socket.
         """
         with self._changed:
-            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity)
+            while not self._closed and len(self._live) >= self.capacity:
+                self._changed.wait()
             if self._closed:
                 return False
             self._live.add(connection)

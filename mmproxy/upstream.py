@@ -31,6 +31,12 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
 # Two SYN retries: a dead backend fails in ~7 s (1 + 2 + 4) instead of ~2 minutes.
 SYN_RETRIES = 2
+# An upstream TCP socket is made non-blocking (no ioctl) for its connect; finish() makes it
+# blocking for splice.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+# poll() events after which a connect may have failed (SO_ERROR says how); POLLOUT alone is
+# an established connection.
+_CONNECT_ENDED = select.POLLERR | select.POLLHUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +44,17 @@ class Upstream:
     """A connected upstream socket and how it was bound (for the log line)."""
 
     sock: socket.socket
-    source: tuple[str, int]  # the address the backend sees
+    bound: tuple[str, int] | None  # the address the backend sees; None: ask the socket
     fallback: bool  # True when the client's port was taken and an ephemeral one was used
+
+    @property
+    def source(self) -> tuple[str, int]:
+        """The address the backend sees (a TCP connection asks its socket only when told to:
+        nothing on a connection's way needs it)."""
+        if self.bound is not None:
+            return self.bound
+        local = self.sock.getsockname()
+        return (str(local[0]), int(local[1]))
 
 
 def set_transparent(sock: socket.socket, family: int) -> None:
@@ -94,7 +109,7 @@ def connect_spoofed(
 
 def connect_plain(target: Endpoint, *, mark: int, timeout: float) -> Connecting:
     """Start connecting to ``target`` from this host's own address (LOCAL and UNKNOWN headers)."""
-    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    sock = socket.socket(target.family, _NONBLOCKING_STREAM)
     try:
         _common_options(sock, mark)
         return _start(sock, target, timeout, fallback=False)
@@ -112,7 +127,7 @@ class Connecting:
     this object's: :meth:`finish` closes it when the connect failed.
     """
 
-    __slots__ = ("deadline", "fallback", "sock", "target")
+    __slots__ = ("deadline", "events", "fallback", "sock", "target")
 
     def __init__(
         self, sock: socket.socket, target: Endpoint, fallback: bool, deadline: float
@@ -121,31 +136,47 @@ class Connecting:
         self.target = target
         self.fallback = fallback
         self.deadline = deadline
+        self.events = 0  # what poll() last said of the socket (0: not ready yet)
 
     def done(self) -> bool:
         """The connect has completed (or failed): :meth:`finish` will not wait."""
         poller = select.poll()
         poller.register(self.sock, select.POLLOUT)
-        return bool(poller.poll(0))
+        ready = poller.poll(0)
+        if ready:
+            self.events = ready[0][1]
+        return bool(ready)
 
     def finish(self) -> Upstream:
-        """Wait for the connect until the deadline; raises OSError (TimeoutError) if it failed."""
+        """Wait for the connect until the deadline; raises OSError (TimeoutError) if it failed.
+
+        After :meth:`done` said yes it does not poll again, and asks ``SO_ERROR`` only when
+        poll() saw an error or a hang-up (a failed connect always shows one).
+        """
         sock = self.sock
         try:
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT)
-            while not poller.poll(max(0, math.ceil((self.deadline - time.monotonic()) * 1000))):
-                if time.monotonic() >= self.deadline:
-                    raise TimeoutError(errno.ETIMEDOUT, f"connect {_show(self.target)}: timed out")
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                raise _failed("connect", self.target, OSError(code, os.strerror(code)))
+            if not self.events:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+                while not (
+                    ready := poller.poll(
+                        max(0, math.ceil((self.deadline - time.monotonic()) * 1000))
+                    )
+                ):
+                    if time.monotonic() >= self.deadline:
+                        raise TimeoutError(
+                            errno.ETIMEDOUT, f"connect {_show(self.target)}: timed out"
+                        )
+                self.events = ready[0][1]
+            if self.events & _CONNECT_ENDED:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise _failed("connect", self.target, OSError(code, os.strerror(code)))
             sock.setblocking(True)
-            local = sock.getsockname()
         except BaseException:
             sock.close()
             raise
-        return Upstream(sock, (str(local[0]), int(local[1])), fallback=self.fallback)
+        return Upstream(sock, None, fallback=self.fallback)
 
 
 def open_datagram(client: tuple[IPAddress, int] | None, target: Endpoint, *, mark: int) -> Upstream:
@@ -195,7 +226,7 @@ def _connect(
     *,
     fallback: bool,
 ) -> Connecting:
-    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    sock = socket.socket(target.family, _NONBLOCKING_STREAM)
     try:
         _common_options(sock, mark)
         set_transparent(sock, target.family)
@@ -213,7 +244,6 @@ def _connect(
 def _start(sock: socket.socket, target: Endpoint, timeout: float, *, fallback: bool) -> Connecting:
     """Send the SYN without waiting for the answer; errors known at once raise OSError."""
     deadline = time.monotonic() + timeout
-    sock.setblocking(False)
     code = sock.connect_ex(target.sockaddr)
     if code not in (0, errno.EINPROGRESS):
         raise _failed("connect", target, OSError(code, os.strerror(code)))

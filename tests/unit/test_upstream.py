@@ -102,3 +102,46 @@ def test_a_connect_that_completes_later_is_waited_for() -> None:
         server.close()
         for sock in fillers:
             sock.close()
+
+
+def test_the_connect_starts_on_a_non_blocking_socket(backend: socket.socket) -> None:
+    connecting = connect_plain(endpoint(backend), mark=0, timeout=WAIT)
+    try:
+        assert not connecting.sock.getblocking(), "made so by socket(), not by an ioctl later"
+    finally:
+        connecting.sock.close()
+
+
+def test_finish_after_done_does_not_poll_again(
+    backend: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connecting = connect_plain(endpoint(backend), mark=0, timeout=WAIT)
+    assert connecting.done()
+
+    def no_poll() -> None:
+        raise AssertionError("done() already saw the connect complete")
+
+    monkeypatch.setattr(select, "poll", no_poll)
+    up = connecting.finish()
+    monkeypatch.undo()
+    try:
+        assert up.sock.getblocking()
+        accepted, peer = backend.accept()
+        accepted.close()
+        assert peer[:2] == up.source, "the source is asked of the socket when wanted"
+    finally:
+        up.sock.close()
+
+
+def test_a_refused_connect_seen_by_done_still_fails_in_finish() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        target = endpoint(gone)
+    connecting = connect_plain(target, mark=0, timeout=WAIT)
+    poller = select.poll()
+    poller.register(connecting.sock, select.POLLOUT)
+    assert poller.poll(int(WAIT * 1000)), "a refusal on loopback comes back at once"
+    assert connecting.done()
+    assert connecting.events & (select.POLLERR | select.POLLHUP), "a failed connect shows it"
+    with pytest.raises(ConnectionRefusedError, match=r"^\[Errno \d+\] connect 127\.0\.0\.1:\d+: "):
+        connecting.finish()
+    assert connecting.sock.fileno() == -1
