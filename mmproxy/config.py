@@ -13,7 +13,7 @@ import math
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mmproxy.acl import AllowList
@@ -60,19 +60,27 @@ class FlagError(ConfigError):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint(InetAddress):
-    """An address to listen on or connect to: the one address type, with what sockets need."""
+    """An address to listen on or connect to: the one address type, with what sockets need.
 
-    @property
-    def family(self) -> socket.AddressFamily:
-        """``socket.AF_INET`` or ``socket.AF_INET6``."""
-        return socket.AF_INET if self.host.version == 4 else socket.AF_INET6
+    ``family`` and ``sockaddr`` are worked out once, when it is made: a target's are used
+    for every upstream connection.
+    """
 
-    @property
-    def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int]:
-        """The address tuple ``bind`` and ``connect`` take for :attr:`family`."""
-        if self.host.version == 4:
-            return (str(self.host), self.port)
-        return (str(self.host), self.port, 0, 0)
+    # ``socket.AF_INET`` or ``socket.AF_INET6``.
+    family: socket.AddressFamily = field(init=False, repr=False, compare=False)
+    # The address tuple ``bind`` and ``connect`` take for ``family``.
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        host = self.host
+        if host.version == 4:
+            object.__setattr__(self, "family", socket.AF_INET)
+            object.__setattr__(self, "sockaddr", (str(host), self.port))
+        else:
+            object.__setattr__(self, "family", socket.AF_INET6)
+            object.__setattr__(self, "sockaddr", (str(host), self.port, 0, 0))
 
 
 def parse_endpoint(

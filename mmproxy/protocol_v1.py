@@ -93,8 +93,8 @@ def _tcp4_line(line: bytes) -> ProxyHeader | None:
     if sport > 0xFFFF or dport > 0xFFFF:
         return None
     try:  # the pattern leaves only octets above 255 to refuse: bytes() refuses them
-        src = ipaddress.IPv4Address(bytes([int(octet) for octet in source.split(b".")]))
-        dst = ipaddress.IPv4Address(bytes([int(octet) for octet in destination.split(b".")]))
+        src = ipaddress.IPv4Address(bytes(map(int, source.split(b"."))))
+        dst = ipaddress.IPv4Address(bytes(map(int, destination.split(b"."))))
     except ValueError:
         return None
     return ProxyHeader(

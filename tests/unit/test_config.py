@@ -71,6 +71,15 @@ def test_endpoint_is_frozen() -> None:
         endpoint.port = 80  # type: ignore[misc]
 
 
+def test_endpoint_family_and_sockaddr_are_made_once_and_not_compared() -> None:
+    v4 = Endpoint(ipaddress.IPv4Address("192.0.2.1"), 80)
+    assert v4.sockaddr is v4.sockaddr, "worked out when it was made, not per use"
+    assert v4 == Endpoint(ipaddress.IPv4Address("192.0.2.1"), 80)
+    assert hash(v4) == hash(Endpoint(ipaddress.IPv4Address("192.0.2.1"), 80))
+    assert repr(v4) == "Endpoint(host=IPv4Address('192.0.2.1'), port=80)"
+    assert dataclasses.replace(v4, port=81).sockaddr == ("192.0.2.1", 81)
+
+
 def test_endpoint_sockaddr_is_usable(no_dns: None) -> None:
     endpoint = parse_endpoint("127.0.0.1:0", flag="-l", allow_port_zero=True)
     with socket.socket(endpoint.family, socket.SOCK_STREAM) as sock:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from mmproxy.config import Endpoint
-from mmproxy.upstream import Connecting, connect_plain
+from mmproxy.upstream import Connecting, _bind_address, connect_plain
 
 WAIT = 10.0  # seconds an awaited connect gets on a loaded machine
 
@@ -145,3 +145,18 @@ def test_a_refused_connect_seen_by_done_still_fails_in_finish() -> None:
     with pytest.raises(ConnectionRefusedError, match=r"^\[Errno \d+\] connect 127\.0\.0\.1:\d+: "):
         connecting.finish()
     assert connecting.sock.fileno() == -1
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("192.0.2.7", 40123, ("192.0.2.7", 40123)),
+        ("0.0.0.0", 0, ("0.0.0.0", 0)),
+        ("255.255.255.255", 1, ("255.255.255.255", 1)),
+        ("2001:db8::7", 40123, ("2001:db8::7", 40123, 0, 0)),
+    ],
+)
+def test_the_bind_address_is_the_one_str_would_give(
+    host: str, port: int, expected: tuple[object, ...]
+) -> None:
+    assert _bind_address(ipaddress.ip_address(host), port) == expected
