@@ -237,8 +237,8 @@ class KernelPair:
         self._keys = (cookie(self._socks[0]), cookie(self._socks[1]))
         try:
             self._kernel.insert(self._keys, *self._socks)
-        except OSError:
-            self._check_untouched()
+        except OSError as error:
+            self._check_untouched(error)
             return FALLBACK_INSERT
         for sock in self._socks:  # the buffer, then the kick
             for option, value in ((SO_SNDBUFFORCE, SEND_BUFFER), (socket.SO_RCVLOWAT, 1)):
@@ -274,12 +274,17 @@ class KernelPair:
                 return False
         return True
 
-    def _check_untouched(self) -> None:
+    def _check_untouched(self, error: OSError) -> None:
         """After a failed insertion, raise OSError if a socket ran the verdict meanwhile: what
         it redirected was dropped with the partner's queue, and splice cannot resend it."""
         for side, sock in enumerate(self._socks):
-            if snapshot(sock).consumed != self._consumed[side]:
-                raise OSError(errno.EIO, "the kernel took bytes from a pair it could not relay")
+            taken = snapshot(sock).consumed - self._consumed[side]
+            if taken:
+                raise OSError(
+                    errno.EIO,
+                    f"the kernel took {taken} bytes from the {_SIDES[side]} socket of a pair"
+                    f" it could not relay (insertion: {error.strerror or error})",
+                )
 
     # ------------------------------------------------------------ watching
 
@@ -438,6 +443,7 @@ class _SurplusError(OSError):
 
 
 _RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 seconds
+_SIDES = ("client", "upstream")
 
 
 def _half_close(sock: socket.socket) -> None:

@@ -86,13 +86,21 @@ class Snapshot:
 
 
 def snapshot(sock: socket.socket) -> Snapshot:
-    """One socket's counters, read again until nothing arrived or was acknowledged meanwhile
-    (an ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small: the FIN too early)."""
+    """One socket's counters, read again until nothing arrived, was acknowledged or changed
+    the state meanwhile.  An ACK between TCP_INFO and SIOCOUTQ makes ``taken_in`` too small
+    (the FIN too early).  And TCP_INFO reads the state before it locks the socket for the
+    counters: a FIN arriving in between shows in ``bytes_received`` with the state still
+    established, which counted the FIN as a byte read (seen under load: a failed insertion
+    then looked like the kernel had taken -1 bytes)."""
     while True:
         before = counters(sock)
         queued = inq(sock)
         after = counters(sock, outq=False)
-        if (after.bytes_received, after.bytes_acked) == (before.bytes_received, before.bytes_acked):
+        if (after.state, after.bytes_received, after.bytes_acked) == (
+            before.state,
+            before.bytes_received,
+            before.bytes_acked,
+        ):
             fin = before.state in FIN_RECEIVED  # counted as a byte received, read by none
             consumed = before.bytes_received - queued - fin
             return Snapshot(consumed, before.taken_in, before.state != TCP_ESTABLISHED)
