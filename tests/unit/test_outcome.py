@@ -16,15 +16,6 @@ from mmproxy.outcome import CLOSED, Outcome, relay_ended, report
 from mmproxy.relay import Pair
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 class Untouchable(Pair):
     """A pair whose duration must not be asked for (it is only logged)."""
 
@@ -34,15 +25,10 @@ class Untouchable(Pair):
 
 
 @pytest.fixture
-def records() -> Iterator[tuple[logging.Logger, Records]]:
+def records(caplog: pytest.LogCaptureFixture) -> tuple[logging.Logger, pytest.LogCaptureFixture]:
     logger = logging.getLogger("test-outcome")
-    logger.setLevel(logging.DEBUG)
-    handler = Records()
-    logger.addHandler(handler)
-    try:
-        yield logger, handler
-    finally:
-        logger.removeHandler(handler)
+    caplog.set_level(logging.DEBUG, logger.name)
+    return logger, caplog
 
 
 @pytest.fixture
@@ -63,7 +49,7 @@ def closed_bytes(metrics: PrometheusMetrics, direction: str) -> float | None:
 
 @pytest.mark.parametrize("verbose", [0, 1])
 def test_a_clean_end_below_v2_is_counted_and_builds_no_record(
-    records: tuple[logging.Logger, Records], pair: Pair, verbose: int
+    records: tuple[logging.Logger, pytest.LogCaptureFixture], pair: Pair, verbose: int
 ) -> None:
     logger, handler = records
     metrics = PrometheusMetrics()
@@ -74,7 +60,7 @@ def test_a_clean_end_below_v2_is_counted_and_builds_no_record(
 
 
 def test_a_clean_end_at_v2_is_logged_with_its_bytes(
-    records: tuple[logging.Logger, Records],
+    records: tuple[logging.Logger, pytest.LogCaptureFixture],
 ) -> None:
     logger, handler = records
     a, b = socket.socketpair()
@@ -91,7 +77,7 @@ def test_a_clean_end_at_v2_is_logged_with_its_bytes(
 
 
 def test_a_failure_at_v0_is_counted_and_not_logged(
-    records: tuple[logging.Logger, Records], pair: Pair
+    records: tuple[logging.Logger, pytest.LogCaptureFixture], pair: Pair
 ) -> None:
     logger, handler = records
     metrics = PrometheusMetrics()
@@ -102,7 +88,7 @@ def test_a_failure_at_v0_is_counted_and_not_logged(
 
 
 def test_a_refusal_at_v1_is_logged_and_counted(
-    records: tuple[logging.Logger, Records],
+    records: tuple[logging.Logger, pytest.LogCaptureFixture],
 ) -> None:
     logger, handler = records
     metrics = PrometheusMetrics()
