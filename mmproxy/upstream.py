@@ -207,7 +207,7 @@ def _datagram(
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if host is not None:
             set_transparent(sock, target.family)
-            bind_to = (str(host), port) if host.version == 4 else (str(host), port, 0, 0)
+            bind_to = _bind_address(host, port)
             _step("bind", bind_to, sock.bind, bind_to)
         _step("connect", target, sock.connect, target.sockaddr)
         local = sock.getsockname()
