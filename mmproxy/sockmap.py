@@ -238,8 +238,7 @@ class KernelPair:
         try:
             self._kernel.insert(self._keys, *self._socks)
         except OSError as error:
-            self._check_untouched(error)
-            return FALLBACK_INSERT
+            return self._not_inserted(error)
         for sock in self._socks:  # the buffer, then the kick
             for option, value in ((SO_SNDBUFFORCE, SEND_BUFFER), (socket.SO_RCVLOWAT, 1)):
                 with contextlib.suppress(OSError):
@@ -274,17 +273,22 @@ class KernelPair:
                 return False
         return True
 
-    def _check_untouched(self, error: OSError) -> None:
-        """After a failed insertion, raise OSError if a socket ran the verdict meanwhile: what
-        it redirected was dropped with the partner's queue, and splice cannot resend it."""
+    def _not_inserted(self, error: OSError) -> str:
+        """After a failed insertion: the fallback reason (``ended`` when a side's FIN came
+        since the snapshot, which is why the kernel refused it); raises OSError if a socket
+        ran the verdict meanwhile: what it redirected was dropped with the partner's queue,
+        and splice cannot resend it."""
+        ended = False
         for side, sock in enumerate(self._socks):
-            taken = snapshot(sock).consumed - self._consumed[side]
-            if taken:
+            shot = snapshot(sock)
+            if taken := shot.consumed - self._consumed[side]:
                 raise OSError(
                     errno.EIO,
                     f"the kernel took {taken} bytes from the {_SIDES[side]} socket of a pair"
                     f" it could not relay (insertion: {error.strerror or error})",
                 )
+            ended = ended or shot.ended
+        return FALLBACK_ENDED if ended else FALLBACK_INSERT
 
     # ------------------------------------------------------------ watching
 
