@@ -9,8 +9,7 @@ Between turns a busy loop polls instead of sleeping (:class:`Spin`): while work 
 arriving within ``SPIN`` of the last turn, it polls without waiting, yielding the CPU between
 polls, for up to ``SPIN`` before it blocks.  A loop that sleeps lets its CPU go idle, and
 waking an idle CPU from another one (on a virtual machine above all) can take longer than the
-turn itself.  Once the gaps grow longer than ``SPIN``, or a yield shows another task wants the
-CPU, the loop blocks at once again.
+turn itself.  Once the gaps grow longer than ``SPIN``, the loop blocks at once again.
 
 Ownership: only the loop's own thread touches the handler table and the epoll set while the
 loop runs; another thread may only :meth:`stop` it.  Once :meth:`run` has returned, the
@@ -44,43 +43,28 @@ def _no_timer(_now: float) -> float | None:
 
 class Spin:
     """When the loop polls instead of sleeping: for ``window`` after a turn, if that turn's
-    work came within ``window`` of the turn before it ended, and unless polling has lately
-    found the CPU wanted by others.
+    work came within ``window`` of the turn before it ended.  Pure bookkeeping on times the
+    loop passes in.
 
-    A yield that takes longer than ``CONTENDED`` gave the CPU to another task: that CPU does
-    not go idle when the loop sleeps, polling only delays whoever waits for it (the loop's
-    own peers when they share its CPU), so the loop sleeps between turns for ``BACK_OFF``.
-    Pure bookkeeping on times the loop passes in.
+    The loop yields the CPU between empty polls, so a task that shares the CPU runs first.
+    An earlier version also stopped polling for 50 ms after a yield that took long (another
+    task had run); on an idle virtual machine that held a single busy flow in the slow mode
+    (bench/README.md, issue 15, "the back-off"), and under load it measured no better.
     """
 
-    __slots__ = ("_calm_from", "_last_end", "allowed", "until", "window")
-
-    CONTENDED = 30e-6  # a yield this long ran someone else (an idle one takes a few us)
-    BACK_OFF = 0.05  # seconds of sleeping between turns after a contended yield
+    __slots__ = ("_last_end", "allowed", "until", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._last_end = -math.inf  # when the last turn with work ended
-        self._calm_from = -math.inf  # no polling before this (see yielded)
         self.until = -math.inf  # poll without waiting while the loop's time is before this
         self.allowed = True  # the loop's owner may rule polling out (see Dispatcher._tick)
 
     def worked(self, started: float, ended: float) -> None:
         """A turn found work at ``started`` and finished it at ``ended``."""
-        short = (
-            started - self._last_end <= self.window and ended >= self._calm_from and self.allowed
-        )
+        short = started - self._last_end <= self.window and self.allowed
         self._last_end = ended
         self.until = ended + self.window if short else -math.inf
-
-    def yielded(self, before: float, after: float) -> bool:
-        """A yield between two empty polls took from ``before`` to ``after``: False (and
-        no polling for ``BACK_OFF``) if another task had the CPU meanwhile."""
-        if after - before <= self.CONTENDED:
-            return True
-        self._calm_from = after + self.BACK_OFF
-        self.until = -math.inf
-        return False
 
 
 class EventLoop:
@@ -129,16 +113,9 @@ class EventLoop:
             until = spin.until
             if self.now < until:
                 events = epoll.poll(0.0, BATCH)
-                before = monotonic() if not events else until
-                while before < until:  # polling in vain: let others here run first
+                while not events and monotonic() < until:  # let others here run first
                     sched_yield()
-                    after = monotonic()
-                    if not spin.yielded(before, after):
-                        break  # the CPU is wanted here: sleep instead
                     events = epoll.poll(0.0, BATCH)
-                    if events:
-                        break
-                    before = after
             if not events:
                 deadline = self._deadline
                 # The turn's time is old by the handlers' few microseconds (and the polling's):

@@ -471,23 +471,17 @@ def test_spin_only_after_work_that_came_soon() -> None:
     assert spin.until == pytest.approx(10.0056)
 
 
-def test_spin_backs_off_when_a_yield_ran_someone_else() -> None:
-    """A yield that took long means the CPU is wanted here: no polling for a while, then
-    polling again once work comes soon."""
+def test_spin_is_ruled_out_by_its_owner() -> None:
+    """``allowed`` False (the dispatcher's many busy flows keep the loop busy anyway): turns
+    close together do not start polling."""
     spin = Spin(0.001)
+    spin.allowed = False
     spin.worked(10.0, 10.0001)
     spin.worked(10.0002, 10.0003)
-    assert spin.until == pytest.approx(10.0013)
-    assert spin.yielded(10.0003, 10.0003 + Spin.CONTENDED / 2)  # nobody else: keep polling
-    assert not spin.yielded(10.0004, 10.0004 + 2 * Spin.CONTENDED)  # someone ran meanwhile
     assert spin.until == float("-inf")
-    calm = 10.0004 + 2 * Spin.CONTENDED + Spin.BACK_OFF
-    spin.worked(10.0006, 10.0007)  # soon, but within the back-off: sleep
-    assert spin.until == float("-inf")
-    spin.worked(calm + 0.0001, calm + 0.0002)  # work soon after the last turn, after the back-off
-    assert spin.until == float("-inf")  # the gap since the last turn was long
-    spin.worked(calm + 0.0003, calm + 0.0004)
-    assert spin.until == pytest.approx(calm + 0.0014)
+    spin.allowed = True
+    spin.worked(10.0004, 10.0005)
+    assert spin.until == pytest.approx(10.0015)
 
 
 def test_spin_window_zero_never_polls() -> None:
