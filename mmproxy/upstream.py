@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmproxy.config import Endpoint
+from mmproxy.config import Endpoint, sockaddr
 from mmproxy.header import IPAddress, host_port
 
 # Linux option numbers; Python 3.11 lacks some names (IPV6_TRANSPARENT came later).
@@ -207,7 +207,7 @@ def _datagram(
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if host is not None:
             set_transparent(sock, target.family)
-            bind_to = _bind_address(host, port)
+            bind_to = sockaddr(host, port)
             _step("bind", bind_to, sock.bind, bind_to)
         _step("connect", target, sock.connect, target.sockaddr)
         local = sock.getsockname()
@@ -233,20 +233,12 @@ def _connect(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if port == 0:
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        bind_to = _bind_address(host, port)
+        bind_to = sockaddr(host, port)
         _step("bind", bind_to, sock.bind, bind_to)
         return _start(sock, target, timeout, fallback=fallback)
     except BaseException:
         sock.close()
         raise
-
-
-def _bind_address(host: IPAddress, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
-    """The address tuple ``bind`` takes for ``host`` and ``port`` (an IPv4 address formatted
-    by ``inet_ntoa``, a third of ``str()``'s cost: this runs for every connection)."""
-    if isinstance(host, ipaddress.IPv4Address):
-        return (socket.inet_ntoa(host.packed), port)
-    return (str(host), port, 0, 0)
 
 
 def _start(sock: socket.socket, target: Endpoint, timeout: float, *, fallback: bool) -> Connecting:

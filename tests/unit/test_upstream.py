@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mmproxy.config import Endpoint
-from mmproxy.upstream import Connecting, _bind_address, connect_plain
+from mmproxy.config import Endpoint, sockaddr
+from mmproxy.upstream import Connecting, connect_plain
 
 WAIT = 10.0  # seconds an awaited connect gets on a loaded machine
 
@@ -159,4 +159,4 @@ def test_a_refused_connect_seen_by_done_still_fails_in_finish() -> None:
 def test_the_bind_address_is_the_one_str_would_give(
     host: str, port: int, expected: tuple[object, ...]
 ) -> None:
-    assert _bind_address(ipaddress.ip_address(host), port) == expected
+    assert sockaddr(ipaddress.ip_address(host), port) == expected
