@@ -1,9 +1,9 @@
 """Listening sockets and what accepts on them.
 
 ``-listeners N`` opens N sockets on one address with ``SO_REUSEPORT`` so the
-kernel spreads new connections across N accept queues, each drained by its
-own thread (:class:`Acceptor`), or, with the GIL, by the parking lot's one thread
-(:class:`ParkedAcceptor`).  The accept loop must survive everything: one peer's failure is
+kernel spreads new connections across N accept queues.  TCP ones are drained by the parking
+lot's threads (:class:`ParkedAcceptor`), UDP ones each by a thread of its own
+(:class:`ListenerThread`).  Accepting must survive everything: one peer's failure is
 ignored, running out of descriptors or memory is logged (rate-limited) and
 retried after a short pause, and only the daemon stopping ends it.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
+import select
 import socket
 import threading
 import time
@@ -212,54 +214,8 @@ def _log_pause(
         )
 
 
-class Acceptor(ListenerThread):
-    """Accepts connections on one listening TCP socket and hands each to ``on_accept``.
-
-    ``room`` (optional) is called before each ``accept()`` and blocks while the daemon is at
-    its connection cap: the kernel's backlog holds new connections meanwhile (backpressure).
-    It returns False when the daemon is stopping, which ends the loop.
-    """
-
-    THREAD_NAME = "mmproxy-accept"
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        number: int,
-        on_accept: OnAccept,
-        log: logging.Logger,
-        room: Callable[[], bool] | None = None,
-    ) -> None:
-        super().__init__(sock, number, log)
-        self._on_accept = on_accept
-        self._room = room
-
-    def stop(self) -> None:
-        """Stop accepting, then close the listening socket (nothing else uses it)."""
-        super().stop()
-        self.sock.close()
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            if self._room is not None and not self._room():
-                return
-            try:
-                conn, peer = self.sock.accept()
-            except OSError as error:
-                if self.stopping.is_set() or error.errno in STOPPED_ERRORS:
-                    return
-                if error.errno not in PEER_ERRORS:
-                    self._pause_after(error, logs.MSG_ACCEPT_FAILED)
-                continue
-            try:
-                self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
-            except Exception:
-                conn.close()
-                self.log.exception("accepting a connection failed")
-
-
 class Lot(Protocol):
-    """What :class:`ParkedAcceptor` needs of :class:`~mmproxy.parking.ParkingLot`."""
+    """What :class:`ParkedAcceptor` needs of one of the parking lot's threads (``ParkingLot.lots``)."""
 
     def park_sockets(
         self,
@@ -270,6 +226,7 @@ class Lot(Protocol):
         timeout: float,
         abandon: Callable[[], None],
         move: Callable[[memoryview], Callable[[], None] | None] | None = None,
+        events: int = ...,
     ) -> None: ...
 
     def withdraw(self, sock: socket.socket) -> bool: ...
@@ -277,22 +234,54 @@ class Lot(Protocol):
     def alive(self) -> bool: ...
 
 
+class Admission(Protocol):
+    """What :class:`ParkedAcceptor` asks before each ``accept()`` (the connection cap)."""
+
+    def reserve(self, wake: Callable[[], None]) -> bool | None:
+        """True: a slot is held for the next connection, which ``on_accept`` takes or gives
+        back.  False: at the cap, and ``wake`` is called once a slot frees.  None: stopping."""
+        ...
+
+    def release(self) -> None:
+        """Give back a slot that ``accept()`` found no connection for."""
+        ...
+
+    def paused(self, paused: bool) -> None:
+        """The listening socket stopped being accepted on at the cap (True), or resumed."""
+        ...
+
+
 # Connections accepted per readiness before the lot looks at its other sockets.
 ACCEPT_BATCH = 16
+# Every lot watches every listening socket; the kernel wakes one of them per new connection.
+EXCLUSIVE = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
+
+
+class _Seat:
+    """A :class:`ParkedAcceptor`'s place in one lot."""
+
+    def __init__(self, lot: Lot) -> None:
+        self.lot = lot
+        self.parked = False  # in the lot, or being moved there
+        self.paused = False  # out of the lot at the cap, until ``room`` wakes it
+        self.woken = False  # room came back while it was leaving the lot
 
 
 class ParkedAcceptor:
-    """Accepts on one listening TCP socket from the parking lot's thread: no thread of its own.
+    """Accepts on one listening TCP socket from every parking lot's thread: no thread of its own.
 
-    With the GIL only one thread runs Python at a time, and an acceptor thread beside the lot's
-    spent its time handing the GIL back and forth with it (bench/README.md, issue 13).  So
-    where the lot has one thread, it watches the listening sockets too: one thread accepts a
+    An acceptor thread handing each connection to a worker cost a wake-up per connection, and
+    with the GIL the two spent their time handing it back and forth (bench/README.md, issue
+    13).  So the lots watch the listening sockets: the thread that is woken accepts a
     connection, starts it (:meth:`~mmproxy.connection.Connection.start` never blocks) and
-    moves its messages.  The socket is non-blocking; ``accept4`` still gives blocking ones.
+    moves its messages.  With one lot per CPU (free-threaded builds) each listening socket
+    has a seat in every lot, registered with ``EPOLLEXCLUSIVE`` so that a new connection wakes
+    one thread, not all.  The socket is non-blocking; ``accept4`` still gives blocking ones.
 
-    ``room(wake)`` says whether a connection may be added now; when it may not, the acceptor
-    leaves the lot (the kernel's backlog holds new connections) and ``wake`` is called once a
-    slot frees.  A resource error pauses it for :data:`BACK_OFF`, as :class:`Acceptor` pauses.
+    Before each ``accept()`` a seat reserves a slot (:class:`Admission`); at the cap it
+    leaves its lot (the kernel's backlog holds new connections) and comes back once a slot
+    frees.  A resource error pauses it for :data:`BACK_OFF`, as a listener thread pauses.
+    The socket is closed once, by whoever sees the last seat leave after :meth:`stop`.
     """
 
     def __init__(
@@ -301,117 +290,174 @@ class ParkedAcceptor:
         number: int,
         on_accept: OnAccept,
         log: logging.Logger,
-        lot: Lot,
-        room: Callable[[Callable[[], None]], bool],
+        lots: Sequence[Lot],
+        admission: Admission,
     ) -> None:
         self.sock = sock
         self.number = number
         self.log = log
         self._on_accept = on_accept
-        self._lot = lot
-        self._room = room
+        self._admission = admission
+        self._seats = [_Seat(lot) for lot in lots]
         self._throttle = Throttle(10.0)
         self._lock = threading.Lock()
-        self._parked = False  # in the lot, or being moved there
-        self._woken = False  # room came back while it was leaving the lot
+        self._paused = 0  # seats out at the cap
         self._stopping = False
         self._started = False
+        self._closed = False
 
     def start(self, protocol: str) -> None:
         self.sock.setblocking(False)
         self._started = True
-        self._park()
+        for seat in self._seats:
+            self._park(seat)
         _log_listening(self.log, self.sock, self.number, protocol)
 
     def alive(self) -> bool:
         with self._lock:
-            return self._started and not self._stopping and self._lot.alive()
+            if not self._started or self._stopping:
+                return False
+        return all(seat.lot.alive() for seat in self._seats)
 
     def stop(self) -> None:
         """Stop accepting and close the listening socket (nothing else uses it).
 
-        Taken back from the lot if it waits there; if the lot's thread is accepting on it now,
-        that accept loop sees ``_stopping`` and closes it on its way out.
+        Each seat is taken back from its lot if it waits there.  A lot's thread accepting on
+        it now lets go on its way out, or, if it had just decided to stay, is woken again by
+        the shutdown (a listening socket shut down reads as hung up, to every lot).
         """
         with self._lock:
             self._stopping = True
-            parked = self._parked
-        if not parked or self._lot.withdraw(self.sock):
-            self._close()
+            parked = [seat for seat in self._seats if seat.parked]
+            closed = self._closed
+        if not closed:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        for seat in parked:
+            if seat.lot.withdraw(self.sock):
+                self._let_go(seat)
+        self._close_if_free()
 
-    def _close(self) -> None:
+    def _let_go(self, seat: _Seat) -> None:
+        """``seat`` is out of its lot for good (stopping) or for now (the lot said so)."""
         with self._lock:
-            self._parked = False
+            seat.parked = False
+        self._close_if_free()
+
+    def _close_if_free(self) -> None:
+        """Once stopping and no seat holds the socket, close it (once)."""
+        with self._lock:
+            if not self._stopping or self._closed or any(s.parked for s in self._seats):
+                return
+            self._closed = True
         self.sock.close()
 
-    def _park(self) -> None:
-        """Wait in the lot for connections (again); closed instead once stopping."""
+    def _park(self, seat: _Seat) -> None:
+        """Wait in ``seat``'s lot for connections (again); let go instead once stopping."""
         with self._lock:
-            if self._stopping or self._parked:
+            if seat.parked:
                 return
-            self._parked = True
+            if self._stopping:
+                stopping = True
+            else:
+                stopping = False
+                seat.parked = True
+        if stopping:
+            self._close_if_free()
+            return
         try:
-            self._lot.park_sockets(
+            seat.lot.park_sockets(
                 (self.sock,),
-                self._park,  # the lot hands it over only when closing: nothing to do
-                self._failed,
+                functools.partial(self._rejoin, seat),  # only if a move failed: park again
+                functools.partial(self._failed, seat),
                 timeout=0,
-                abandon=self._close,
-                move=self._accept,
+                abandon=functools.partial(self._let_go, seat),
+                move=functools.partial(self._accept, seat),
+                events=EXCLUSIVE,
             )
         except (OSError, RuntimeError) as error:  # the lot is closing: the daemon is stopping
-            self._failed(error)
+            self._failed(seat, error)
 
-    def _failed(self, _error: BaseException) -> None:
-        self._close()
+    def _rejoin(self, seat: _Seat) -> None:
+        """``seat`` was handed over by its lot (it has left it): park it again."""
+        with self._lock:
+            seat.parked = False
+        self._park(seat)
 
-    def _accept(self, _buffer: memoryview) -> Callable[[], None] | None:
-        """On the lot's thread: accept what is waiting.  None: stay parked; else leave first."""
+    def _failed(self, seat: _Seat, _error: BaseException) -> None:
+        with self._lock:
+            self._stopping = True  # a lot that cannot take it back is closing
+        self._let_go(seat)
+
+    def _accept(self, seat: _Seat, _buffer: memoryview) -> Callable[[], None] | None:
+        """On ``seat``'s lot's thread: accept what is waiting.  None: stay parked; else leave
+        first, then run what it returns."""
+        admission = self._admission
         for _ in range(ACCEPT_BATCH):
             with self._lock:
                 if self._stopping:
-                    return self._close
-            if not self._room(self._resumed):
-                return self._left
+                    return functools.partial(self._let_go, seat)
+            room = admission.reserve(functools.partial(self._resumed, seat))
+            if room is None:  # stopping
+                return functools.partial(self._let_go, seat)
+            if not room:
+                return functools.partial(self._left, seat)
             try:
                 conn, peer = self.sock.accept()
             except BlockingIOError:
+                admission.release()
                 return None
             except OSError as error:
+                admission.release()
                 if error.errno in STOPPED_ERRORS:
-                    return self._close
+                    return functools.partial(self._let_go, seat)
                 if error.errno in PEER_ERRORS:
                     continue
                 _log_pause(self.log, self._throttle, self.number, error, logs.MSG_ACCEPT_FAILED)
-                return self._back_off
+                return functools.partial(self._back_off, seat)
             try:
                 self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
-            except Exception:
+            except Exception:  # on_accept gives its slot back before raising
                 conn.close()
                 self.log.exception("accepting a connection failed")
         return None  # more may be waiting: the level-triggered lot comes back at once
 
-    def _left(self) -> None:
-        """Out of the lot at the cap: ``room`` calls :meth:`_resumed` once a slot frees."""
+    def _left(self, seat: _Seat) -> None:
+        """Out of the lot at the cap: the admission calls :meth:`_resumed` once a slot frees."""
         with self._lock:
-            self._parked = False
-            woken, self._woken = self._woken, False
+            seat.parked = False
+            seat.paused = True
+            self._paused += 1
+            first = self._paused == 1
+            woken, seat.woken = seat.woken, False
+        if first:
+            self._admission.paused(True)
         if woken:  # a slot freed before we were out: go on now
-            self._park()
+            self._resumed(seat)
 
-    def _resumed(self) -> None:
+    def _resumed(self, seat: _Seat) -> None:
         with self._lock:
-            if self._parked:  # still on its way out of the lot: _left parks it again
-                self._woken = True
+            if seat.parked:  # still on its way out of the lot: _left resumes it
+                seat.woken = True
                 return
-        self._park()
+            was_paused, seat.paused = seat.paused, False
+            if was_paused:
+                self._paused -= 1
+            last = was_paused and self._paused == 0
+        if last:
+            self._admission.paused(False)
+        self._park(seat)
 
-    def _back_off(self) -> None:
+    def _back_off(self, seat: _Seat) -> None:
         with self._lock:
-            self._parked = False
+            seat.parked = False
         try:
-            self._lot.park_sockets(
-                (), self._park, self._failed, timeout=BACK_OFF, abandon=self._close
+            seat.lot.park_sockets(
+                (),
+                functools.partial(self._rejoin, seat),
+                functools.partial(self._failed, seat),
+                timeout=BACK_OFF,
+                abandon=functools.partial(self._let_go, seat),
             )
         except (OSError, RuntimeError) as error:
-            self._failed(error)
+            self._failed(seat, error)

@@ -129,12 +129,17 @@ class ParkingLot:
     def threads(self) -> int:
         return len(self._lots)
 
+    @property
+    def lots(self) -> Sequence[_Lot]:
+        """Each thread's lot, for a socket that every thread watches (a listening one)."""
+        return tuple(self._lots)
+
     def alive(self) -> bool:
         """Every lot's thread runs."""
         return all(lot.alive() for lot in self._lots)
 
     def withdraw(self, sock: socket.socket) -> bool:
-        """See :meth:`_Lot.withdraw` (a descriptor is parked in one lot at most)."""
+        """See :meth:`_Lot.withdraw`, for a socket parked here (in one lot at most)."""
         return any(lot.withdraw(sock) for lot in self._lots)
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """What the TCP and UDP servers share, in socketserver's shape.
 
-A server owns its listening sockets and one serving thread per socket (TCP: an acceptor,
-UDP: a dispatcher), admission (the allowed subnets), a capacity, and the way it stops.
+A server owns its listening sockets and what serves each (TCP: an acceptor, run by the
+parking lot's threads; UDP: a dispatcher thread), admission (the allowed subnets), a capacity, and the way it stops.
 :class:`Server` holds the sequence; :class:`~mmproxy.tcp.TcpServer` and
 :class:`~mmproxy.udp.UdpServer` fill in the hooks.  The daemon (:mod:`mmproxy.daemon`)
 keeps the process: limits, signals, readiness, reload, and which server it runs.
@@ -26,7 +26,7 @@ from mmproxy.metrics import NO_METRICS, Metrics
 
 
 class Serving(Protocol):
-    """A thread serving one listening socket (an acceptor or a dispatcher)."""
+    """What serves one listening socket (an acceptor or a dispatcher)."""
 
     def start(self, protocol: str) -> None: ...
 

@@ -1,8 +1,9 @@
 """The TCP server: acceptors, admission at the cap, the live connections, the drain.
 
-:class:`TcpServer` is the TCP side of :mod:`mmproxy.server`.  Each acceptor thread waits for
-room under ``--max-connections`` before it calls ``accept()`` (so at the cap new connections
-wait in the kernel's backlog), checks the allow-list, registers the connection with the
+:class:`TcpServer` is the TCP side of :mod:`mmproxy.server`.  Every parking-lot thread
+accepts on every listening socket (:class:`~mmproxy.listener.ParkedAcceptor`).  Before each
+``accept()`` it reserves room under ``--max-connections`` (so at the cap new connections wait in
+the kernel's backlog), then checks the allow-list, registers the connection with the
 :class:`Tracker` and starts it (:meth:`~mmproxy.connection.Connection.start`: as far as it
 goes without blocking); a connection's life from there is :mod:`mmproxy.connection`'s.
 """
@@ -21,7 +22,7 @@ from mmproxy.config import Config
 from mmproxy.connection import Connection, Services
 from mmproxy.errors import Refusal
 from mmproxy.header import host_port
-from mmproxy.listener import Acceptor, ParkedAcceptor, Throttle, listener_fields
+from mmproxy.listener import ParkedAcceptor, Throttle, listener_fields
 from mmproxy.metrics import NO_METRICS, Metrics
 from mmproxy.parking import ParkingLot, lot_threads
 from mmproxy.pool import WorkerPool
@@ -36,49 +37,48 @@ DRAIN_POLL = 0.2  # seconds between looks for a second stop signal while drainin
 
 
 class Tracker:
-    """The live connections, capped (``--max-connections``): at the cap, admission waits.
+    """The live connections, capped (``--max-connections``).
 
-    :meth:`wait_for_room` is what an acceptor calls before ``accept()``, so that at the cap
-    new connections wait in the kernel's backlog instead of costing threads here.
+    An acceptor reserves a slot (:meth:`reserve`) before it calls ``accept()``, so that at the
+    cap new connections wait in the kernel's backlog instead of costing descriptors here, and
+    acceptors on several threads can never admit more than the cap between them.  What
+    ``accept()`` gives is then admitted (:meth:`admit`), or the slot given back
+    (:meth:`release`).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._live: set[Connection] = set()
+        self._reserved = 0  # slots promised to acceptors, not yet admitted nor released
         self._changed = threading.Condition()
         self._closed = False  # no more admissions: the daemon is stopping
         self._wakers: list[Callable[[], None]] = []  # called once when a slot frees
 
-    def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Wait until a connection may be added; False when closed (or on timeout)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed or len(self._live) < self.capacity, timeout)
-            return not self._closed and len(self._live) < self.capacity
-
-    def room_or_wake(self, wake: Callable[[], None]) -> bool | None:
-        """True when a connection may be added now; None when closed.  False: ``wake`` will
-        be called once, on the thread that frees a slot or on the one that closes the tracker."""
+    def reserve(self, wake: Callable[[], None]) -> bool | None:
+        """True: a slot is held for the next connection; None when closed.  False (at the
+        cap): ``wake`` will be called once, on the thread that frees a slot or on the one
+        that closes the tracker."""
         with self._changed:
             if self._closed:
                 return None
-            if len(self._live) < self.capacity:
+            if len(self._live) + self._reserved < self.capacity:
+                self._reserved += 1
                 return True
             self._wakers.append(wake)
             return False
 
-    def add(self, connection: Connection) -> bool:
-        """Register ``connection``, waiting for room at the cap; False once closed.
-
-        Another listener's acceptor may have taken the last slot since this one's
-        :meth:`wait_for_room`: then this waits, holding one accepted socket.
-        """
+    def admit(self, connection: Connection) -> bool:
+        """Register ``connection`` in a reserved slot; False (the slot dropped) once closed."""
         with self._changed:
-            while not self._closed and len(self._live) >= self.capacity:
-                self._changed.wait()
+            self._reserved -= 1
             if self._closed:
                 return False
             self._live.add(connection)
             return True
+
+    def release(self) -> None:
+        """Give back a reserved slot that no connection took."""
+        self._free(self._release_slot)
 
     def close(self) -> None:
         """Admit no more connections; wakes acceptors waiting for room."""
@@ -90,13 +90,22 @@ class Tracker:
             wake()
 
     def remove(self, connection: Connection) -> None:
+        self._free(lambda: self._live.discard(connection))
+
+    def _release_slot(self) -> None:
+        self._reserved -= 1
+
+    def _free(self, change: Callable[[], None]) -> None:
+        """Apply ``change`` (it frees at most a slot), under the lock; if that took the
+        tracker off its cap, wake whoever waits for room."""
         wakers: list[Callable[[], None]] = []
         with self._changed:
-            was_full = len(self._live) >= self.capacity
-            self._live.discard(connection)
-            if was_full or not self._live:
-                self._changed.notify_all()
-            if was_full and not self._closed:
+            was_full = len(self._live) + self._reserved >= self.capacity
+            change()
+            now_full = len(self._live) + self._reserved >= self.capacity
+            if not self._live:
+                self._changed.notify_all()  # wait_empty
+            if was_full and not now_full and not self._closed:
                 wakers, self._wakers = self._wakers, []
         for wake in wakers:
             wake()
@@ -117,6 +126,34 @@ class Tracker:
         for connection in live:
             connection.abort()
         return len(live)
+
+
+class Gate:
+    """What a parked acceptor asks before each ``accept()``: the tracker's cap, with the
+    warning and the metrics that go with reaching it (:class:`~mmproxy.listener.Admission`)."""
+
+    def __init__(self, tracker: Tracker, metrics: Metrics, log: logging.Logger) -> None:
+        self._tracker = tracker
+        self._metrics = metrics
+        self._log = log
+        self._full = Throttle(10.0)
+
+    def reserve(self, wake: Callable[[], None]) -> bool | None:
+        room = self._tracker.reserve(wake)
+        if room is False:
+            suppressed = self._full.ready()
+            if suppressed is not None:
+                self._log.warning(
+                    "connection limit reached: not accepting until a connection ends",
+                    extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
+                )
+        return room
+
+    def release(self) -> None:
+        self._tracker.release()
+
+    def paused(self, paused: bool) -> None:
+        self._metrics.accept_paused(paused)
 
 
 class TcpServer(Server):
@@ -155,20 +192,13 @@ class TcpServer(Server):
             self._parking,
             kernel=kernel,
             destinations=destinations,
-            inline=self._parking.threads == 1,  # the GIL: one thread does it all
+            inline=True,  # a lot's thread accepts, starts and moves
         )
-        self._acceptors: list[Acceptor | ParkedAcceptor]
-        if self._services.inline:  # the lot's one thread accepts, starts and moves
-            self._acceptors = [
-                ParkedAcceptor(sock, number, self._admit, log, self._parking, self._room)
-                for number, sock in enumerate(sockets)
-            ]
-        else:
-            self._acceptors = [
-                Acceptor(sock, number, self._admit, log, self._wait_for_room)
-                for number, sock in enumerate(sockets)
-            ]
-        self._full = Throttle(10.0)
+        gate = Gate(self._tracker, metrics, log)
+        self._acceptors = [
+            ParkedAcceptor(sock, number, self._admit, log, self._parking.lots, gate)
+            for number, sock in enumerate(sockets)
+        ]
 
     @property
     def capacity(self) -> int:
@@ -183,65 +213,43 @@ class TcpServer(Server):
     def _start_services(self) -> None:
         self._parking.start()
 
-    def _room(self, wake: Callable[[], None]) -> bool:
-        """A parked acceptor's look before accept(): at the cap it leaves the lot, and
-        ``wake`` brings it back once a slot frees."""
-        room = self._tracker.room_or_wake(lambda: self._resume_accepting(wake))
-        if room is not False:  # room now, or stopping: not paused
-            return bool(room)
-        self._metrics.accept_paused(True)  # the tracker's wake ends the pause, even at close
-        self._warn_full()
-        return False
-
-    def _resume_accepting(self, wake: Callable[[], None]) -> None:
-        self._metrics.accept_paused(False)
-        wake()
-
-    def _warn_full(self) -> None:
-        suppressed = self._full.ready()
-        if suppressed is not None:
-            self._log.warning(
-                "connection limit reached: not accepting until a connection ends",
-                extra={"maxConnections": self._tracker.capacity, "suppressed": suppressed},
-            )
-
-    def _wait_for_room(self) -> bool:
-        """Runs on an acceptor thread before accept(): at the cap, pause until a slot frees."""
-        tracker = self._tracker
-        if tracker.wait_for_room(0):
-            return True
-        metrics = self._metrics
-        metrics.accept_paused(True)
-        self._warn_full()
-        try:
-            return tracker.wait_for_room()
-        finally:
-            metrics.accept_paused(False)
-
     def _admit(self, sock: socket.socket, peer: tuple[str, int], number: int) -> None:
-        """Runs on an acceptor thread: decide before a byte is read, then hand over."""
+        """Runs on a lot's thread with a slot reserved: decide before a byte is read, then
+        start the connection.  The slot is taken by the connection or given back."""
+        try:
+            connection = self._allowed(sock, peer, number)
+        except BaseException:
+            self._tracker.release()
+            raise
+        if connection is None:
+            self._tracker.release()
+        elif self._tracker.admit(connection):
+            connection.start()
+        else:  # stopping: the slot is gone
+            sock.close()
+
+    def _allowed(
+        self, sock: socket.socket, peer: tuple[str, int], number: int
+    ) -> Connection | None:
+        """The connection, or None when its peer is refused (closed and logged here)."""
         services = self._services
         services.metrics.accepted()
-        if not self.allows(peer[0]):
-            if services.log.failures:
-                services.log.failure(
-                    logs.MSG_ORIGIN_NOT_ALLOWED,
-                    "the peer is not in the allowed subnets",
-                    reason=Refusal.NOT_ALLOWED,
-                    **{
-                        logs.REMOTE_ADDR: host_port(*peer),
-                        logs.LOCAL_ADDR: logs.local_address(sock),
-                        logs.LISTENER_NUM: number,
-                    },
-                )
-            sock.close()
-            services.metrics.refused(Refusal.NOT_ALLOWED)
-            return
-        connection = Connection(sock, peer, number, services)
-        if not self._tracker.add(connection):  # waits at the cap; False: stopping
-            sock.close()
-            return
-        connection.start()
+        if self.allows(peer[0]):
+            return Connection(sock, peer, number, services)
+        if services.log.failures:
+            services.log.failure(
+                logs.MSG_ORIGIN_NOT_ALLOWED,
+                "the peer is not in the allowed subnets",
+                reason=Refusal.NOT_ALLOWED,
+                **{
+                    logs.REMOTE_ADDR: host_port(*peer),
+                    logs.LOCAL_ADDR: logs.local_address(sock),
+                    logs.LISTENER_NUM: number,
+                },
+            )
+        sock.close()
+        services.metrics.refused(Refusal.NOT_ALLOWED)
+        return None
 
     def _stop_admitting(self) -> None:
         self._tracker.close()  # wakes acceptors paused at the cap

@@ -80,6 +80,10 @@ class CountingTracker(Tracker):
         super().__init__(100)
         self.removed: list[Connection] = []
 
+    def add(self, connection: Connection) -> bool:
+        """What an acceptor does: reserve a slot, then admit the connection to it."""
+        return bool(self.reserve(lambda: None)) and self.admit(connection)
+
     def remove(self, connection: Connection) -> None:
         self.removed.append(connection)
         super().remove(connection)

@@ -13,36 +13,9 @@ import pytest
 from test_config import config as config_with_defaults
 
 from mmproxy.config import Config
-from mmproxy.listener import BACK_OFF, Acceptor, ParkedAcceptor, Throttle, open_listeners
+from mmproxy.listener import BACK_OFF, ParkedAcceptor, Throttle, open_listeners
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
-
-
-class ScriptedListener:
-    """Stands in for a listening socket: accept() plays a script, then blocks until shutdown."""
-
-    def __init__(self, script: list[OSError | tuple[socket.socket, tuple[str, int]]]) -> None:
-        self._script = list(script)
-        self._shut = threading.Event()
-        self.closed = False
-
-    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
-        if self._script:
-            step = self._script.pop(0)
-            if isinstance(step, OSError):
-                raise step
-            return step
-        self._shut.wait(10)
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    def shutdown(self, how: int) -> None:
-        self._shut.set()
-
-    def close(self) -> None:
-        self.closed = True
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("127.0.0.1", 1)
 
 
 def config(**overrides: Any) -> Config:
@@ -92,69 +65,6 @@ def test_a_failed_bind_closes_every_socket_it_opened() -> None:
     assert caught.value.errno == errno.EADDRINUSE
 
 
-def test_accept_loop_survives_every_error(caplog: pytest.LogCaptureFixture) -> None:
-    # Peer errors are skipped, resource errors logged once (throttled) and
-    # retried after a pause; the loop keeps serving and ends only at stop().
-    a, b = socket.socketpair()
-    script: list[OSError | tuple[socket.socket, tuple[str, int]]] = [
-        OSError(errno.ECONNABORTED, "aborted"),
-        OSError(errno.EMFILE, "Too many open files"),
-        OSError(errno.EMFILE, "Too many open files"),
-        OSError(errno.ENOBUFS, "No buffer space"),
-        OSError(errno.EPROTO, "Protocol error"),
-        (a, ("192.0.2.1", 1234)),
-    ]
-    listener = ScriptedListener(script)
-    accepted: list[tuple[str, int]] = []
-    got_one = threading.Event()
-
-    def on_accept(sock: socket.socket, peer: tuple[str, int], number: int) -> None:
-        accepted.append(peer)
-        sock.close()
-        got_one.set()
-
-    log = logging.getLogger("test-acceptor")
-    acceptor = Acceptor(listener, 3, on_accept, log)  # type: ignore[arg-type]
-    started = time.monotonic()
-    acceptor.start("tcp")
-    try:
-        assert got_one.wait(5)
-    finally:
-        acceptor.stop()
-        b.close()
-    assert accepted == [("192.0.2.1", 1234)]
-    assert time.monotonic() - started >= 0.25  # three resource errors, three pauses
-    warnings = [r for r in caplog.records if r.name == "test-acceptor"]
-    assert len(warnings) == 1  # throttled: one line for three resource errors
-    assert "EMFILE" in warnings[0].__dict__["error"]
-    assert listener.closed
-
-
-def test_an_admission_bug_does_not_kill_the_acceptor(caplog: pytest.LogCaptureFixture) -> None:
-    pairs = [socket.socketpair() for _ in range(2)]
-    listener = ScriptedListener([(pairs[0][0], ("192.0.2.1", 1)), (pairs[1][0], ("192.0.2.2", 2))])
-    seen: list[str] = []
-    both = threading.Event()
-
-    def on_accept(sock: socket.socket, peer: tuple[str, int], number: int) -> None:
-        seen.append(peer[0])
-        if len(seen) == 1:
-            raise RuntimeError("bug")
-        sock.close()
-        both.set()
-
-    acceptor = Acceptor(listener, 0, on_accept, logging.getLogger("test-acceptor"))  # type: ignore[arg-type]
-    acceptor.start("tcp")
-    try:
-        assert both.wait(5)
-    finally:
-        acceptor.stop()
-        for _a, b in pairs:
-            b.close()
-    assert seen == ["192.0.2.1", "192.0.2.2"]
-    assert pairs[0][0].fileno() == -1  # the acceptor closed the connection it could not admit
-
-
 def test_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
     now = [100.0]
     throttle = Throttle(0.25, clock=lambda: now[0])
@@ -172,23 +82,29 @@ def test_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
 
 
 class Room:
-    """A cap for ParkedAcceptor: ``free`` slots; ``wake`` callbacks wait for the next one."""
+    """An :class:`~mmproxy.listener.Admission` with ``free`` slots; ``wake`` callbacks wait
+    for the next one.  It records the pauses it is told of."""
 
     def __init__(self, free: int) -> None:
         self.free = free
         self.waiting: list[Any] = []
+        self.pauses: list[bool] = []
         self.lock = threading.Lock()
 
-    def __call__(self, wake: Any) -> bool:
+    def reserve(self, wake: Any) -> bool:
         with self.lock:
             if self.free > 0:
+                self.free -= 1
                 return True
             self.waiting.append(wake)
             return False
 
-    def take(self) -> None:
+    def release(self) -> None:
+        self.give()
+
+    def paused(self, paused: bool) -> None:
         with self.lock:
-            self.free -= 1
+            self.pauses.append(paused)
 
     def give(self) -> None:
         with self.lock:
@@ -196,6 +112,24 @@ class Room:
             waiting, self.waiting = self.waiting, []
         for wake in waiting:
             wake()
+
+
+class Scripted(socket.socket):
+    """A listening socket whose accept() first plays a script of errors."""
+
+    script: ClassVar[list[OSError]] = []
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.script:
+            raise self.script.pop(0)
+        return super().accept()
+
+
+def listening(cls: type[socket.socket] = socket.socket) -> socket.socket:
+    server = cls(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    return server
 
 
 def wait_until(condition: Any, what: str, timeout: float = 10.0) -> None:
@@ -215,6 +149,17 @@ def lot() -> Any:
     pool.close(timeout=5)
 
 
+@pytest.fixture
+def lots() -> Any:
+    """Two lot threads, as a free-threaded build on two CPUs has."""
+    pool = WorkerPool(idle_timeout=5)
+    parking = ParkingLot(pool, threads=2)
+    parking.start()
+    yield parking
+    parking.close()
+    pool.close(timeout=5)
+
+
 def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
     """Connections are accepted on the lot's thread; at the cap the acceptor leaves the lot
     (the rest wait in the backlog) and comes back when a slot frees."""
@@ -226,9 +171,8 @@ def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
     def on_accept(conn: socket.socket, peer: tuple[str, int], number: int) -> None:
         threads.add(threading.current_thread().name)
         accepted.append(conn)
-        room.take()
 
-    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("test"), lot, room)
+    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("test"), lot.lots, room)
     acceptor.start("tcp")
     clients = [socket.create_connection(server.getsockname()) for _ in range(3)]
     try:
@@ -237,9 +181,12 @@ def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
         wait_until(lambda: room.waiting, "the acceptor to wait for room")
         assert len(lot) == 0, "out of the lot at the cap"
         assert len(accepted) == 2, "the third waits in the backlog"
-        assert len(room.waiting) == 1, "one pause, asked about once (the metrics count it)"
+        assert len(room.waiting) == 1, "one pause, asked about once"
+        assert room.pauses == [True]
         room.give()
         wait_until(lambda: len(accepted) == 3, "the third accepted once a slot freed")
+        wait_until(lambda: len(room.pauses) == 3, "the acceptor to pause again")
+        assert room.pauses == [True, False, True], "at the cap again after the third"
         assert acceptor.alive()
         acceptor.stop()
         assert server.fileno() == -1, "stop() closes the listening socket"
@@ -251,41 +198,139 @@ def test_the_lot_accepts_and_pauses_at_the_cap(lot: ParkingLot) -> None:
         server.close()
 
 
+def test_every_lot_accepts_and_together_they_keep_the_cap(lots: ParkingLot) -> None:
+    """With a lot per CPU each has a seat on the listening socket.  However the kernel
+    spreads the wake-ups, the seats never admit more than the slots there are, one pause is
+    reported while any seat waits for room, and stop() closes the socket once."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    room = Room(3)
+    accepted: list[socket.socket] = []
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def on_accept(conn: socket.socket, peer: tuple[str, int], number: int) -> None:
+        with lock:
+            threads.add(threading.current_thread().name)
+            accepted.append(conn)
+
+    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("test"), lots.lots, room)
+    acceptor.start("tcp")
+    assert len(lots) == 2, "a seat in each lot"
+    clients = [socket.create_connection(server.getsockname()) for _ in range(12)]
+    try:
+        wait_until(lambda: len(accepted) == 3, "three accepted")
+        wait_until(lambda: room.pauses, "a seat to wait for room")
+        assert len(accepted) == 3, "the cap holds across both lots' threads"
+        assert room.pauses == [True]
+        for given in range(4, 13):
+            room.give()
+            wait_until(lambda given=given: len(accepted) == given, f"connection {given}")
+            assert len(accepted) == given, "one slot, one connection"
+        assert threads <= {"mmproxy-parking", "mmproxy-parking-1"}
+        wait_until(lambda: room.waiting, "a seat to wait for room again")
+        assert room.pauses.count(True) == room.pauses.count(False) + 1, "paused now"
+        acceptor.stop()
+        assert server.fileno() == -1
+        assert len(lots) == 0, "no seat left in either lot"
+        room.give()  # as the tracker wakes paused seats when it closes
+        assert room.pauses.count(True) == room.pauses.count(False), "the pause ended"
+        assert len(lots) == 0
+    finally:
+        for sock in clients + accepted:
+            sock.close()
+        server.close()
+
+
+def test_stop_lets_go_of_every_seat_even_while_paused(lots: ParkingLot) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    room = Room(0)
+    acceptor = ParkedAcceptor(
+        server, 0, lambda *_: None, logging.getLogger("test"), lots.lots, room
+    )
+    acceptor.start("tcp")
+    client = socket.create_connection(server.getsockname())
+    try:
+        wait_until(lambda: room.pauses == [True], "a seat to pause at the cap")
+        acceptor.stop()
+        assert server.fileno() == -1
+        assert len(lots) == 0
+        room.give()  # the tracker wakes paused seats when it closes: they find it stopped
+        assert len(lots) == 0
+        assert room.pauses == [True, False]
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_resource_error_pauses_the_lot_acceptor_and_it_retries(
     lot: ParkingLot, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class Flaky(socket.socket):
-        """A listening socket whose first accept() fails as if out of descriptors."""
-
-        failures: ClassVar[list[OSError]] = [OSError(errno.EMFILE, "Too many open files")]
-
-        def accept(self) -> tuple[socket.socket, Any]:
-            if self.failures:
-                raise self.failures.pop()
-            return super().accept()
-
-    server = Flaky(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen()
+    """Peer errors are skipped; resource errors are logged once (throttled) and retried after
+    a pause; the acceptor keeps serving and gives back each slot it found nobody for."""
+    server = listening(Scripted)
+    Scripted.script = [
+        OSError(errno.ECONNABORTED, "aborted"),
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.ENOBUFS, "No buffer space"),
+        OSError(errno.EPROTO, "Protocol error"),
+    ]
     accepted: list[socket.socket] = []
+    room = Room(10)
     acceptor = ParkedAcceptor(
         server,
         0,
         lambda conn, peer, n: accepted.append(conn),
         logging.getLogger("t"),
-        lot,
-        Room(10),
+        lot.lots,
+        room,
     )
+    started = time.monotonic()
     with caplog.at_level(logging.WARNING):
         acceptor.start("tcp")
         client = socket.create_connection(server.getsockname())
         try:
-            wait_until(lambda: len(accepted) == 1, "accepted after the pause")
+            wait_until(lambda: len(accepted) == 1, "accepted after the pauses")
         finally:
             client.close()
             for sock in accepted:
                 sock.close()
             acceptor.stop()
+    assert time.monotonic() - started >= 3 * BACK_OFF * 0.9  # three resource errors
     warnings = [r for r in caplog.records if r.getMessage() == "failed to accept new connection"]
-    assert len(warnings) == 1
+    assert len(warnings) == 1, "throttled: one line for three resource errors"
+    assert "EMFILE" in warnings[0].__dict__["error"]
     assert getattr(warnings[0], "pauseSeconds", None) == BACK_OFF
+    assert room.free == 9, "each failed accept gave its slot back; the connection holds one"
+    assert server.fileno() == -1
+
+
+def test_an_admission_bug_does_not_kill_the_acceptor(
+    lot: ParkingLot, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = listening()
+    seen: list[int] = []
+
+    def on_accept(sock: socket.socket, peer: tuple[str, int], number: int) -> None:
+        seen.append(peer[1])
+        if len(seen) == 1:
+            raise RuntimeError("bug")
+        sock.close()
+
+    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("t"), lot.lots, Room(10))
+    acceptor.start("tcp")
+    first = socket.create_connection(server.getsockname())
+    second = socket.create_connection(server.getsockname())
+    ports = sorted([first.getsockname()[1], second.getsockname()[1]])
+    try:
+        with caplog.at_level(logging.ERROR):
+            wait_until(lambda: len(seen) == 2, "both accepted")
+        first.settimeout(5)
+        assert first.recv(1) == b"", "the acceptor closed the connection it could not admit"
+        assert acceptor.alive()
+    finally:
+        acceptor.stop()
+        first.close()
+        second.close()
+    assert sorted(seen) == ports
+    assert any(r.getMessage() == "accepting a connection failed" for r in caplog.records)
