@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from mmproxy import logs, upstream
 from mmproxy.config import Config
@@ -215,7 +215,7 @@ def _log_pause(
 
 
 class Lot(Protocol):
-    """What :class:`ParkedAcceptor` needs of one of the parking lot's threads (``ParkingLot.lots``)."""
+    """What :class:`ParkedAcceptor` needs of each lot (``ParkingLot.lots``)."""
 
     def park_sockets(
         self,
@@ -232,6 +232,11 @@ class Lot(Protocol):
     def withdraw(self, sock: socket.socket) -> bool: ...
 
     def alive(self) -> bool: ...
+
+    @property
+    def load(self) -> int: ...
+
+    def call_soon(self, job: Callable[[], None]) -> None: ...
 
 
 class Admission(Protocol):
@@ -255,6 +260,10 @@ class Admission(Protocol):
 ACCEPT_BATCH = 16
 # Every lot watches every listening socket; the kernel wakes one of them per new connection.
 EXCLUSIVE = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
+# A new connection is handed to the least loaded lot when the accepting one holds more than
+# twice its spots plus this many (a quiet connection parks two).  Closer balance cost more
+# hand-offs than it saved (bench/README.md, "Every lot accepts").
+HAND_OVER_MARGIN = 2
 
 
 class _Seat:
@@ -276,7 +285,11 @@ class ParkedAcceptor:
     connection, starts it (:meth:`~mmproxy.connection.Connection.start` never blocks) and
     moves its messages.  With one lot per CPU (free-threaded builds) each listening socket
     has a seat in every lot, registered with ``EPOLLEXCLUSIVE`` so that a new connection wakes
-    one thread, not all.  The socket is non-blocking; ``accept4`` still gives blocking ones.
+    one thread, not all.  The kernel wakes the first idle one, so at a low rate one lot would
+    accept everything, and a connection stays in the lot that starts it: a lot holding more
+    than twice the spots of the least loaded one (plus :data:`HAND_OVER_MARGIN`) hands the
+    connection there (``call_soon``) before anything is made for it.  The socket is non-blocking;
+    ``accept4`` still gives blocking ones.
 
     Before each ``accept()`` a seat reserves a slot (:class:`Admission`); at the cap it
     leaves its lot (the kernel's backlog holds new connections) and comes back once a slot
@@ -415,12 +428,27 @@ class ParkedAcceptor:
                     continue
                 _log_pause(self.log, self._throttle, self.number, error, logs.MSG_ACCEPT_FAILED)
                 return functools.partial(self._back_off, seat)
-            try:
-                self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
-            except Exception:  # on_accept gives its slot back before raising
-                conn.close()
-                self.log.exception("accepting a connection failed")
+            home = self._home(seat.lot)
+            if home is not seat.lot:
+                try:
+                    home.call_soon(functools.partial(self._serve, conn, peer))
+                    continue
+                except RuntimeError:  # that lot is closing: serve it here
+                    pass
+            self._serve(conn, peer)
         return None  # more may be waiting: the level-triggered lot comes back at once
+
+    def _home(self, here: Lot) -> Lot:
+        """The lot a new connection accepted on ``here`` should live in."""
+        least = min((seat.lot for seat in self._seats), key=lambda lot: lot.load)
+        return least if here.load > 2 * least.load + HAND_OVER_MARGIN else here
+
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
+        try:
+            self._on_accept(conn, (str(peer[0]), int(peer[1])), self.number)
+        except Exception:  # on_accept gives its slot back before raising
+            conn.close()
+            self.log.exception("accepting a connection failed")
 
     def _left(self, seat: _Seat) -> None:
         """Out of the lot at the cap: the admission calls :meth:`_resumed` once a slot frees."""

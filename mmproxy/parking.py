@@ -24,6 +24,13 @@ handed over leaves its entry behind, dropped when it reaches the top; once such 
 outnumber the live ones the heap is rebuilt, so its size follows what is parked now, not what
 passed through during a long timeout.
 
+With several threads (one per CPU on a free-threaded build) each has its own lot.  A spot
+parked from a lot's own thread stays in that lot: a connection accepted there keeps its
+messages on the thread that made its objects (no cross-thread reference counting, no
+cross-core wake-up between its two directions).  From any other thread a spot goes to the
+lot its first descriptor picks.  :meth:`_Lot.call_soon` runs a job on a lot's thread, which
+is how an accepting thread hands a new connection to a less loaded lot.
+
 Ownership: the lot never closes a socket.  It registers it, unregisters it before handing the
 job over (so an fd is never in the set once its owner may close it), and owns only its epoll
 and eventfd descriptors.  Spots still parked when the lot closes are given back through their
@@ -74,6 +81,9 @@ class _Spot:
     busy: bool = False  # its move runs on the lot's thread now: nobody else may take it
 
 
+_current = threading.local()  # .lot: the lot whose thread this is, if any
+
+
 def _nothing() -> None:
     """An expiry that needs no action: the resumed job sees its deadline has passed."""
 
@@ -89,7 +99,7 @@ class ParkingLot:
     """Parked sockets spread over ``threads`` lots (:class:`_Lot`) by descriptor number."""
 
     def __init__(self, pool: WorkerPool, scratch: int = SCRATCH, threads: int = 1) -> None:
-        self._lots = [_Lot(pool, scratch, f"-{n}" if n else "") for n in range(threads)]
+        self._lots = [_Lot(pool, scratch, f"-{n}" if n else "", self) for n in range(threads)]
 
     def start(self) -> None:
         for lot in self._lots:
@@ -111,9 +121,12 @@ class ParkingLot:
         move: Move | None = None,
         events: int = EVENTS,
     ) -> None:
-        """See :meth:`_Lot.park_sockets`; the spot goes to the lot of its first socket (a
-        spot with none, only a deadline, to the first lot)."""
-        lot = self._lots[sockets[0].fileno() % len(self._lots) if sockets else 0]
+        """See :meth:`_Lot.park_sockets`.  From a lot's own thread the spot stays in that
+        lot; from any other, it goes to the lot of its first socket (a spot with none, only a
+        deadline, to the first lot)."""
+        lot = getattr(_current, "lot", None)
+        if lot is None or lot.owner is not self:
+            lot = self._lots[sockets[0].fileno() % len(self._lots) if sockets else 0]
         lot.park_sockets(
             sockets,
             resume,
@@ -150,9 +163,11 @@ class ParkingLot:
 class _Lot:
     """One thread waiting on its share of the parked sockets."""
 
-    def __init__(self, pool: WorkerPool, scratch: int, suffix: str) -> None:
+    def __init__(self, pool: WorkerPool, scratch: int, suffix: str, owner: ParkingLot) -> None:
+        self.owner = owner
         self._pool = pool
         self._lock = threading.Lock()
+        self._calls: list[Job] = []  # call_soon's, run by the thread at its next turn
         self._by_fd: dict[int, _Spot] = {}
         self._parked = 0
         self._timed = 0  # parked spots with a deadline
@@ -177,6 +192,23 @@ class _Lot:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def load(self) -> int:
+        """Spots parked now, read without the lock: a hint for spreading work, no more."""
+        return self._parked
+
+    def call_soon(self, job: Job) -> None:
+        """Run ``job`` on this lot's thread at its next turn (it must not block).
+
+        Raises RuntimeError once the lot is closing; a job queued before that runs all the
+        same, on the thread that closes the lot.
+        """
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the parking lot is closed")
+            self._calls.append(job)
+        os.eventfd_write(self._wake, 1)
 
     def park_sockets(
         self,
@@ -251,6 +283,7 @@ class _Lot:
             self._closing = True
         os.eventfd_write(self._wake, 1)
         self._thread.join()
+        self._run_calls()
         with self._lock:
             left = {id(spot): spot for spot in self._by_fd.values()}
             for spot in left.values():
@@ -263,6 +296,7 @@ class _Lot:
     # ------------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
+        _current.lot = self
         while True:
             with self._lock:
                 if self._closing:
@@ -294,6 +328,8 @@ class _Lot:
                         ready.append(spot)
             if moving:
                 self._move(moving)
+            if self._calls:  # read without the lock: a job queued meanwhile also wrote _wake
+                self._run_calls()
             for spot in expired:
                 spot.expire()
             for spot in (*ready, *expired):
@@ -354,6 +390,15 @@ class _Lot:
                 then()
             except Exception:  # noqa: BLE001
                 _log.exception("a parked spot's follow-up failed")
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            try:
+                call()
+            except Exception:  # noqa: BLE001 - a bug in a job must not stop the lot
+                _log.exception("a job run on the parking lot's thread failed")
 
     def _hand_over(self, spot: _Spot) -> None:
         try:

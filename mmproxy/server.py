@@ -1,7 +1,8 @@
 """What the TCP and UDP servers share, in socketserver's shape.
 
 A server owns its listening sockets and what serves each (TCP: an acceptor, run by the
-parking lot's threads; UDP: a dispatcher thread), admission (the allowed subnets), a capacity, and the way it stops.
+parking lot's threads; UDP: a dispatcher thread), admission (the allowed subnets), a
+capacity, and the way it stops.
 :class:`Server` holds the sequence; :class:`~mmproxy.tcp.TcpServer` and
 :class:`~mmproxy.udp.UdpServer` fill in the hooks.  The daemon (:mod:`mmproxy.daemon`)
 keeps the process: limits, signals, readiness, reload, and which server it runs.

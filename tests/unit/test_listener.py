@@ -13,7 +13,7 @@ import pytest
 from test_config import config as config_with_defaults
 
 from mmproxy.config import Config
-from mmproxy.listener import BACK_OFF, ParkedAcceptor, Throttle, open_listeners
+from mmproxy.listener import BACK_OFF, HAND_OVER_MARGIN, ParkedAcceptor, Throttle, open_listeners
 from mmproxy.parking import ParkingLot
 from mmproxy.pool import WorkerPool
 
@@ -334,3 +334,41 @@ def test_an_admission_bug_does_not_kill_the_acceptor(
         second.close()
     assert sorted(seen) == ports
     assert any(r.getMessage() == "accepting a connection failed" for r in caplog.records)
+
+
+def test_connections_arriving_one_by_one_are_spread_over_the_lots(lots: ParkingLot) -> None:
+    """The kernel wakes the first idle lot for every connection, so at a low rate one lot
+    would get them all; a lot that holds more than twice the least loaded one's spots hands
+    the new one over before anything is made for it, and it stays where it was started."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threads: list[str] = []
+    changed = threading.Condition()
+
+    def on_accept(conn: socket.socket, peer: tuple[str, int], number: int) -> None:
+        # As a connection does: park its socket from the thread it was started on.
+        lots.park_sockets((conn,), lambda: None, lambda error: None, timeout=0, abandon=conn.close)
+        with changed:
+            accepted.append(conn)
+            threads.append(threading.current_thread().name)
+            changed.notify_all()
+
+    acceptor = ParkedAcceptor(server, 0, on_accept, logging.getLogger("t"), lots.lots, Room(99))
+    acceptor.start("tcp")
+    clients = []
+    try:
+        for count in range(1, 21):
+            clients.append(socket.create_connection(server.getsockname()))
+            with changed:
+                assert changed.wait_for(lambda count=count: len(accepted) == count, 10)
+            loads = [lot.load for lot in lots.lots]
+            assert max(loads) <= 2 * min(loads) + HAND_OVER_MARGIN + 1, loads
+        assert threads.count("mmproxy-parking") >= 5
+        assert threads.count("mmproxy-parking-1") >= 5
+    finally:
+        acceptor.stop()
+        for sock in clients + accepted:
+            if lots.withdraw(sock):
+                sock.close()
+            sock.close()
+        server.close()

@@ -465,3 +465,74 @@ def test_a_spot_with_only_a_deadline_is_handed_over_at_it(rig: Rig) -> None:
     rig.lot.park_sockets((), resumed.set, rig.failures.append, timeout=0.05, abandon=lambda: None)
     assert resumed.wait(10)
     assert len(rig.lot) == 0
+
+
+def test_a_spot_parked_from_a_lots_thread_stays_in_that_lot() -> None:
+    """A connection started on a lot's thread keeps its spots there, whatever its descriptor
+    numbers; from any other thread a spot goes where its first descriptor picks."""
+    rig = Rig(threads=2)
+    try:
+        ends = [tcp_pair() for _ in range(7)]
+        rig.sockets += [sock for end in ends for sock in end]
+        socks = [daemon_side for _peer, daemon_side in ends[:6]]
+        lots = rig.lot.lots
+        done = threading.Event()
+
+        def park_all_here() -> None:
+            for sock in socks:
+                rig.lot.park_sockets(
+                    (sock,), lambda: None, rig.failures.append, timeout=0, abandon=lambda: None
+                )
+            done.set()
+
+        lots[1].call_soon(park_all_here)
+        assert done.wait(10)
+        assert [lot.load for lot in lots] == [0, 6]
+        outside = ends[6][1]
+        rig.lot.park_sockets(
+            (outside,), lambda: None, rig.failures.append, timeout=0, abandon=lambda: None
+        )
+        assert lots[outside.fileno() % 2].load == (7 if outside.fileno() % 2 else 1)
+        for sock in [*socks, outside]:
+            assert rig.lot.withdraw(sock)
+    finally:
+        rig.close()
+
+
+def test_call_soon_runs_on_the_lots_thread_and_a_queued_job_survives_the_close() -> None:
+    pool = WorkerPool(idle_timeout=5)
+    parking = ParkingLot(pool, threads=2)
+    parking.start()
+    ran: list[str] = []
+    first = threading.Event()
+    parking.lots[1].call_soon(lambda: (ran.append(threading.current_thread().name), first.set()))
+    assert first.wait(10)
+    assert ran == ["mmproxy-parking-1"]
+    # A job that fails is logged; the lot goes on.
+    parking.lots[1].call_soon(lambda: 1 / 0)
+    second = threading.Event()
+    parking.lots[1].call_soon(second.set)
+    assert second.wait(10)
+    assert parking.alive()
+    parking.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        parking.lots[0].call_soon(lambda: None)
+    pool.close(timeout=5)
+
+
+def test_a_job_queued_as_the_lot_closes_is_run_by_the_closing_thread() -> None:
+    pool = WorkerPool(idle_timeout=5)
+    parking = ParkingLot(pool, threads=1)
+    parking.start()
+    (lot,) = parking.lots
+    ran: list[str] = []
+    gate = threading.Event()
+    lot.call_soon(gate.wait)  # holds the lot's thread, so the next job is still queued
+    lot.call_soon(lambda: ran.append(threading.current_thread().name))
+    closer = threading.Thread(target=parking.close, name="closer")
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert len(ran) == 1, "run once, by the lot's thread or, if it had stopped, the closer"
+    pool.close(timeout=5)
