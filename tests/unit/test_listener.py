@@ -221,7 +221,11 @@ def test_every_lot_accepts_and_together_they_keep_the_cap(lots: ParkingLot) -> N
         wait_until(lambda: len(accepted) == 3, "three accepted")
         wait_until(lambda: room.pauses, "a seat to wait for room")
         assert len(accepted) == 3, "the cap holds across both lots' threads"
-        assert room.pauses == [True]
+        # A seat that reserved, then lost the race for the connection, gives its slot back,
+        # which wakes a paused seat for a moment: pauses and resumes alternate, paused now.
+        with room.lock:
+            pauses = list(room.pauses)
+        assert pauses == [True, False] * (len(pauses) // 2) + [True], pauses
         for given in range(4, 13):
             room.give()
             wait_until(lambda given=given: len(accepted) == given, f"connection {given}")
@@ -230,8 +234,9 @@ def test_every_lot_accepts_and_together_they_keep_the_cap(lots: ParkingLot) -> N
         wait_until(lambda: room.waiting, "a seat to wait for room again")
         assert room.pauses.count(True) == room.pauses.count(False) + 1, "paused now"
         acceptor.stop()
-        assert server.fileno() == -1
-        assert len(lots) == 0, "no seat left in either lot"
+        # A seat busy accepting on its lot's thread lets go on its way out: soon, not now.
+        wait_until(lambda: server.fileno() == -1, "the listening socket closed")
+        wait_until(lambda: len(lots) == 0, "no seat left in either lot")
         room.give()  # as the tracker wakes paused seats when it closes
         assert room.pauses.count(True) == room.pauses.count(False), "the pause ended"
         assert len(lots) == 0
@@ -301,8 +306,9 @@ def test_a_resource_error_pauses_the_lot_acceptor_and_it_retries(
     assert len(warnings) == 1, "throttled: one line for three resource errors"
     assert "EMFILE" in warnings[0].__dict__["error"]
     assert getattr(warnings[0], "pauseSeconds", None) == BACK_OFF
-    assert room.free == 9, "each failed accept gave its slot back; the connection holds one"
-    assert server.fileno() == -1
+    # The lot's thread may still be between a reservation and the accept that finds nobody.
+    wait_until(lambda: room.free == 9, "every slot but the connection's given back")
+    wait_until(lambda: server.fileno() == -1, "the listening socket closed")
 
 
 def test_an_admission_bug_does_not_kill_the_acceptor(
