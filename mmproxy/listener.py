@@ -439,9 +439,15 @@ class ParkedAcceptor:
         return None  # more may be waiting: the level-triggered lot comes back at once
 
     def _home(self, here: Lot) -> Lot:
-        """The lot a new connection accepted on ``here`` should live in."""
-        least = min((seat.lot for seat in self._seats), key=lambda lot: lot.load)
-        return least if here.load > 2 * least.load + HAND_OVER_MARGIN else here
+        """The lot a new connection accepted on ``here`` should live in (a loop, not
+        ``min()`` with a key: this runs for every connection)."""
+        here_load = here.load
+        least, least_load = here, here_load
+        for seat in self._seats:
+            load = seat.lot.load
+            if load < least_load:
+                least, least_load = seat.lot, load
+        return least if here_load > 2 * least_load + HAND_OVER_MARGIN else here
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         try:

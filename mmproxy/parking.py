@@ -89,8 +89,9 @@ def _nothing() -> None:
 
 
 def lot_threads() -> int:
-    """Threads for the lot: one with the GIL (more would only take turns), one per CPU
-    without it, where a single thread moving every small message was the bottleneck."""
+    """Threads for the lot: one with the GIL (two take turns: 0.62x the connection rate of
+    one), one per CPU without it, where one thread moving every message was the bottleneck
+    (bench/README.md, "How many lot threads")."""
     gil_enabled: Callable[[], bool] = getattr(sys, "_is_gil_enabled", lambda: True)
     return 1 if gil_enabled() else max(1, os.cpu_count() or 1)
 
@@ -365,8 +366,10 @@ class _Lot:
                 heapq.heapify(heap)
         for fd in spot.fds:
             self._by_fd.pop(fd, None)
-            with contextlib.suppress(OSError):  # already gone from the set: nothing to undo
+            try:  # noqa: SIM105 - not contextlib.suppress: it costs three calls per socket
                 self._epoll.unregister(fd)
+            except OSError:  # already gone from the set: nothing to undo
+                pass
 
     def _move(self, spots: list[_Spot]) -> None:
         """Run the busy ``spots``' moves; each stays parked, or leaves and its follow-up runs

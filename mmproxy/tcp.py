@@ -50,7 +50,10 @@ class Tracker:
         self.capacity = capacity
         self._live: set[Connection] = set()
         self._reserved = 0  # slots promised to acceptors, not yet admitted nor released
-        self._changed = threading.Condition()
+        # A plain lock under the condition: nothing here re-enters, and each connection takes
+        # it three times (a Condition's own with-block is a Python call, an RLock slower).
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._closed = False  # no more admissions: the daemon is stopping
         self._wakers: list[Callable[[], None]] = []  # called once when a slot frees
 
@@ -58,7 +61,7 @@ class Tracker:
         """True: a slot is held for the next connection; None when closed.  False (at the
         cap): ``wake`` will be called once, on the thread that frees a slot or on the one
         that closes the tracker."""
-        with self._changed:
+        with self._lock:
             if self._closed:
                 return None
             if len(self._live) + self._reserved < self.capacity:
@@ -69,7 +72,7 @@ class Tracker:
 
     def admit(self, connection: Connection) -> bool:
         """Register ``connection`` in a reserved slot; False (the slot dropped) once closed."""
-        with self._changed:
+        with self._lock:
             self._reserved -= 1
             if self._closed:
                 return False
@@ -82,7 +85,7 @@ class Tracker:
 
     def close(self) -> None:
         """Admit no more connections; wakes acceptors waiting for room."""
-        with self._changed:
+        with self._lock:
             self._closed = True
             self._changed.notify_all()
             wakers, self._wakers = self._wakers, []
@@ -99,7 +102,7 @@ class Tracker:
         """Apply ``change`` (it frees at most a slot), under the lock; if that took the
         tracker off its cap, wake whoever waits for room."""
         wakers: list[Callable[[], None]] = []
-        with self._changed:
+        with self._lock:
             was_full = len(self._live) + self._reserved >= self.capacity
             change()
             now_full = len(self._live) + self._reserved >= self.capacity
@@ -111,17 +114,17 @@ class Tracker:
             wake()
 
     def __len__(self) -> int:
-        with self._changed:
+        with self._lock:
             return len(self._live)
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the last connection to end; True if none is left."""
-        with self._changed:
+        with self._lock:
             return self._changed.wait_for(lambda: not self._live, timeout)
 
     def abort_all(self) -> int:
         """Shut every live connection down; returns how many there were."""
-        with self._changed:
+        with self._lock:
             live = list(self._live)
         for connection in live:
             connection.abort()
