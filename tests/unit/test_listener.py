@@ -222,7 +222,9 @@ def test_every_lot_accepts_and_together_they_keep_the_cap(lots: ParkingLot) -> N
         wait_until(lambda: room.pauses, "a seat to wait for room")
         assert len(accepted) == 3, "the cap holds across both lots' threads"
         # A seat that reserved, then lost the race for the connection, gives its slot back,
-        # which wakes a paused seat for a moment: pauses and resumes alternate, paused now.
+        # which wakes a paused seat for a moment: pauses and resumes alternate.  With every
+        # slot taken by an accepted connection nothing can be given back, so they have settled.
+        wait_until(lambda: room.free == 0 and room.pauses[-1], "the seats paused at the cap")
         with room.lock:
             pauses = list(room.pauses)
         assert pauses == [True, False] * (len(pauses) // 2) + [True], pauses
